@@ -1,0 +1,75 @@
+"""`genserve-broker`: build the config from flags and environment, run the broker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from pathlib import Path
+
+from broker.config import BrokerConfig
+from broker.server import Broker
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> BrokerConfig:
+    """Flags win over environment variables, which win over defaults."""
+    env = dict(os.environ if env is None else env)
+    d = BrokerConfig()
+    ap = argparse.ArgumentParser(prog="genserve-broker", description=__doc__)
+    ap.add_argument("--frontend", default=env.get("GENSERVE_BROKER_FRONTEND", d.frontend),
+                    help="ROUTER endpoint for HTTP fronts (env GENSERVE_BROKER_FRONTEND)")
+    ap.add_argument("--backend", default=env.get("GENSERVE_BROKER_BACKEND", d.backend),
+                    help="ROUTER endpoint for GPU nodes (env GENSERVE_BROKER_BACKEND)")
+    ap.add_argument("--data-dir", default=env.get("GENSERVE_DATA_DIR", str(d.data_dir)),
+                    help="journal and results directory (env GENSERVE_DATA_DIR)")
+    ap.add_argument("--heartbeat", type=float, default=float(env.get("GENSERVE_HEARTBEAT", d.heartbeat_interval)),
+                    help="heartbeat interval in seconds (env GENSERVE_HEARTBEAT)")
+    ap.add_argument("--liveness", type=int, default=int(env.get("GENSERVE_LIVENESS", d.liveness)),
+                    help="missed heartbeats before a node is expired (env GENSERVE_LIVENESS)")
+    ap.add_argument("--task-timeout", type=float, default=float(env.get("GENSERVE_TASK_TIMEOUT", d.task_timeout)),
+                    help="seconds from acceptance before a task fails (env GENSERVE_TASK_TIMEOUT)")
+    ap.add_argument("--max-retries", type=int, default=int(env.get("GENSERVE_MAX_RETRIES", d.max_retries)),
+                    help="re-queues after a node dies (env GENSERVE_MAX_RETRIES)")
+    ap.add_argument("--result-ttl", type=float, default=float(env.get("GENSERVE_RESULT_TTL", d.result_ttl)),
+                    help="seconds results are kept (env GENSERVE_RESULT_TTL)")
+    ap.add_argument("--max-queued", type=int, default=int(env.get("GENSERVE_MAX_QUEUED", d.max_queued)),
+                    help="cap on waiting tasks (env GENSERVE_MAX_QUEUED)")
+    ap.add_argument("--max-queued-per-key", type=int,
+                    default=int(env.get("GENSERVE_MAX_QUEUED_PER_KEY", d.max_queued_per_owner)),
+                    help="cap on unfinished tasks per API key (env GENSERVE_MAX_QUEUED_PER_KEY)")
+    ap.add_argument("--curve-secret", default=env.get("GENSERVE_CURVE_SECRET"),
+                    help="broker secret key file; enables CURVE (env GENSERVE_CURVE_SECRET)")
+    ap.add_argument("--curve-authorized", default=env.get("GENSERVE_CURVE_AUTHORIZED"),
+                    help="directory of authorised public keys (env GENSERVE_CURVE_AUTHORIZED)")
+    ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return BrokerConfig(
+        frontend=a.frontend, backend=a.backend, data_dir=Path(a.data_dir),
+        heartbeat_interval=a.heartbeat, liveness=a.liveness, task_timeout=a.task_timeout,
+        max_retries=a.max_retries, result_ttl=a.result_ttl, max_queued=a.max_queued,
+        max_queued_per_owner=a.max_queued_per_key, curve_secret_file=_path(a.curve_secret),
+        curve_authorized_dir=_path(a.curve_authorized),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the broker until SIGTERM or SIGINT."""
+    config = parse_config(argv)
+    broker = Broker(config)
+    broker.bind()
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    try:
+        broker.run()
+    finally:
+        broker.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Broker configuration: one frozen dataclass, built by broker.__main__."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything the broker process needs to run."""
+
+    frontend: str = "tcp://127.0.0.1:5555"
+    backend: str = "tcp://0.0.0.0:5556"
+    data_dir: Path = Path("var/broker")
+    heartbeat_interval: float = 1.0
+    liveness: int = 3
+    task_timeout: float = 240.0
+    max_retries: int = 2
+    result_ttl: float = 3600.0
+    max_queued: int = 10_000
+    max_queued_per_owner: int = 1_000
+    affinity_window: float = 30.0
+    curve_secret_file: Path | None = None
+    curve_authorized_dir: Path | None = None
+
+    @property
+    def node_timeout(self) -> float:
+        """Seconds of silence after which a node is expired."""
+        return self.heartbeat_interval * self.liveness

@@ -1,0 +1,64 @@
+"""CurveZMQ setup for links that cross machines (broker side and client side).
+
+The broker holds a secret key and a directory of authorised client public keys
+(``*.key`` files as written by ``zmq.auth.create_certificates``); a ZAP
+authenticator thread refuses any node or front whose key is not there, and
+logs the refusal. Without a configured secret key, links are plain TCP.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+log = logging.getLogger(__name__)
+
+
+def create_keypair(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write NAME.key (public) and NAME.key_secret into `directory`; returns both paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    Path(secret).chmod(0o600)
+    return Path(public), Path(secret)
+
+
+def setup_server(context: zmq.Context, config, sockets: Iterable[zmq.Socket]) -> ThreadAuthenticator | None:
+    """Make `sockets` CURVE servers when the config names a secret key; start ZAP."""
+    secret_file: Path | None = config.curve_secret_file
+    if secret_file is None:
+        return None
+    public, secret = zmq.auth.load_certificate(str(secret_file))
+    if secret is None:
+        raise ValueError(f"{secret_file} holds no secret key")
+    auth = ThreadAuthenticator(context, log=logging.getLogger("broker.curve.zap"))
+    auth.start()
+    authorized = config.curve_authorized_dir
+    if authorized is None or not Path(authorized).is_dir():
+        raise ValueError("CURVE needs a directory of authorised public keys")
+    auth.configure_curve(domain="*", location=str(authorized))
+    for sock in sockets:
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+    log.info("CURVE enabled; authorised keys from %s", authorized)
+    return auth
+
+
+def setup_client(sock: zmq.Socket, secret_file: Path | None, server_public_file: Path | None) -> None:
+    """Make `sock` a CURVE client with its own key pair and the broker's public key."""
+    if secret_file is None:
+        return
+    if server_public_file is None:
+        raise ValueError("a CURVE client needs the broker's public key file")
+    public, secret = zmq.auth.load_certificate(str(secret_file))
+    server_public, _ = zmq.auth.load_certificate(str(server_public_file))
+    if secret is None:
+        raise ValueError(f"{secret_file} holds no secret key")
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = server_public

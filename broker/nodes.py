@@ -1,0 +1,121 @@
+"""The broker's registry of GPU nodes (no sockets, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+IDLE = "idle"
+BUSY = "busy"
+
+
+@dataclass
+class Node:
+    """What the broker knows about one registered node."""
+
+    identity: bytes
+    node_id: str
+    device: str
+    models: dict[str, list[str]]
+    memory_total: int = 0
+    memory_free: int = 0
+    loaded: list[str] = field(default_factory=list)
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    host: str = ""
+    pid: int = 0
+    state: str = IDLE
+    task_id: str | None = None
+    draining: bool = False
+    registered_at: float = 0.0
+    last_seen: float = 0.0
+    last_sent: float = 0.0
+    jobs_done: int = 0
+
+    @property
+    def available(self) -> bool:
+        """True when the node may be given a new task."""
+        return self.state == IDLE and not self.draining
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """Plain-dict view for INFO replies and `genservectl nodes`."""
+        return {
+            "node_id": self.node_id, "device": self.device, "host": self.host, "pid": self.pid,
+            "state": "draining" if self.draining and self.state == IDLE else self.state,
+            "draining": self.draining, "task_id": self.task_id,
+            "models": self.models, "loaded": self.loaded, "loras": self.loras,
+            "memory_total": self.memory_total, "memory_free": self.memory_free,
+            "last_heartbeat_age_s": round(max(0.0, now - self.last_seen), 3),
+            "jobs_done": self.jobs_done,
+        }
+
+
+class NodeRegistry:
+    """Registered nodes by ZeroMQ identity, with liveness bookkeeping."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[bytes, Node] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self):
+        return iter(list(self._nodes.values()))
+
+    def get(self, identity: bytes) -> Node | None:
+        """The node with this identity, if registered."""
+        return self._nodes.get(identity)
+
+    def find(self, name: str) -> Node | None:
+        """A node by its node_id (as operators name it)."""
+        for node in self._nodes.values():
+            if node.node_id == name:
+                return node
+        return None
+
+    def register(self, identity: bytes, info: dict[str, Any], now: float) -> Node:
+        """Add or replace a node from its READY header."""
+        models = {str(m): [str(x) for x in modes] for m, modes in dict(info.get("models", {})).items()}
+        node = Node(
+            identity=identity, node_id=str(info.get("node_id") or identity.hex()),
+            device=str(info.get("device", "?")), models=models,
+            memory_total=int(info.get("memory_total", 0)), memory_free=int(info.get("memory_free", 0)),
+            loaded=list(info.get("loaded", [])), loras=list(info.get("loras", [])),
+            host=str(info.get("host", "")), pid=int(info.get("pid", 0)),
+            registered_at=now, last_seen=now, last_sent=now,
+        )
+        old = self._nodes.get(identity)
+        if old is not None:
+            node.draining = old.draining
+        self._nodes[identity] = node
+        return node
+
+    def remove(self, identity: bytes) -> Node | None:
+        """Forget a node; returns it so its task can be re-queued."""
+        return self._nodes.pop(identity, None)
+
+    def touch(self, identity: bytes, now: float) -> Node | None:
+        """Record traffic from a node (any message counts as a heartbeat)."""
+        node = self._nodes.get(identity)
+        if node is not None:
+            node.last_seen = now
+        return node
+
+    def expired(self, now: float, timeout: float) -> list[Node]:
+        """Nodes silent for longer than `timeout` seconds."""
+        return [n for n in self._nodes.values() if now - n.last_seen > timeout]
+
+    def available(self) -> list[Node]:
+        """Idle, non-draining nodes in registration order."""
+        return [n for n in self._nodes.values() if n.available]
+
+    def served_models(self) -> dict[str, dict[str, Any]]:
+        """Per model id: union of modes and which nodes serve / have it loaded."""
+        out: dict[str, dict[str, Any]] = {}
+        for node in self._nodes.values():
+            for model, modes in node.models.items():
+                entry = out.setdefault(model, {"modes": [], "nodes": [], "loaded_on": []})
+                entry["modes"] = sorted(set(entry["modes"]) | set(modes))
+                entry["nodes"].append(node.node_id)
+                if model in node.loaded:
+                    entry["loaded_on"].append(node.node_id)
+        return out

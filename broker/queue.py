@@ -1,0 +1,99 @@
+"""The broker's priority queue of waiting tasks (no sockets, no I/O).
+
+Scheduling policy (pull-based; a node asks for work when it is idle):
+
+1. Lower ``priority`` number first; FIFO (by acceptance sequence) within a priority.
+2. A node is only offered tasks for models it serves, so a busy or absent model
+   never blocks tasks for other models (one heap per model: no head-of-line blocking).
+3. Among tasks of equal priority, a task for a model already loaded on that node
+   goes first, because switching pipelines costs seconds to minutes on a GPU.
+   That preference is bounded: once the oldest competing task has waited longer
+   than ``affinity_window`` seconds, plain FIFO order wins again, so a steady
+   stream for a loaded model cannot starve another model.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True, order=True)
+class Entry:
+    """One queued task: ordering key (priority, seq) plus its identity."""
+
+    priority: int
+    seq: int
+    task_id: str
+    model: str
+    enqueued_at: float
+
+
+class TaskQueue:
+    """Per-model heaps ordered by (priority, seq), with lazy removal."""
+
+    def __init__(self, affinity_window: float = 30.0) -> None:
+        self.affinity_window = affinity_window
+        self._heaps: dict[str, list[Entry]] = {}
+        self._live: dict[str, Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._live
+
+    def push(self, task_id: str, model: str, priority: int, seq: int, now: float) -> None:
+        """Queue a task; re-pushing a queued task replaces its entry."""
+        entry = Entry(priority, seq, task_id, model, now)
+        self._live[task_id] = entry
+        heapq.heappush(self._heaps.setdefault(model, []), entry)
+
+    def remove(self, task_id: str) -> bool:
+        """Drop a queued task (e.g. cancelled or timed out); False if it was not queued."""
+        return self._live.pop(task_id, None) is not None
+
+    def _head(self, model: str) -> Entry | None:
+        heap = self._heaps.get(model)
+        while heap:
+            entry = heap[0]
+            if self._live.get(entry.task_id) is entry:
+                return entry
+            heapq.heappop(heap)
+        return None
+
+    def peek_for(self, models: Iterable[str], loaded: Iterable[str] = (),
+                 now: float = 0.0) -> Entry | None:
+        """The task a node serving `models` (with `loaded` in memory) should run next."""
+        loaded_set = set(loaded)
+        heads = [h for h in (self._head(m) for m in models) if h is not None]
+        if not heads:
+            return None
+        best = min(heads)
+        if best.model in loaded_set or now - best.enqueued_at > self.affinity_window:
+            return best
+        warm = [h for h in heads if h.model in loaded_set and h.priority == best.priority]
+        return min(warm) if warm else best
+
+    def pop_for(self, models: Iterable[str], loaded: Iterable[str] = (),
+                now: float = 0.0) -> Entry | None:
+        """Remove and return the next task for a node, or None if it can serve none."""
+        entry = self.peek_for(models, loaded, now)
+        if entry is not None:
+            del self._live[entry.task_id]
+        return entry
+
+    def position(self, task_id: str) -> int | None:
+        """0-based number of queued tasks ahead of `task_id` in global priority order."""
+        own = self._live.get(task_id)
+        if own is None:
+            return None
+        return sum(1 for e in self._live.values() if (e.priority, e.seq) < (own.priority, own.seq))
+
+    def models_waiting(self) -> dict[str, int]:
+        """Count of queued tasks per model."""
+        counts: dict[str, int] = {}
+        for entry in self._live.values():
+            counts[entry.model] = counts.get(entry.model, 0) + 1
+        return counts

@@ -1,0 +1,445 @@
+"""The broker: one thread, one poller, two ROUTER sockets, a handler per command.
+
+Fronts talk to the frontend ROUTER (SUBMIT, STATUS, FETCH, CANCEL_TASK, INFO,
+ADMIN); nodes talk to the backend ROUTER (READY, HEARTBEAT, PROGRESS, RESULT,
+ERROR, DISCONNECT). All state lives in plain classes (TaskQueue, NodeRegistry,
+Journal); this class only moves messages between them and the sockets.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import zmq
+
+from broker import protocol as p
+from broker.config import BrokerConfig
+from broker.journal import Journal
+from broker.nodes import BUSY, IDLE, Node, NodeRegistry
+from broker.queue import TaskQueue
+from broker.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A front request the broker refuses, with a protocol error code."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+class Broker:
+    """Priority-queue broker between HTTP fronts and GPU nodes."""
+
+    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.context = context or zmq.Context.instance()
+        self.queue = TaskQueue(config.affinity_window)
+        self.nodes = NodeRegistry()
+        self.tasks: dict[str, Task] = {}
+        self.journal = Journal(config.data_dir / "journal.sqlite3")
+        self._seq = 0
+        self._deadlines: list[tuple[float, str]] = []
+        self._last_purge = 0.0
+        self._stop = threading.Event()
+        self.frontend = self.context.socket(zmq.ROUTER)
+        self.backend = self.context.socket(zmq.ROUTER)
+        for sock in (self.frontend, self.backend):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._curve = None
+        self.frontend_endpoint = ""
+        self.backend_endpoint = ""
+        self._front_handlers = {
+            p.SUBMIT: self._on_submit, p.STATUS: self._on_status, p.FETCH: self._on_fetch,
+            p.CANCEL_TASK: self._on_cancel, p.INFO: self._on_info, p.ADMIN: self._on_admin,
+        }
+        self._node_handlers = {
+            p.READY: self._on_ready, p.HEARTBEAT: self._on_heartbeat, p.PROGRESS: self._on_progress,
+            p.RESULT: self._on_result, p.ERROR: self._on_error, p.DISCONNECT: self._on_disconnect,
+        }
+        self._recover()
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def bind(self) -> tuple[str, str]:
+        """Bind both sockets; returns the actual endpoints (ports resolved)."""
+        from broker.curve import setup_server  # local: only needed when CURVE is on
+
+        self._curve = setup_server(self.context, self.config, (self.frontend, self.backend))
+        self.frontend.bind(self.config.frontend)
+        self.backend.bind(self.config.backend)
+        self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("broker frontend %s backend %s", self.frontend_endpoint, self.backend_endpoint)
+        return self.frontend_endpoint, self.backend_endpoint
+
+    def stop(self) -> None:
+        """Ask the loop to exit (thread-safe)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Close sockets with linger 0 and the journal."""
+        self.frontend.close(linger=0)
+        self.backend.close(linger=0)
+        if self._curve is not None:
+            self._curve.stop()
+        self.journal.close()
+
+    def run(self) -> None:
+        """Serve until stop(): poll both sockets, then run timers."""
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        tick = max(0.05, self.config.heartbeat_interval / 4)
+        next_timers = 0.0
+        while not self._stop.is_set():
+            events = dict(poller.poll(timeout=int(tick * 1000)))
+            if self.backend in events:
+                self._drain(self.backend, self._handle_node)
+            if self.frontend in events:
+                self._drain(self.frontend, self._handle_front)
+            now = self.clock()
+            if now >= next_timers:
+                self._timers(now)
+                next_timers = now + tick
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+        for _ in range(1000):  # bounded so one busy side cannot starve the other
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    # ---- sending ---------------------------------------------------------
+
+    def _send(self, sock: zmq.Socket, identity: bytes, command: bytes,
+              header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = ()) -> bool:
+        try:
+            sock.send_multipart(p.routed(identity, command, header, blobs), copy=False)
+            return True
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
+            log.warning("cannot send %s to %r: %s", p.COMMAND_NAMES[command], identity, exc)
+            return False
+
+    def _to_node(self, node: Node, command: bytes, header: dict[str, Any] | None = None,
+                 blobs: list[bytes] | tuple = ()) -> bool:
+        node.last_sent = self.clock()
+        return self._send(self.backend, node.identity, command, header, blobs)
+
+    def _reply(self, identity: bytes, req: Any, command: bytes, header: dict[str, Any],
+               blobs: list[bytes] | tuple = ()) -> None:
+        self._send(self.frontend, identity, command, {"req": req, **header}, blobs)
+
+    # ---- front side ------------------------------------------------------
+
+    def _handle_front(self, frames: list[bytes]) -> None:
+        try:
+            identity, msg = p.split_routed(frames)
+        except p.ProtocolError as exc:
+            log.warning("bad front message: %s", exc)
+            if frames:
+                self._send(self.frontend, frames[0], p.FAIL, {"code": p.E_PROTOCOL, "message": str(exc)})
+            return
+        handler = self._front_handlers.get(msg.command)
+        req = msg.header.get("req")
+        if handler is None:
+            self._reply(identity, req, p.FAIL, {"code": p.E_PROTOCOL, "message": f"unexpected {msg.name}"})
+            return
+        try:
+            handler(identity, req, msg)
+        except RequestError as exc:
+            self._reply(identity, req, p.FAIL, {"code": exc.code, "message": str(exc), **exc.extra})
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("malformed %s from front: %r", msg.name, exc)
+            self._reply(identity, req, p.FAIL, {"code": p.E_BAD_REQUEST, "message": f"malformed request: {exc!r}"})
+
+    def _on_submit(self, identity: bytes, req: Any, msg: p.Message) -> None:
+        spec = msg.header["task"]
+        model, mode = str(spec["model_id"]), str(spec["mode"])
+        self._check_servable(model, mode)
+        owner = str(msg.header.get("owner", ""))
+        if len(self.queue) >= self.config.max_queued:
+            raise RequestError(p.E_QUEUE_FULL, f"queue is full ({self.config.max_queued} tasks waiting)")
+        if owner and self._queued_for(owner) >= self.config.max_queued_per_owner:
+            raise RequestError(p.E_QUEUE_FULL, f"this key already has {self.config.max_queued_per_owner} tasks waiting")
+        names = [str(n) for n in msg.header.get("images", [])]
+        if len(names) != len(msg.blobs):
+            raise RequestError(p.E_BAD_REQUEST, "image names and blob frames differ in number")
+        now = self.clock()
+        self._seq += 1
+        timeout = float(msg.header.get("timeout_s") or self.config.task_timeout)
+        task = Task(
+            task_id=uuid.uuid4().hex, model=model, mode=mode, priority=int(spec.get("priority", 0)),
+            seq=self._seq, params=dict(spec.get("params", {})), owner=owner, image_names=names,
+            inputs=list(msg.blobs), created=now, deadline=now + timeout,
+        )
+        self.journal.add(task)  # durable before the ACK
+        self.tasks[task.task_id] = task
+        if msg.header.get("watch"):
+            task.watchers.add(identity)
+        self.queue.push(task.task_id, model, task.priority, task.seq, now)
+        heapq.heappush(self._deadlines, (task.deadline, task.task_id))
+        self._reply(identity, req, p.ACK, {"task_id": task.task_id,
+                                           "queue_position": self.queue.position(task.task_id)})
+        self._dispatch()
+
+    def _check_servable(self, model: str, mode: str) -> None:
+        served = self.nodes.served_models()
+        if model not in p.MODEL_MODES:
+            raise RequestError(p.E_UNKNOWN_MODEL, f"unknown model_id {model!r}; served models: {sorted(served)}",
+                               served=sorted(served))
+        if mode not in p.MODEL_MODES[model]:
+            raise RequestError(p.E_UNSUPPORTED_MODE, f"model {model!r} does not support mode {mode!r};"
+                               f" it supports {list(p.MODEL_MODES[model])}",
+                               supported=list(p.MODEL_MODES[model]))
+        if model not in served:
+            raise RequestError(p.E_NO_NODE, f"no live node serves {model!r}; served models: {sorted(served)}",
+                               served=sorted(served))
+        if mode not in served[model]["modes"]:
+            raise RequestError(p.E_NO_NODE, f"no live node serves {model!r} in mode {mode!r}",
+                               served=sorted(served))
+
+    def _queued_for(self, owner: str) -> int:
+        return sum(1 for t in self.tasks.values() if t.owner == owner and not t.final)
+
+    def _task(self, msg: p.Message) -> Task:
+        task = self.tasks.get(str(msg.header.get("task_id", "")))
+        if task is None:
+            raise RequestError(p.E_NOT_FOUND, "task not found")
+        return task
+
+    def _on_status(self, identity: bytes, req: Any, msg: p.Message) -> None:
+        task = self._task(msg)
+        if msg.header.get("watch") and not task.final:
+            task.watchers.add(identity)
+        self._reply(identity, req, p.REPLY, {"task": task.describe(self.queue.position(task.task_id))})
+
+    def _on_fetch(self, identity: bytes, req: Any, msg: p.Message) -> None:
+        task = self._task(msg)
+        blobs = []
+        if task.state == p.COMPLETED:
+            result = self.journal.result(task.task_id)
+            blobs = [result] if result is not None else []
+        self._reply(identity, req, p.REPLY, {"task": task.describe(self.queue.position(task.task_id))}, blobs)
+
+    def _on_cancel(self, identity: bytes, req: Any, msg: p.Message) -> None:
+        task = self._task(msg)
+        if not task.final:
+            self._fail(task, p.CANCELLED, p.E_CANCELLED, "cancelled by request")
+        self._reply(identity, req, p.REPLY, {"task": task.describe()})
+
+    def _on_info(self, identity: bytes, req: Any, msg: p.Message) -> None:
+        now = self.clock()
+        counts: dict[str, int] = {}
+        for task in self.tasks.values():
+            counts[task.state] = counts.get(task.state, 0) + 1
+        self._reply(identity, req, p.REPLY, {
+            "nodes": [n.describe(now) for n in self.nodes],
+            "models": self.nodes.served_models(),
+            "queue": {"length": len(self.queue), "by_model": self.queue.models_waiting()},
+            "tasks": counts, "time": now,
+        })
+
+    def _on_admin(self, identity: bytes, req: Any, msg: p.Message) -> None:
+        action = str(msg.header.get("action", ""))
+        if action not in ("drain", "undrain"):
+            raise RequestError(p.E_BAD_REQUEST, f"unknown admin action {action!r}")
+        node = self.nodes.find(str(msg.header.get("node", "")))
+        if node is None:
+            raise RequestError(p.E_NOT_FOUND, "no such node")
+        node.draining = action == "drain"
+        log.info("node %s %sed", node.node_id, action)
+        self._reply(identity, req, p.REPLY, {"node": node.describe(self.clock())})
+        self._dispatch()
+
+    # ---- node side -------------------------------------------------------
+
+    def _handle_node(self, frames: list[bytes]) -> None:
+        try:
+            identity, msg = p.split_routed(frames)
+        except p.ProtocolError as exc:
+            log.warning("bad node message: %s", exc)
+            return
+        node = self.nodes.touch(identity, self.clock())
+        if node is None and msg.command not in (p.READY, p.DISCONNECT):
+            # Unknown node (e.g. the broker restarted): ask it to register again.
+            self._send(self.backend, identity, p.DISCONNECT, {"reason": "not registered"})
+            return
+        try:
+            self._node_handlers[msg.command](identity, node, msg)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("malformed %s from node %r: %r", msg.name, identity, exc)
+
+    def _on_ready(self, identity: bytes, _node: Node | None, msg: p.Message) -> None:
+        old = self.nodes.get(identity)
+        if old is not None and old.task_id:
+            self._requeue(old, "node re-registered")
+        node = self.nodes.register(identity, msg.header, self.clock())
+        busy = msg.header.get("busy_task")
+        task = self.tasks.get(busy) if busy else None
+        if task is not None and task.task_id in self.queue and not task.final:
+            # After a broker restart the node is still running this task: adopt it.
+            self.queue.remove(task.task_id)
+            self._start(task, node, send=False)
+        elif busy:
+            self._to_node(node, p.CANCEL, {"task_id": busy, "reason": "task unknown or reassigned"})
+            node.state = BUSY
+            node.task_id = None
+        log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
+        self._dispatch()
+
+    def _on_heartbeat(self, identity: bytes, node: Node, msg: p.Message) -> None:
+        h = msg.header
+        if "loaded" in h:
+            node.loaded = list(h["loaded"])
+        if "memory_free" in h:
+            node.memory_free = int(h["memory_free"])
+        if h.get("idle") and node.state == BUSY and node.task_id is None:
+            node.state = IDLE  # a cancelled task has finished unwinding
+            self._dispatch()
+
+    def _on_progress(self, identity: bytes, node: Node, msg: p.Message) -> None:
+        task = self.tasks.get(str(msg.header["task_id"]))
+        if task is not None and task.node == identity and task.state == p.RUNNING:
+            task.step, task.total = int(msg.header["step"]), int(msg.header["total"])
+
+    def _on_result(self, identity: bytes, node: Node, msg: p.Message) -> None:
+        task = self._release(node, str(msg.header["task_id"]))
+        if task is None:
+            return
+        task.state = p.COMPLETED
+        task.finished = self.clock()
+        task.meta = dict(msg.header.get("meta", {}))
+        task.step = task.total
+        result = msg.blobs[0] if msg.blobs else b""
+        self.journal.finish(task, result)
+        node.jobs_done += 1
+        self._notify(task, [result])
+        self._dispatch()
+
+    def _on_error(self, identity: bytes, node: Node, msg: p.Message) -> None:
+        task = self._release(node, str(msg.header["task_id"]))
+        if task is not None:
+            self._fail(task, p.FAILED, str(msg.header.get("code", p.E_GENERATION)),
+                       str(msg.header.get("message", "generation failed")))
+        self._dispatch()
+
+    def _on_disconnect(self, identity: bytes, node: Node | None, msg: p.Message) -> None:
+        node = self.nodes.remove(identity)
+        if node is not None:
+            log.info("node %s disconnected", node.node_id)
+            if node.task_id:
+                self._requeue(node, "node disconnected")
+
+    def _release(self, node: Node, task_id: str) -> Task | None:
+        """Mark the node idle; return the task only if this node legitimately owns it."""
+        if node.task_id == task_id or (node.state == BUSY and node.task_id is None):
+            node.state, node.task_id = IDLE, None  # also ends a cancelled task's unwinding
+        task = self.tasks.get(task_id)
+        if task is None or task.node != node.identity or task.state != p.RUNNING:
+            log.info("discarding late message for task %s from %s", task_id, node.node_id)
+            return None
+        return task
+
+    # ---- scheduling and task transitions --------------------------------
+
+    def _dispatch(self) -> None:
+        now = self.clock()
+        for node in self.nodes.available():
+            entry = self.queue.pop_for(node.models, node.loaded, now)
+            if entry is None:
+                continue
+            self._start(self.tasks[entry.task_id], node)
+
+    def _start(self, task: Task, node: Node, send: bool = True) -> None:
+        task.state, task.node, task.node_id = p.RUNNING, node.identity, node.node_id
+        task.started = self.clock()
+        task.attempts += 1
+        task.step, task.total = 0, int(task.params.get("num_inference_steps", 0))
+        node.state, node.task_id = BUSY, task.task_id
+        self.journal.update(task)
+        if send and not self._to_node(node, p.JOB, task.job_header(), task.inputs):
+            self.nodes.remove(node.identity)
+            self._requeue(node, "node unreachable")
+
+    def _requeue(self, node: Node, why: str) -> None:
+        task = self.tasks.get(node.task_id or "")
+        node.task_id = None
+        if task is None or task.final:
+            return
+        task.node = task.node_id = None
+        if task.attempts > self.config.max_retries:
+            self._fail(task, p.FAILED, p.E_NODE_LOST,
+                       f"{why}; gave up after {task.attempts} attempts")
+            return
+        log.warning("re-queueing task %s (%s, attempt %d)", task.task_id, why, task.attempts)
+        task.state, task.step = p.QUEUED, 0
+        self.journal.update(task)
+        self.queue.push(task.task_id, task.model, task.priority, task.seq, self.clock())
+
+    def _fail(self, task: Task, state: str, code: str, message: str) -> None:
+        self.queue.remove(task.task_id)
+        if task.state == p.RUNNING and task.node is not None:
+            node = self.nodes.get(task.node)
+            if node is not None:
+                # The node keeps BUSY until it reports idle, so nothing overlaps.
+                self._to_node(node, p.CANCEL, {"task_id": task.task_id, "reason": code})
+                node.task_id = None
+        task.state, task.error_code, task.error = state, code, message
+        task.finished = self.clock()
+        self.journal.finish(task, None)
+        self._notify(task, [])
+
+    def _notify(self, task: Task, blobs: list[bytes]) -> None:
+        task.inputs = []
+        header = {"task": task.describe()}
+        for identity in task.watchers:
+            self._send(self.frontend, identity, p.DONE, header, blobs)
+        task.watchers.clear()
+
+    # ---- timers ----------------------------------------------------------
+
+    def _timers(self, now: float) -> None:
+        for node in self.nodes.expired(now, self.config.node_timeout):
+            log.warning("node %s expired after %.1fs of silence", node.node_id, now - node.last_seen)
+            self.nodes.remove(node.identity)
+            if node.task_id:
+                self._requeue(node, "node expired")
+        for node in self.nodes:
+            if now - node.last_sent >= self.config.heartbeat_interval:
+                self._to_node(node, p.HEARTBEAT)
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, task_id = heapq.heappop(self._deadlines)
+            task = self.tasks.get(task_id)
+            if task is not None and not task.final:
+                self._fail(task, p.FAILED, p.E_TIMEOUT, "task timed out")
+        if now - self._last_purge > 60:
+            self._last_purge = now
+            for task_id in self.journal.purge(now - self.config.result_ttl):
+                self.tasks.pop(task_id, None)
+        self._dispatch()
+
+    def _recover(self) -> None:
+        now = self.clock()
+        for task in self.journal.load():
+            self.tasks[task.task_id] = task
+            self._seq = max(self._seq, task.seq)
+            if task.state == p.QUEUED:
+                task.node = task.node_id = None
+                heapq.heappush(self._deadlines, (task.deadline, task.task_id))
+                self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
+        if self.tasks:
+            log.info("recovered %d tasks from the journal (%d queued)", len(self.tasks), len(self.queue))

@@ -1,0 +1,165 @@
+"""`genservectl`: the operator's command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import zmq
+
+from broker import protocol as p
+
+
+def broker_request(endpoint: str, command: bytes, header: dict[str, Any] | None = None,
+                   timeout: float = 2.0, curve: tuple[str | None, str | None] = (None, None)) -> p.Message:
+    """One request/reply with the broker's frontend; raises click.ClickException on failure."""
+    from broker.curve import setup_client
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        setup_client(sock, Path(curve[0]) if curve[0] else None, Path(curve[1]) if curve[1] else None)
+        sock.connect(endpoint)
+        sock.send_multipart(p.encode(command, {**(header or {}), "req": 1}))
+        if not sock.poll(int(timeout * 1000)):
+            raise click.ClickException(f"the broker at {endpoint} did not answer within {timeout:g}s")
+        msg = p.decode(sock.recv_multipart())
+    finally:
+        sock.close(linger=0)
+    if msg.command == p.FAIL:
+        raise click.ClickException(f"broker refused: {msg.header.get('message')}")
+    return msg
+
+
+broker_option = click.option("--broker", envvar="GENSERVE_BROKER_URL", default="tcp://127.0.0.1:5555",
+                             show_default=True, help="broker frontend endpoint (env GENSERVE_BROKER_URL)")
+json_option = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+curve_options = [
+    click.option("--curve-secret", envvar="GENSERVE_CURVE_SECRET", default=None, help="client secret key file"),
+    click.option("--curve-server", envvar="GENSERVE_CURVE_SERVER", default=None, help="broker public key file"),
+]
+
+
+def with_curve(f):
+    """Add the CURVE client options to a command."""
+    for option in reversed(curve_options):
+        f = option(f)
+    return f
+
+
+@click.group()
+def cli() -> None:
+    """Operate a GenServe deployment: models, nodes, keys."""
+
+
+@cli.group()
+def models() -> None:
+    """Model folders."""
+
+
+@models.command("build-tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="weights are deterministic for a seed")
+@click.option("--model", "model_ids", multiple=True, type=click.Choice(p.MODEL_IDS),
+              help="only these model ids (default: all six)")
+@click.option("--no-loras", is_flag=True, help="skip the sample LoRAs")
+def build_tiny(directory: Path, seed: int, model_ids: tuple[str, ...], no_loras: bool) -> None:
+    """Write tiny random-weight diffusers folders (real classes) for the demo and tests."""
+    from gpu_node.tiny import build_all
+
+    started = time.perf_counter()
+    written = build_all(directory, seed, model_ids or p.MODEL_IDS, loras=not no_loras)
+    for path in written:
+        click.echo(str(path))
+    click.echo(f"built {len(written)} items in {time.perf_counter() - started:.1f}s", err=True)
+
+
+def _print_nodes(info: dict[str, Any]) -> None:
+    nodes = info["nodes"]
+    click.echo(f"queue: {info['queue']['length']} waiting  tasks: {info['tasks']}")
+    if not nodes:
+        click.echo("no nodes registered")
+        return
+    rows = [("NODE", "HOST", "DEVICE", "STATE", "TASK", "LOADED", "MEM FREE", "HEARTBEAT")]
+    for n in nodes:
+        rows.append((n["node_id"], n["host"], n["device"], n["state"], n["task_id"] or "-",
+                     ",".join(n["loaded"]) or "-", f"{n['memory_free'] / 2**30:.1f}G",
+                     f"{n['last_heartbeat_age_s']:.1f}s ago"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@cli.command("status")
+@broker_option
+@json_option
+@with_curve
+def status(broker: str, as_json: bool, curve_secret: str | None, curve_server: str | None) -> None:
+    """Queue and nodes as the broker sees them (exit 1 if it does not answer)."""
+    info = broker_request(broker, p.INFO, curve=(curve_secret, curve_server)).header
+    info.pop("req", None)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, ensure_ascii=False))
+    else:
+        _print_nodes(info)
+
+
+@cli.command("nodes")
+@broker_option
+@json_option
+@with_curve
+def nodes(broker: str, as_json: bool, curve_secret: str | None, curve_server: str | None) -> None:
+    """Registered nodes: address, device, memory, loaded models, task, heartbeat."""
+    info = broker_request(broker, p.INFO, curve=(curve_secret, curve_server)).header
+    if as_json:
+        click.echo(json.dumps(info["nodes"], indent=2, ensure_ascii=False))
+    else:
+        _print_nodes(info)
+
+
+def _admin(action: str, broker: str, node: str, curve: tuple[str | None, str | None]) -> None:
+    msg = broker_request(broker, p.ADMIN, {"action": action, "node": node}, curve=curve)
+    click.echo(f"{msg.header['node']['node_id']}: {msg.header['node']['state']}")
+
+
+@cli.command("drain")
+@click.argument("node")
+@broker_option
+@with_curve
+def drain(node: str, broker: str, curve_secret: str | None, curve_server: str | None) -> None:
+    """Let NODE finish its task and give it no new one."""
+    _admin("drain", broker, node, (curve_secret, curve_server))
+
+
+@cli.command("undrain")
+@click.argument("node")
+@broker_option
+@with_curve
+def undrain(node: str, broker: str, curve_secret: str | None, curve_server: str | None) -> None:
+    """Give NODE work again."""
+    _admin("undrain", broker, node, (curve_secret, curve_server))
+
+
+@cli.command("curve-keypair")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+def curve_keypair(directory: Path, name: str) -> None:
+    """Create NAME.key (public, copy to the broker's authorised dir) and NAME.key_secret."""
+    from broker.curve import create_keypair
+
+    public, secret = create_keypair(directory, name)
+    click.echo(f"public: {public}\nsecret: {secret} (mode 0600; keep it on this machine)")
+
+
+def main() -> None:
+    """Entry point for `python -m genservectl`."""
+    cli(prog_name="genservectl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""One generation job, in the diffusers step order: validate, prepare, run, encode."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from broker.protocol import CONTROL_TYPES, MODEL_MODES
+from gpu_node.loras import LoraLibrary
+from gpu_node.pipeline_cache import PipelineCache
+
+log = logging.getLogger(__name__)
+
+FILL_DEFAULT_GUIDANCE = 30.0  # BFL's recommendation for FLUX.1-Fill when the client gives none
+MAX_PIXELS = 2048 * 2048
+
+
+class JobError(ValueError):
+    """A job the node refuses or cannot run; the message goes back to the client."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Cancelled(Exception):
+    """Raised from the step callback when the broker cancels the running task."""
+
+
+@dataclass
+class Job:
+    """A JOB message as the worker sees it: parameters plus raw input images."""
+
+    task_id: str
+    model_id: str
+    mode: str
+    params: dict[str, Any]
+    images: dict[str, bytes] = field(default_factory=dict)
+
+
+def decode_image(data: bytes, name: str, mode: str = "RGB") -> Image.Image:
+    """Decode PNG/JPEG/WebP bytes (already size-checked by the front)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_PIXELS * 4:
+            raise JobError(f"{name} is too large to decode")
+        return image.convert(mode)
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise JobError(f"{name} is not a decodable image: {exc}") from exc
+
+
+def encode_png(image: Image.Image, level: int) -> bytes:
+    """PNG bytes at a chosen zlib level (level 1 is ~2x faster than the default 6)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=level)
+    return buf.getvalue()
+
+
+class Generator:
+    """Runs jobs on one device through the pipeline cache."""
+
+    def __init__(self, cache: PipelineCache, loras: LoraLibrary, png_level: int = 1,
+                 max_sequence_length: int = 512) -> None:
+        self.cache = cache
+        self.loras = loras
+        self.png_level = png_level
+        self.max_sequence_length = max_sequence_length
+
+    def run(self, job: Job, on_step: Callable[[int, int], None],
+            should_stop: Callable[[], bool]) -> tuple[bytes, dict[str, Any]]:
+        """Generate one image; returns (PNG bytes, metadata)."""
+        started = time.perf_counter()
+        args = self._validate(job)
+        pipe, kwargs = self._prepare(job, args)
+
+        def callback(pipeline: Any, step: int, _timestep: Any, tensors: dict) -> dict:
+            on_step(step + 1, int(getattr(pipeline, "_num_timesteps", args["steps"])))
+            if should_stop():
+                raise Cancelled(job.task_id)
+            return tensors
+
+        kwargs["callback_on_step_end"] = callback
+        with torch.inference_mode(), self.loras.applied(pipe, args["loras"]):
+            image = pipe(**kwargs).images[0]
+        png = encode_png(image, self.png_level)
+        elapsed = time.perf_counter() - started
+        meta = {"generation_time": round(elapsed, 4), "width": image.width, "height": image.height,
+                "seed": args["seed"], "cfg": kwargs.get("guidance_scale"), "steps": args["steps"],
+                "device": self.cache.device}
+        return png, meta
+
+    def _validate(self, job: Job) -> dict[str, Any]:
+        p = job.params
+        if job.mode not in MODEL_MODES.get(job.model_id, ()):
+            raise JobError(f"{job.model_id} does not support mode {job.mode}")
+        control = p.get("controlnet_type")
+        if job.mode == "controlnet" and control and control != CONTROL_TYPES[job.model_id]:
+            raise JobError(f"{job.model_id} is a {CONTROL_TYPES[job.model_id]} model, not {control}")
+        width, height = int(p["width"]), int(p["height"])
+        if width % 16 or height % 16 or not (16 <= width <= 2048 and 16 <= height <= 2048):
+            raise JobError("width and height must be multiples of 16 in 16..2048")
+        images = {name: decode_image(data, name, "L" if name == "mask_image" else "RGB")
+                  for name, data in job.images.items()}
+        needed = {"img2img": ["input_image"], "fill": ["input_image", "mask_image"],
+                  "controlnet": ["control_image"], "redux": ["input_image"]}.get(job.mode, [])
+        missing = [n for n in needed if n not in images]
+        if missing:
+            raise JobError(f"mode {job.mode} needs {', '.join(missing)}")
+        # Inputs are resized to the output size (the guide sends 1x1 images).
+        images = {n: im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS)
+                  for n, im in images.items()}
+        return {"width": width, "height": height, "steps": int(p["num_inference_steps"]),
+                "seed": int(p["seed"]), "cfg": p.get("cfg"), "prompt": str(p.get("prompt", "")),
+                "strength": float(p.get("strength", 0.8)), "images": images,
+                "loras": list(p.get("loras") or [])}
+
+    def _prepare(self, job: Job, a: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        images = a["images"]
+        kwargs: dict[str, Any] = {
+            "height": a["height"], "width": a["width"], "num_inference_steps": a["steps"],
+            "generator": torch.Generator(device="cpu").manual_seed(a["seed"]),
+            "guidance_scale": float(a["cfg"]) if a["cfg"] is not None else 3.5,
+        }
+        text = {"prompt": a["prompt"], "max_sequence_length": self.max_sequence_length}
+        if job.model_id == "flux1-fill-dev":
+            pipe = self.cache.base(job.model_id)
+            full = Image.new("L", (a["width"], a["height"]), 255)
+            blank = Image.new("RGB", (a["width"], a["height"]), 0)
+            kwargs.update(text, image=images.get("input_image", blank),
+                          mask_image=images.get("mask_image", full))
+            if a["cfg"] is None:
+                kwargs["guidance_scale"] = FILL_DEFAULT_GUIDANCE
+            if job.mode == "img2img":
+                kwargs["strength"] = a["strength"]
+            return pipe, kwargs
+        if job.mode == "text2img":
+            return self.cache.base(job.model_id), {**kwargs, **text}
+        if job.mode == "img2img":
+            pipe = self.cache.variant(job.model_id, "FluxImg2ImgPipeline")
+            return pipe, {**kwargs, **text, "image": images["input_image"], "strength": a["strength"]}
+        if job.mode == "controlnet":
+            pipe = self.cache.base(job.model_id)
+            return pipe, {**kwargs, **text, "control_image": images["control_image"]}
+        if job.mode == "redux":
+            prior, base = self.cache.redux()
+            with torch.inference_mode():
+                embeds = prior(image=images["input_image"], prompt=a["prompt"])
+            return base, {**kwargs, "prompt_embeds": embeds.prompt_embeds,
+                          "pooled_prompt_embeds": embeds.pooled_prompt_embeds}
+        raise JobError(f"unknown mode {job.mode}")

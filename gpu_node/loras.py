@@ -1,0 +1,96 @@
+"""LoRA files under LORA_BASE_PATH: listing, name resolution, in-memory cache, per-job use.
+
+A job's LoRAs are loaded as named adapters, weighted with ``set_adapters``, and
+unloaded when the job ends (successfully or not), so they never leak into the
+next request. File contents are cached in memory: reusing a LoRA reads no disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+from safetensors.torch import load_file
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be used for this job (unknown name, unreadable file)."""
+
+
+def scan(base: Path | None) -> list[dict[str, Any]]:
+    """Every *.safetensors under `base`, by relative name, sorted (never absolute paths)."""
+    if base is None or not base.is_dir():
+        return []
+    out = []
+    for path in sorted(base.rglob("*" + SUFFIX)):
+        rel = path.relative_to(base)
+        out.append({
+            "name": rel.as_posix(),
+            "size_mb": round(path.stat().st_size / (1024 * 1024), 3),
+            "category": rel.parts[0] if len(rel.parts) > 1 else "root",
+        })
+    return out
+
+
+class LoraLibrary:
+    """Resolves LoRA names to files below one base folder and caches their tensors."""
+
+    def __init__(self, base: Path | None) -> None:
+        self.base = base.resolve() if base else None
+        self._cache: dict[str, dict[str, Any]] = {}
+        self.disk_reads = 0
+
+    def names(self) -> list[str]:
+        """Relative names of the LoRAs available now."""
+        return [entry["name"] for entry in scan(self.base)]
+
+    def resolve(self, name: str) -> str:
+        """Canonical relative name for `name` (extension optional); LoraError if unknown."""
+        if self.base is None:
+            raise LoraError("no LoRA folder is configured on this node")
+        candidate = name if name.endswith(SUFFIX) else name + SUFFIX
+        path = (self.base / candidate).resolve()
+        if self.base not in path.parents or not path.is_file():
+            raise LoraError(f"unknown LoRA {name!r}")
+        return path.relative_to(self.base).as_posix()
+
+    def state_dict(self, name: str) -> dict[str, Any]:
+        """The LoRA's tensors, read from disk once."""
+        key = self.resolve(name)
+        if key not in self._cache:
+            try:
+                self._cache[key] = load_file(str(self.base / key))
+            except Exception as exc:  # safetensors raises several types for bad files
+                raise LoraError(f"cannot read LoRA {name!r}: {exc}") from exc
+            self.disk_reads += 1
+        return self._cache[key]
+
+    @contextlib.contextmanager
+    def applied(self, pipe: Any, specs: list[dict[str, Any]]) -> Iterator[list[str]]:
+        """Load `specs` ([{name, weight}]) as adapters on `pipe` for the duration of a job."""
+        if not specs:
+            yield []
+            return
+        adapters, weights = [], []
+        try:
+            for i, spec in enumerate(specs):
+                state = self.state_dict(str(spec["name"]))
+                adapter = f"job{i}"
+                try:
+                    # dict(): diffusers pops keys from the dict it is given.
+                    pipe.load_lora_weights(dict(state), adapter_name=adapter)
+                except Exception as exc:
+                    raise LoraError(f"LoRA {spec['name']!r} does not fit this model: {exc}") from exc
+                adapters.append(adapter)
+                weights.append(float(spec.get("weight", 1.0)))
+            pipe.set_adapters(adapters, adapter_weights=weights)
+            yield adapters
+        finally:
+            # Also after a failed load: peft may have injected layers before raising.
+            pipe.unload_lora_weights()

@@ -1,0 +1,202 @@
+"""A GPU node: a DEALER to the broker on one thread, generation on another.
+
+The socket thread owns the DEALER: it registers (READY), heartbeats, forwards
+JOBs to the worker and the worker's PROGRESS/RESULT/ERROR to the broker, and
+reconnects with exponential backoff when the broker falls silent. The worker
+thread owns the pipelines and runs one job at a time. The two talk over an
+inproc PAIR, each end owned by one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import zmq
+
+from broker import protocol as p
+from broker.curve import setup_client
+from gpu_node.config import NodeConfig
+
+log = logging.getLogger(__name__)
+
+WORKER_ENDPOINT = "inproc://genserve-worker-{}"
+
+
+class Node:
+    """Socket side of a node; `runner(job, on_step, should_stop)` does the work."""
+
+    def __init__(self, config: NodeConfig, runner: Callable[..., tuple[bytes, dict]],
+                 capabilities: Callable[[], dict[str, Any]], context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.runner = runner
+        self.capabilities = capabilities
+        self.context = context or zmq.Context.instance()
+        self.node_id = config.node_id or f"{socket.gethostname()}-{config.device}-{os.getpid()}"
+        self._stop = threading.Event()
+        self._cancelled: set[str] = set()
+        self.current: str | None = None
+        self._endpoint = WORKER_ENDPOINT.format(uuid.uuid4().hex)
+        self._pair = self.context.socket(zmq.PAIR)
+        self._pair.setsockopt(zmq.LINGER, 0)
+        self._pair.bind(self._endpoint)
+        self._worker = threading.Thread(target=self._work, name="genserve-worker", daemon=True)
+        self.dealer: zmq.Socket | None = None
+        self._last_recv = self._last_sent = 0.0
+
+    # ---- socket thread ---------------------------------------------------
+
+    def _connect(self) -> None:
+        if self.dealer is not None:
+            self.dealer.close(linger=0)
+        self.dealer = self.context.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.IDENTITY, f"{self.node_id}/{uuid.uuid4().hex[:8]}".encode())
+        setup_client(self.dealer, self.config.curve_secret_file, self.config.curve_server_public_file)
+        self.dealer.connect(self.config.broker)
+        self._last_recv = time.monotonic()
+        self._send(p.READY, {**self.capabilities(), "node_id": self.node_id, "device": self.config.device,
+                             "host": socket.gethostname(), "pid": os.getpid(), "busy_task": self.current})
+
+    def _send(self, command: bytes, header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = ()) -> None:
+        assert self.dealer is not None
+        self.dealer.send_multipart(p.encode(command, header, blobs), copy=False)
+        self._last_sent = time.monotonic()
+
+    def stop(self) -> None:
+        """Ask the node to leave (thread-safe); the running step finishes first."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Serve until stop(): register, then relay between broker and worker."""
+        self._worker.start()
+        self._connect()
+        backoff = self.config.heartbeat_interval
+        poller = zmq.Poller()
+        poller.register(self._pair, zmq.POLLIN)
+        poller.register(self.dealer, zmq.POLLIN)
+        interval = self.config.heartbeat_interval
+        while not self._stop.is_set():
+            events = dict(poller.poll(timeout=int(interval * 250)))
+            if self.dealer in events:
+                self._drain_broker()
+                backoff = interval
+            if self._pair in events:
+                self._drain_worker()
+            now = time.monotonic()
+            if now - self._last_recv > interval * self.config.liveness:
+                log.warning("broker silent for %.1fs; reconnecting in %.1fs", now - self._last_recv, backoff)
+                poller.unregister(self.dealer)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.reconnect_max)
+                self._connect()
+                poller.register(self.dealer, zmq.POLLIN)
+            elif now - self._last_sent >= interval:
+                self._send(p.HEARTBEAT, self._heartbeat())
+        self._shutdown()
+
+    def _heartbeat(self) -> dict[str, Any]:
+        caps = self.capabilities()
+        return {"loaded": caps.get("loaded", []), "memory_free": caps.get("memory_free", 0),
+                "idle": self.current is None, "task_id": self.current}
+
+    def _drain_broker(self) -> None:
+        assert self.dealer is not None
+        while True:
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_recv = time.monotonic()
+            try:
+                msg = p.decode(frames)
+            except p.ProtocolError as exc:
+                log.warning("bad broker message: %s", exc)
+                continue
+            if msg.command == p.JOB:
+                self._on_job(msg)
+            elif msg.command == p.CANCEL:
+                task_id = str(msg.header.get("task_id"))
+                log.info("cancel %s (%s)", task_id, msg.header.get("reason"))
+                self._cancelled.add(task_id)
+            elif msg.command == p.DISCONNECT:
+                log.info("broker asked to re-register: %s", msg.header.get("reason"))
+                self._send(p.READY, {**self.capabilities(), "node_id": self.node_id,
+                                     "device": self.config.device, "host": socket.gethostname(),
+                                     "pid": os.getpid(), "busy_task": self.current})
+
+    def _on_job(self, msg: p.Message) -> None:
+        task_id = str(msg.header["task_id"])
+        if self.current is not None:
+            self._send(p.ERROR, {"task_id": task_id, "code": "node_busy", "message": "node is busy"})
+            return
+        self.current = task_id
+        self._cancelled.discard(task_id)
+        self._pair.send_multipart(p.encode(p.JOB, msg.header, msg.blobs), copy=False)
+
+    def _drain_worker(self) -> None:
+        while True:
+            try:
+                frames = self._pair.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg = p.decode(frames)
+            if msg.command in (p.RESULT, p.ERROR):
+                self.current = None
+            self._send(msg.command, msg.header, msg.blobs)
+
+    def _shutdown(self) -> None:
+        if self.current is not None:
+            self._cancelled.add(self.current)
+        if self.dealer is not None:
+            try:
+                self._send(p.DISCONNECT, {"reason": "shutting down"})
+            except zmq.ZMQError:
+                pass  # already gone; the broker expires us
+            self.dealer.close(linger=0)
+        self._pair.send_multipart(p.encode(p.DISCONNECT))  # wakes the worker to exit
+        self._worker.join(timeout=30)
+        self._pair.close(linger=0)
+
+    # ---- worker thread ---------------------------------------------------
+
+    def _work(self) -> None:
+        from gpu_node.generate import Cancelled, Job, JobError
+
+        pair = self.context.socket(zmq.PAIR)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.connect(self._endpoint)
+        try:
+            while not self._stop.is_set():
+                if not pair.poll(500):
+                    continue
+                msg = p.decode(pair.recv_multipart())
+                if msg.command == p.DISCONNECT:
+                    return
+                header = msg.header
+                task_id = header["task_id"]
+                job = Job(task_id, header["model_id"], header["mode"], header["params"],
+                          dict(zip(header.get("images", []), msg.blobs)))
+
+                def on_step(step: int, total: int) -> None:
+                    pair.send_multipart(p.encode(p.PROGRESS, {"task_id": task_id, "step": step, "total": total}))
+
+                try:
+                    png, meta = self.runner(job, on_step, lambda: task_id in self._cancelled or self._stop.is_set())
+                    pair.send_multipart(p.encode(p.RESULT, {"task_id": task_id, "meta": meta}, [png]), copy=False)
+                except Cancelled:
+                    pair.send_multipart(p.encode(p.ERROR, {"task_id": task_id, "code": p.E_CANCELLED,
+                                                           "message": "stopped at a step boundary"}))
+                except JobError as exc:
+                    pair.send_multipart(p.encode(p.ERROR, {"task_id": task_id, "code": exc.code, "message": str(exc)}))
+                except Exception as exc:  # any failure fails this job only; the node keeps serving
+                    log.exception("task %s failed", task_id)
+                    pair.send_multipart(p.encode(p.ERROR, {"task_id": task_id, "code": p.E_GENERATION,
+                                                           "message": f"{type(exc).__name__}: {exc}"}))
+        finally:
+            pair.close(linger=0)

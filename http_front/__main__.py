@@ -1,0 +1,84 @@
+"""`genserve-front`: the Falcon app on waitress, connected to the broker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import waitress
+
+from http_front.app import create_app
+from http_front.broker_client import BrokerClient
+from http_front.config import FrontConfig
+from http_front.keys import DEFAULT_KEY, KeyStore, parse_env_keys
+
+log = logging.getLogger(__name__)
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> FrontConfig:
+    """Flags win over environment variables (legacy names HOST, PORT, ... kept)."""
+    env = dict(os.environ if env is None else env)
+    d = FrontConfig()
+    ap = argparse.ArgumentParser(prog="genserve-front", description=__doc__)
+    ap.add_argument("--broker", default=env.get("GENSERVE_BROKER_URL", d.broker),
+                    help="broker frontend endpoint (env GENSERVE_BROKER_URL)")
+    ap.add_argument("--host", default=env.get("HOST", d.host), help="listen address (env HOST)")
+    ap.add_argument("--port", type=int, default=int(env.get("PORT", d.port)), help="listen port (env PORT)")
+    ap.add_argument("--threads", type=int, default=int(env.get("GENSERVE_THREADS", d.threads)),
+                    help="waitress worker threads = concurrent synchronous requests (env GENSERVE_THREADS)")
+    ap.add_argument("--task-timeout", type=float, default=float(env.get("GENSERVE_TASK_TIMEOUT", d.task_timeout)))
+    ap.add_argument("--rate-limit", type=int, default=int(env.get("GENSERVE_RATE_LIMIT", d.rate_limit)),
+                    help="requests per window per key (env GENSERVE_RATE_LIMIT)")
+    ap.add_argument("--rate-window", type=float, default=float(env.get("GENSERVE_RATE_WINDOW", d.rate_window)))
+    ap.add_argument("--auth-failure-limit", type=int,
+                    default=int(env.get("GENSERVE_AUTH_FAILURE_LIMIT", d.auth_failure_limit)))
+    ap.add_argument("--allow-default-key-remote", action="store_true",
+                    default=_flag(env.get("GENSERVE_ALLOW_DEFAULT_KEY_REMOTE")),
+                    help="accept the default key from non-loopback clients (not recommended)")
+    ap.add_argument("--key-file", default=env.get("API_KEYS_FILE", str(d.key_file)),
+                    help="encrypted key file (env API_KEYS_FILE)")
+    ap.add_argument("--curve-secret", default=env.get("GENSERVE_CURVE_SECRET"))
+    ap.add_argument("--curve-server", default=env.get("GENSERVE_CURVE_SERVER"))
+    ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return FrontConfig(
+        broker=a.broker, host=a.host, port=a.port, threads=a.threads, task_timeout=a.task_timeout,
+        max_prompt_length=int(env.get("MAX_PROMPT_LENGTH", d.max_prompt_length)),
+        max_image_size=int(env.get("MAX_IMAGE_SIZE", d.max_image_size)),
+        rate_limit=a.rate_limit, rate_window=a.rate_window, auth_failure_limit=a.auth_failure_limit,
+        default_key_remote=a.allow_default_key_remote, key_file=Path(a.key_file),
+        encryption_key=env.get("API_KEYS_ENCRYPTION_KEY") or None,
+        legacy_password=env.get("DEFAULT_API_KEY") or DEFAULT_KEY,
+        curve_secret_file=Path(a.curve_secret) if a.curve_secret else None,
+        curve_server_public_file=Path(a.curve_server) if a.curve_server else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve HTTP until killed (the front holds no state worth a graceful stop)."""
+    config = parse_config(argv)
+    env = dict(os.environ)
+    keys = KeyStore.from_env(parse_env_keys(env), env.get("DEFAULT_API_KEY") or DEFAULT_KEY)
+    if keys.uses_default:
+        log.warning("no API key configured: the default key is in use%s",
+                    "" if config.default_key_remote else " (accepted from loopback clients only)")
+    broker = BrokerClient(config.broker, config.broker_timeout, curve_secret_file=config.curve_secret_file,
+                          curve_server_public_file=config.curve_server_public_file).start()
+    app = create_app(broker, keys, config)
+    log.info("GenServe front on http://%s:%d -> broker %s", config.host, config.port, config.broker)
+    try:
+        waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
+                       max_request_body_size=config.max_body_bytes + 1024 * 1024, ident="GenServe")
+    finally:
+        broker.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Authentication, permissions and rate limits as Falcon middleware.
+
+Each resource declares ``auth = {"GET": ("readonly",), ...}``: the permissions
+any one of which grants the method. ``admin`` and ``all`` grant everything
+(guide table 0.2). A resource without ``auth`` for a method is refused (403),
+so a forgotten declaration fails closed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import falcon
+
+from http_front.errors import AuthError
+from http_front.keys import KeyStore, Principal
+from http_front.ratelimit import SlidingWindowLimiter
+
+log = logging.getLogger(__name__)
+
+MISSING_KEY = "缺少API密钥。请在Authorization header中使用Bearer token或在X-API-Key header中提供密钥"
+INVALID_KEY = "无效的API密钥"
+FORBIDDEN = "权限不足: 此接口需要 {} 权限"
+RATE_LIMITED = "请求频率过高: 每个API密钥每{}秒最多{}个请求"
+TOO_MANY_FAILURES = "认证失败次数过多，请稍后再试"
+DEFAULT_KEY_REMOTE = "默认密钥只能从本机使用; 请配置API密钥"
+SUPER = frozenset({"admin", "all"})
+
+
+def extract_key(req: falcon.Request) -> str | None:
+    """The API key from `Authorization: Bearer` or `X-API-Key`."""
+    header = req.get_header("Authorization")
+    if header:
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    key = req.get_header("X-API-Key")
+    return key.strip() if key and key.strip() else None
+
+
+def is_loopback(address: str | None) -> bool:
+    """True for 127.0.0.0/8 and ::1 (the default key is only accepted from there)."""
+    try:
+        return ipaddress.ip_address((address or "").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed(principal: Principal, needed: tuple[str, ...]) -> bool:
+    """Whether the principal holds any of the needed permissions (or a super permission)."""
+    perms = set(principal.permissions)
+    return bool(perms & SUPER) or bool(perms & set(needed))
+
+
+class AuthMiddleware:
+    """Authenticates, authorises and rate-limits every routed request."""
+
+    def __init__(self, keys: KeyStore, limiter: SlidingWindowLimiter,
+                 failures: SlidingWindowLimiter, default_key_remote: bool = False) -> None:
+        self.keys = keys
+        self.limiter = limiter
+        self.failures = failures
+        self.default_key_remote = default_key_remote
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         params: dict) -> None:
+        """Runs after routing, before the responder."""
+        if resource is None:
+            return
+        client = req.remote_addr or "?"
+        if self.failures.count(client) >= self.failures.limit:
+            raise AuthError(429, TOO_MANY_FAILURES, retry_after=int(self.failures.window))
+        raw = extract_key(req)
+        if raw is None:
+            self.failures.hit(client)
+            raise AuthError(401, MISSING_KEY)
+        principal = self.keys.authenticate(raw)
+        if principal is None:
+            self.failures.hit(client)
+            raise AuthError(401, INVALID_KEY)
+        if principal.source == "default" and not self.default_key_remote and not is_loopback(client):
+            raise AuthError(403, DEFAULT_KEY_REMOTE)
+        needed = getattr(resource, "auth", {}).get(req.method, ())
+        if not allowed(principal, needed):
+            raise AuthError(403, FORBIDDEN.format(" 或 ".join(needed) or "admin"))
+        ok, retry_after = self.limiter.hit(principal.key_id)
+        if not ok:
+            raise AuthError(429, RATE_LIMITED.format(int(self.limiter.window), self.limiter.limit),
+                            retry_after=retry_after)
+        req.context.principal = principal

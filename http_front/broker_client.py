@@ -1,0 +1,210 @@
+"""The front's link to the broker: one I/O thread owns the DEALER socket.
+
+Request threads (waitress) never touch the socket: they queue frames, wake the
+I/O thread through a socketpair, and wait on a Future with a timeout. Replies
+are matched by request id; DONE pushes for watched tasks resolve task waiters,
+so a synchronous /generate returns as soon as the node's result reaches the
+broker, with no polling delay.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from broker import protocol as p
+from broker.curve import setup_client
+
+log = logging.getLogger(__name__)
+
+RECENT_DONE = 32
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not answer in time."""
+
+
+class BrokerError(Exception):
+    """The broker refused a request (FAIL), with its protocol error code."""
+
+    def __init__(self, code: str, message: str, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.extra = extra or {}
+
+
+class BrokerClient:
+    """Thread-safe request/reply and task-completion client for one broker."""
+
+    def __init__(self, endpoint: str, timeout: float = 2.0, context: zmq.Context | None = None,
+                 curve_secret_file: Path | None = None, curve_server_public_file: Path | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.context = context or zmq.Context.instance()
+        self._curve = (curve_secret_file, curve_server_public_file)
+        self._outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._pending: dict[int, Future] = {}
+        self._waiters: dict[str, list[Future]] = {}
+        # DONE pushes that arrived before their waiter registered (tiny tasks are that fast).
+        self._recent: OrderedDict[str, p.Message] = OrderedDict()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="broker-io", daemon=True)
+        self.last_reply = 0.0
+
+    def start(self) -> "BrokerClient":
+        """Start the I/O thread."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the I/O thread; its socket closes with linger 0."""
+        self._stop.set()
+        self._wake()
+        self._thread.join(timeout=5)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # ---- API used by request threads --------------------------------------
+
+    def request(self, command: bytes, header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = (),
+                timeout: float | None = None) -> p.Message:
+        """Send one request and wait for its ACK/REPLY; raises BrokerError or BrokerUnavailable."""
+        req = next(self._ids)
+        future: Future = Future()
+        with self._lock:
+            self._pending[req] = future
+        self._outbox.put(p.encode(command, {**(header or {}), "req": req}, blobs))
+        self._wake()
+        try:
+            msg: p.Message = future.result(timeout if timeout is not None else self.timeout)
+        except FutureTimeout:
+            raise BrokerUnavailable("the broker did not answer in time") from None
+        finally:
+            with self._lock:
+                self._pending.pop(req, None)
+        if msg.command == p.FAIL:
+            h = msg.header
+            raise BrokerError(str(h.get("code")), str(h.get("message")),
+                              {k: v for k, v in h.items() if k not in ("code", "message", "req")})
+        return msg
+
+    def watch(self, task_id: str) -> Future:
+        """A Future resolved with the DONE message when the task ends (register before it can end)."""
+        future: Future = Future()
+        with self._lock:
+            early = self._recent.pop(task_id, None)
+            if early is not None:
+                future.set_result(early)
+            else:
+                self._waiters.setdefault(task_id, []).append(future)
+        return future
+
+    def unwatch(self, task_id: str, future: Future) -> None:
+        """Forget a waiter (on timeout)."""
+        with self._lock:
+            waiters = self._waiters.get(task_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(task_id, None)
+
+    def wait(self, task_id: str, future: Future, timeout: float) -> p.Message | None:
+        """Wait for a watched task; re-asks the broker every few seconds in case a push was lost."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                try:
+                    return future.result(min(left, 3.0))
+                except FutureTimeout:
+                    pass
+                try:  # re-register the watch (a restarted broker forgot it) and check state
+                    msg = self.request(p.STATUS, {"task_id": task_id, "watch": True})
+                    if msg.header["task"]["status"] in p.FINAL_STATES:
+                        return self.request(p.FETCH, {"task_id": task_id})
+                except BrokerUnavailable:
+                    continue
+        finally:
+            self.unwatch(task_id, future)
+
+    # ---- I/O thread -------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or we are closing
+
+    def _loop(self) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        setup_client(sock, *self._curve)
+        sock.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(timeout=500))
+                if self._wake_r.fileno() in events:
+                    try:
+                        self._wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                while True:
+                    try:
+                        frames = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    sock.send_multipart(frames, copy=False)
+                if sock in events:
+                    self._receive(sock)
+        finally:
+            sock.close(linger=0)
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.last_reply = time.monotonic()
+            try:
+                msg = p.decode(frames)
+            except p.ProtocolError as exc:
+                log.warning("bad broker reply: %s", exc)
+                continue
+            if msg.command == p.DONE:
+                task_id = msg.header["task"]["task_id"]
+                with self._lock:
+                    waiters = self._waiters.pop(task_id, [])
+                    if not waiters:
+                        self._recent[task_id] = msg
+                        while len(self._recent) > RECENT_DONE:
+                            self._recent.popitem(last=False)
+                for future in waiters:
+                    if not future.done():
+                        future.set_result(msg)
+                continue
+            with self._lock:
+                future = self._pending.get(msg.header.get("req"))
+            if future is not None and not future.done():
+                future.set_result(msg)

@@ -1,0 +1,31 @@
+"""HTTP front configuration: one frozen dataclass, built by http_front.__main__."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FrontConfig:
+    """Everything one front process needs."""
+
+    broker: str = "tcp://127.0.0.1:5555"
+    host: str = "0.0.0.0"
+    port: int = 12411
+    threads: int = 32
+    max_prompt_length: int = 1000
+    max_image_size: int = 2048
+    max_body_bytes: int = 48 * 1024 * 1024
+    task_timeout: float = 240.0
+    broker_timeout: float = 2.0
+    rate_limit: int = 100
+    rate_window: float = 60.0
+    auth_failure_limit: int = 30
+    auth_failure_window: float = 60.0
+    default_key_remote: bool = False
+    key_file: Path = Path("api_keys.enc")
+    encryption_key: str | None = None
+    legacy_password: str = "genserve-default-key-2024"
+    curve_secret_file: Path | None = None
+    curve_server_public_file: Path | None = None

@@ -1,0 +1,55 @@
+"""Task results as JSON: the guide's response shape plus the earlier implementation's fields."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from broker.protocol import CANCELLED, COMPLETED, FAILED
+from http_front.keys import Principal
+
+
+def auth_info(principal: Principal) -> dict[str, Any]:
+    """The guide's `auth_info` block."""
+    return {"user": principal.name, "permissions": list(principal.permissions)}
+
+
+def render_task(task: dict[str, Any], png: bytes | None, principal: Principal) -> dict[str, Any]:
+    """Body for /generate and /task/{id}: status, progress, and the image once completed."""
+    params = task.get("params", {})
+    meta = task.get("meta", {})
+    status = task["status"]
+    body: dict[str, Any] = {
+        "success": status not in (FAILED, CANCELLED),
+        "task_id": task["task_id"],
+        "status": status,
+        "model_id": task["model_id"],
+        "mode": task["mode"],
+        "controlnet_type": params.get("controlnet_type") if task["mode"] == "controlnet" else None,
+        "priority": task.get("priority", 0),
+        "error": task.get("error"),
+        "auth_info": auth_info(principal),
+    }
+    if "queue_position" in task:
+        body["queue_position"] = task["queue_position"]
+    if "progress" in task:
+        body["progress"] = task["progress"]
+    if status == COMPLETED and png is not None:
+        encoded = base64.b64encode(png).decode("ascii")
+        body["image"] = "data:image/png;base64," + encoded
+        body["image_base64"] = encoded
+        body["metadata"] = {
+            "prompt": params.get("prompt", ""), "model_id": task["model_id"], "mode": task["mode"],
+            "generation_time": meta.get("generation_time"), "seed": params.get("seed"),
+            "cfg": meta.get("cfg", params.get("cfg")), "steps": params.get("num_inference_steps"),
+            "width": meta.get("width"), "height": meta.get("height"),
+            "loras": params.get("loras", []),
+        }
+        started, finished = task.get("started_at"), task.get("finished_at")
+        body["elapsed_time"] = round(finished - task["created_at"], 4) if finished else None
+        body["gpu_id"] = meta.get("device")
+        body["node_id"] = task.get("node_id")
+        body["queue_time"] = round(started - task["created_at"], 4) if started else None
+    if task.get("error_code"):
+        body["error_code"] = task["error_code"]
+    return body

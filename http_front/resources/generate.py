@@ -1,0 +1,111 @@
+"""POST /generate (JSON, base64 images) and POST /generate/upload (multipart files)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+
+from broker import protocol as p
+from broker.protocol import COMPLETED, IMAGE_FIELDS
+from http_front.errors import ApiError, from_task_error
+from http_front.images import MAX_IMAGE_BYTES, from_base64
+from http_front.render import render_task
+from http_front.services import Services
+from http_front.validation import GenerateRequest
+
+GENERATE = {"POST": ("generation",)}
+
+
+class _Submitter:
+    """Shared by both endpoints: check LoRAs, submit, then wait or answer 202."""
+
+    auth = GENERATE
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def _check_body_size(self, req: falcon.Request) -> None:
+        if req.content_length and req.content_length > self.services.config.max_body_bytes:
+            raise ApiError(413, "request too large",
+                           f"body exceeds {self.services.config.max_body_bytes // (1024 * 1024)} MB")
+
+    def _check_loras(self, request: GenerateRequest) -> None:
+        if not request.params["loras"]:
+            return
+        known = {e["name"] for e in self.services.loras()}
+        for lora in request.params["loras"]:
+            name = lora["name"]
+            canonical = name if name.endswith(".safetensors") else name + ".safetensors"
+            if canonical not in known:
+                raise ApiError(400, "unknown LoRA", f"LoRA {name!r} not found; available: {sorted(known)}",
+                               field="loras")
+            lora["name"] = canonical
+
+    def submit(self, req: falcon.Request, resp: falcon.Response, request: GenerateRequest) -> None:
+        """Queue the task; answer with the image (sync) or 202 and the task id (async)."""
+        self._check_loras(request)
+        principal = req.context.principal
+        broker = self.services.broker
+        prefer_async = "respond-async" in (req.get_header("Prefer") or "").lower()
+        is_async = request.is_async or prefer_async
+        names = list(request.images)
+        ack = broker.request(p.SUBMIT, {"task": request.task_spec(), "owner": principal.key_id,
+                                        "images": names, "watch": not is_async},
+                             [request.images[n] for n in names])
+        task_id = ack.header["task_id"]
+        if is_async:
+            resp.status = 202
+            resp.set_header("Location", f"/task/{task_id}")
+            resp.media = {"success": True, "task_id": task_id, "status": "queued",
+                          "queue_position": ack.header.get("queue_position")}
+            return
+        future = broker.watch(task_id)
+        done = broker.wait(task_id, future, self.services.config.task_timeout + 15)
+        if done is None:
+            resp.status = 202
+            resp.media = {"success": True, "task_id": task_id, "status": "pending",
+                          "detail": "still running; poll /task/{task_id}"}
+            return
+        task = done.header["task"]
+        if task["status"] != COMPLETED:
+            raise from_task_error(task.get("error_code", ""), task.get("error") or "task failed")
+        resp.media = render_task(task, done.blobs[0] if done.blobs else None, principal)
+
+
+class Generate(_Submitter):
+    """POST /generate with a JSON body; images as data URIs or base64."""
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Validate, submit, answer."""
+        self._check_body_size(req)
+        body = req.get_media()
+        if not isinstance(body, dict):
+            raise ApiError(422, "validation error", "the request body must be a JSON object")
+        images = {name: from_base64(body[name], name) for name in IMAGE_FIELDS if body.get(name)}
+        fields = {k: v for k, v in body.items() if k not in IMAGE_FIELDS}
+        self.submit(req, resp, self.services.validator.validate(fields, images))
+
+
+class GenerateUpload(_Submitter):
+    """POST /generate/upload with multipart/form-data; images as file parts."""
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Read parts (bounded), validate, submit, answer."""
+        self._check_body_size(req)
+        if not (req.content_type or "").startswith("multipart/form-data"):
+            raise ApiError(415, "unsupported media type", "use multipart/form-data (or POST /generate for JSON)")
+        form: dict[str, str] = {}
+        images: dict[str, bytes] = {}
+        for part in req.get_media():
+            if part.name in IMAGE_FIELDS:
+                data = part.stream.read(MAX_IMAGE_BYTES + 1)
+                if len(data) > MAX_IMAGE_BYTES:
+                    raise ApiError(413, f"{part.name} is too large",
+                                   f"{part.name} exceeds {MAX_IMAGE_BYTES // (1024 * 1024)} MB")
+                if data:
+                    images[part.name] = data
+            else:
+                form[part.name] = part.get_text() or ""
+        body: dict[str, Any] = self.services.validator.coerce_form(form)
+        self.submit(req, resp, self.services.validator.validate(body, images))

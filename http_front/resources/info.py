@@ -1,0 +1,99 @@
+"""Read-only service information: /, /health, /status, /models, /loras."""
+
+from __future__ import annotations
+
+import falcon
+
+from broker.protocol import CONTROL_TYPES, MODEL_IDS
+from http_front.broker_client import BrokerUnavailable
+from http_front.services import Services
+
+READ = {"GET": ("readonly",)}
+
+
+class Root:
+    """GET / : what this service is and where to go next."""
+
+    auth = READ
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Service banner."""
+        resp.media = {"service": "GenServe", "version": self.services.version, "status": "running",
+                      "endpoints": ["/health", "/status", "/models", "/loras", "/generate",
+                                    "/generate/upload", "/task/{task_id}", "/auth/keys"]}
+
+
+class Health:
+    """GET /health : healthy only when the broker answers and a node is registered."""
+
+    auth = READ
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """200 healthy / 503 unhealthy with the reason."""
+        try:
+            info = self.services.info(max_age=0, timeout=1.0)
+        except BrokerUnavailable:
+            resp.status = 503
+            resp.media = {"status": "unhealthy", "broker": "unreachable", "nodes": 0,
+                          "reason": "the broker does not answer"}
+            return
+        nodes = len(info["nodes"])
+        healthy = nodes > 0
+        resp.status = 200 if healthy else 503
+        resp.media = {"status": "healthy" if healthy else "unhealthy", "broker": "ok", "nodes": nodes,
+                      "queue_length": info["queue"]["length"],
+                      "reason": None if healthy else "no GPU node is registered"}
+
+
+class Status:
+    """GET /status : queue, nodes and task counts."""
+
+    auth = READ
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Broker snapshot."""
+        info = self.services.info(max_age=0)
+        resp.media = {"success": True, "status": "running", "queue": info["queue"], "tasks": info["tasks"],
+                      "nodes": info["nodes"], "node_count": len(info["nodes"]),
+                      "busy_nodes": sum(1 for n in info["nodes"] if n["state"] == "busy")}
+
+
+class Models:
+    """GET /models : model ids served by live nodes, with their real modes."""
+
+    auth = READ
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Served models and where they are loaded."""
+        served = self.services.info()["models"]
+        models = [{"model_id": m, "modes": served[m]["modes"], "controlnet_type": CONTROL_TYPES.get(m),
+                   "nodes": served[m]["nodes"], "loaded_on": served[m]["loaded_on"],
+                   "loaded": bool(served[m]["loaded_on"])} for m in MODEL_IDS if m in served]
+        resp.media = {"success": True, "models": models, "total": len(models),
+                      "known_model_ids": list(MODEL_IDS), "default_model": "flux1-dev"}
+
+
+class Loras:
+    """GET /loras : LoRA files the nodes can load (relative names only)."""
+
+    auth = READ
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Union of the nodes' LoRA folders, sorted by name."""
+        loras = self.services.loras()
+        resp.media = {"success": True, "loras": loras, "total": len(loras)}

@@ -1,0 +1,39 @@
+"""GET /task/{task_id} (status, progress, result) and DELETE /task/{task_id} (cancel)."""
+
+from __future__ import annotations
+
+import falcon
+
+from broker import protocol as p
+from http_front.auth import SUPER
+from http_front.errors import ApiError
+from http_front.render import render_task
+from http_front.services import Services
+
+
+class Task:
+    """One task, visible only to the key that submitted it (and admins)."""
+
+    auth = {"GET": ("readonly", "generation"), "DELETE": ("generation",)}
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def _visible(self, req: falcon.Request, task: dict) -> None:
+        principal = req.context.principal
+        if task.get("owner") != principal.key_id and not set(principal.permissions) & SUPER:
+            raise ApiError(404, "task not found", "no task with this id for this API key")
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        """Status while queued/running; the image once completed."""
+        msg = self.services.broker.request(p.FETCH, {"task_id": task_id})
+        task = msg.header["task"]
+        self._visible(req, task)
+        resp.media = render_task(task, msg.blobs[0] if msg.blobs else None, req.context.principal)
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        """Cancel: a queued task leaves the queue; a running one stops at its next step."""
+        task = self.services.broker.request(p.STATUS, {"task_id": task_id}).header["task"]
+        self._visible(req, task)
+        task = self.services.broker.request(p.CANCEL_TASK, {"task_id": task_id}).header["task"]
+        resp.media = render_task(task, None, req.context.principal)
