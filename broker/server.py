@@ -165,6 +165,9 @@ class Broker:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("malformed %s from front: %r", msg.name, exc)
             self._reply(identity, req, p.FAIL, {"code": p.E_BAD_REQUEST, "message": f"malformed request: {exc!r}"})
+        except Exception:  # one request must never take the broker down
+            log.exception("error handling %s from front", msg.name)
+            self._reply(identity, req, p.FAIL, {"code": p.E_PROTOCOL, "message": "internal broker error"})
 
     def _on_submit(self, identity: bytes, req: Any, msg: p.Message) -> None:
         spec = msg.header["task"]
@@ -282,6 +285,8 @@ class Broker:
             self._node_handlers[msg.command](identity, node, msg)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("malformed %s from node %r: %r", msg.name, identity, exc)
+        except Exception:  # one message must never take the broker down
+            log.exception("error handling %s from node %r", msg.name, identity)
 
     def _on_ready(self, identity: bytes, _node: Node | None, msg: p.Message) -> None:
         old = self.nodes.get(identity)
@@ -307,6 +312,8 @@ class Broker:
             node.loaded = list(h["loaded"])
         if "memory_free" in h:
             node.memory_free = int(h["memory_free"])
+        if h.get("loras") is not None:
+            node.loras = list(h["loras"])
         if h.get("idle") and node.state == BUSY and node.task_id is None:
             node.state = IDLE  # a cancelled task has finished unwinding
             self._dispatch()

@@ -24,6 +24,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                     help="broker backend endpoint (env GENSERVE_BROKER_BACKEND_URL)")
     ap.add_argument("--device", default=env.get("GENSERVE_DEVICE", d.device),
                     help="cpu or cuda:N (env GENSERVE_DEVICE)")
+    ap.add_argument("--device-index", type=int, default=None,
+                    help="with --device cuda: use cuda:N (supervisord passes its process_num)")
     ap.add_argument("--models-dir", default=env.get("GENSERVE_MODELS_DIR"),
                     help="folder with one diffusers folder per model id (env GENSERVE_MODELS_DIR);"
                          " FLUX_MODEL_PATH, FLUX_FILL_MODEL_PATH, ... override single models")
@@ -48,10 +50,13 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = a.device
+    if device == "cuda" and a.device_index is not None:
+        device = f"cuda:{a.device_index}"
     only = tuple(m.strip() for m in a.models.split(",") if m.strip())
-    paths = resolve_model_paths(Path(a.models_dir) if a.models_dir else None, env, a.device, only)
+    paths = resolve_model_paths(Path(a.models_dir) if a.models_dir else None, env, device, only)
     return NodeConfig(
-        broker=a.broker, device=a.device, model_paths=paths,
+        broker=a.broker, device=device, model_paths=paths,
         lora_dir=Path(a.lora_dir) if a.lora_dir else None, node_id=a.node_id,
         heartbeat_interval=a.heartbeat, liveness=a.liveness,
         preload=tuple(m.strip() for m in a.preload.split(",") if m.strip()),
@@ -89,9 +94,11 @@ def build(config: NodeConfig):
             return int(torch.cuda.mem_get_info(torch.device(config.device))[0])
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
-    def capabilities() -> dict[str, Any]:
-        return {"models": modes, "loaded": list(cache.loaded), "memory_total": int(total),
-                "memory_free": memory_free(), "loras": scan(config.lora_dir)}
+    def capabilities(full: bool) -> dict[str, Any]:
+        live = {"loaded": list(cache.loaded), "memory_free": memory_free()}
+        if not full:
+            return live
+        return {**live, "models": modes, "memory_total": int(total), "loras": scan(config.lora_dir)}
 
     for model_id in config.preload:
         if model_id == "flux1-redux-dev":

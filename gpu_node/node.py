@@ -26,13 +26,18 @@ from gpu_node.config import NodeConfig
 log = logging.getLogger(__name__)
 
 WORKER_ENDPOINT = "inproc://genserve-worker-{}"
+FULL_EVERY = 10
 
 
 class Node:
-    """Socket side of a node; `runner(job, on_step, should_stop)` does the work."""
+    """Socket side of a node; `runner(job, on_step, should_stop)` does the work.
+
+    `capabilities(full)` describes the node: everything for READY when `full`,
+    only the cheap live fields (loaded models, free memory) for heartbeats.
+    """
 
     def __init__(self, config: NodeConfig, runner: Callable[..., tuple[bytes, dict]],
-                 capabilities: Callable[[], dict[str, Any]], context: zmq.Context | None = None) -> None:
+                 capabilities: Callable[[bool], dict[str, Any]], context: zmq.Context | None = None) -> None:
         self.config = config
         self.runner = runner
         self.capabilities = capabilities
@@ -48,6 +53,7 @@ class Node:
         self._worker = threading.Thread(target=self._work, name="genserve-worker", daemon=True)
         self.dealer: zmq.Socket | None = None
         self._last_recv = self._last_sent = 0.0
+        self._beats = 0
 
     # ---- socket thread ---------------------------------------------------
 
@@ -60,7 +66,10 @@ class Node:
         setup_client(self.dealer, self.config.curve_secret_file, self.config.curve_server_public_file)
         self.dealer.connect(self.config.broker)
         self._last_recv = time.monotonic()
-        self._send(p.READY, {**self.capabilities(), "node_id": self.node_id, "device": self.config.device,
+        self._register()
+
+    def _register(self) -> None:
+        self._send(p.READY, {**self.capabilities(True), "node_id": self.node_id, "device": self.config.device,
                              "host": socket.gethostname(), "pid": os.getpid(), "busy_task": self.current})
 
     def _send(self, command: bytes, header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = ()) -> None:
@@ -101,8 +110,10 @@ class Node:
         self._shutdown()
 
     def _heartbeat(self) -> dict[str, Any]:
-        caps = self.capabilities()
-        return {"loaded": caps.get("loaded", []), "memory_free": caps.get("memory_free", 0),
+        self._beats += 1
+        # Every FULL_EVERY-th heartbeat re-reports LoRAs, so files added later become visible.
+        live = self.capabilities(self._beats % FULL_EVERY == 0)
+        return {"loaded": live["loaded"], "memory_free": live["memory_free"], "loras": live.get("loras"),
                 "idle": self.current is None, "task_id": self.current}
 
     def _drain_broker(self) -> None:
@@ -126,9 +137,7 @@ class Node:
                 self._cancelled.add(task_id)
             elif msg.command == p.DISCONNECT:
                 log.info("broker asked to re-register: %s", msg.header.get("reason"))
-                self._send(p.READY, {**self.capabilities(), "node_id": self.node_id,
-                                     "device": self.config.device, "host": socket.gethostname(),
-                                     "pid": os.getpid(), "busy_task": self.current})
+                self._register()
 
     def _on_job(self, msg: p.Message) -> None:
         task_id = str(msg.header["task_id"])
@@ -183,8 +192,16 @@ class Node:
                 job = Job(task_id, header["model_id"], header["mode"], header["params"],
                           dict(zip(header.get("images", []), msg.blobs)))
 
+                last_progress = [time.monotonic()]
+
                 def on_step(step: int, total: int) -> None:
-                    pair.send_multipart(p.encode(p.PROGRESS, {"task_id": task_id, "step": step, "total": total}))
+                    # Rate-limited: on a loaded CPU or a fast GPU, a message per step
+                    # wakes two other threads per step and slows the denoising loop.
+                    now = time.monotonic()
+                    if now - last_progress[0] >= self.config.progress_interval:
+                        last_progress[0] = now
+                        pair.send_multipart(p.encode(p.PROGRESS, {"task_id": task_id, "step": step,
+                                                                  "total": total}))
 
                 try:
                     png, meta = self.runner(job, on_step, lambda: task_id in self._cancelled or self._stop.is_set())

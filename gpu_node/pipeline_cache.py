@@ -170,7 +170,7 @@ class PipelineCache:
         self._make_room(self._estimate(folder, shared), pinned)
         cls = getattr(diffusers, CATALOG[model_id].pipeline)
         log.info("loading %s from %s (reusing %s)", model_id, source, sorted(shared) or "nothing")
-        pipe = cls.from_pretrained(source, torch_dtype=self.dtype, **shared).to(self.device)
+        pipe = cls.from_pretrained(source, dtype=self.dtype, **shared).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.loads += 1
         used = []

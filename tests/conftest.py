@@ -1,0 +1,193 @@
+"""Shared fixtures: tiny models, brokers on random ports, subprocess groups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+import zmq
+
+from broker.config import BrokerConfig
+from broker.server import Broker
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DEFAULT_KEY = "genserve-default-key-2024"
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All six tiny model folders plus sample LoRAs, built once per session."""
+    from gpu_node.tiny import build_all
+
+    target = tmp_path_factory.mktemp("tiny-models")
+    build_all(target, seed=0)
+    return target
+
+
+class BrokerThread:
+    """A real Broker on tcp://127.0.0.1 random ports, run in a thread."""
+
+    def __init__(self, data_dir: Path, **overrides: Any) -> None:
+        settings = dict(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", data_dir=data_dir,
+                        heartbeat_interval=0.2, liveness=3)
+        settings.update(overrides)
+        self.config = BrokerConfig(**settings)
+        self.context = zmq.Context()
+        self.broker = Broker(self.config, self.context)
+        self.frontend, self.backend = self.broker.bind()
+        self.thread = threading.Thread(target=self.broker.run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop the loop, close sockets and the context."""
+        self.broker.stop()
+        self.thread.join(timeout=5)
+        self.broker.close()
+        self.context.term()
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start brokers (closed at teardown); same data dir unless told otherwise."""
+    started: list[BrokerThread] = []
+
+    def start(**overrides: Any) -> BrokerThread:
+        overrides.setdefault("data_dir", tmp_path / "broker")
+        bt = BrokerThread(**overrides)
+        started.append(bt)
+        return bt
+
+    yield start
+    for bt in started:
+        if bt.thread.is_alive() or not bt.broker.frontend.closed:
+            bt.close()
+
+
+class Processes:
+    """Subprocesses of one test, each killed at teardown; logs kept for failure reports."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start `args` (first item is a console script name in this venv)."""
+        log = (self.log_dir / f"{name}.log").open("ab")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                env=full_env, cwd=self.log_dir, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to one process and reap it."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def log(self, name: str) -> str:
+        """What the process printed."""
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        """Kill everything still running."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """A process group killed at teardown."""
+    group = Processes(tmp_path)
+    yield group
+    group.close()
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_healthy(url: str, key: str = DEFAULT_KEY, timeout: float = 60.0, nodes: int = 1) -> None:
+    """Poll /health until it reports at least `nodes` nodes."""
+    def ok() -> bool:
+        try:
+            r = requests.get(f"{url}/health", headers={"X-API-Key": key}, timeout=2)
+        except requests.RequestException:
+            return False
+        return r.status_code == 200 and r.json()["nodes"] >= nodes
+
+    wait_until(ok, timeout, 0.1, f"{url}/health with {nodes} node(s)")
+
+
+class Stack:
+    """Broker thread + real tiny-model node thread + BrokerClient + Falcon TestClient."""
+
+    def __init__(self, data_dir: Path, models: Path, serve: tuple[str, ...], keys=None,
+                 front_overrides: dict[str, Any] | None = None, **broker_overrides: Any) -> None:
+        from falcon import testing
+
+        from gpu_node.__main__ import build
+        from gpu_node.catalog import resolve_model_paths
+        from gpu_node.config import NodeConfig
+        from http_front.app import create_app
+        from http_front.broker_client import BrokerClient
+        from http_front.config import FrontConfig
+        from http_front.keys import KeyStore
+
+        self.broker = BrokerThread(data_dir, **broker_overrides)
+        paths = resolve_model_paths(models, {}, "cpu", serve)
+        self.node_config = NodeConfig(broker=self.broker.backend, device="cpu", model_paths=paths,
+                                      lora_dir=models / "loras", node_id="test-node", heartbeat_interval=0.2,
+                                      max_sequence_length=32)
+        self.node, self.generator = build(self.node_config)
+        self.node_thread = threading.Thread(target=self.node.run, daemon=True)
+        self.node_thread.start()
+        self.client = BrokerClient(self.broker.frontend, timeout=5.0).start()
+        self.keys = keys or KeyStore.from_env([], DEFAULT_KEY)
+        self.config = FrontConfig(task_timeout=60, **(front_overrides or {}))
+        self.app = create_app(self.client, self.keys, self.config)
+        self.http = testing.TestClient(self.app, headers={"Authorization": f"Bearer {DEFAULT_KEY}"})
+        wait_until(lambda: len(self.broker.broker.nodes) == 1, 30, what="node registration")
+
+    def close(self) -> None:
+        """Stop node, client and broker; close every socket."""
+        self.node.stop()
+        self.node_thread.join(timeout=30)
+        self.client.close()
+        self.broker.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[Stack]:
+    """One stack per test module, serving every model but flux1-openpose-dev."""
+    serve = ("flux1-dev", "flux1-fill-dev", "flux1-depth-dev", "flux1-canny-dev", "flux1-redux-dev")
+    s = Stack(tmp_path_factory.mktemp("stack"), tiny_models, serve)
+    yield s
+    s.close()

@@ -1,0 +1,73 @@
+"""Protocol-speaking fake GPU nodes, for broker and scheduler tests only."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import zmq
+from PIL import Image
+
+from broker import protocol as p
+
+
+def png_bytes(color: tuple[int, int, int] = (10, 20, 30), size: tuple[int, int] = (16, 16)) -> bytes:
+    """A small real PNG."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeNode:
+    """A DEALER that registers like a node and is driven step by step by the test."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, name: str,
+                 models: dict[str, list[str]] | None = None, loaded: list[str] | None = None,
+                 identity: bytes | None = None) -> None:
+        self.name = name
+        self.models = models or {"flux1-dev": ["text2img", "img2img"]}
+        self.loaded = loaded or []
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, identity or f"fake-{name}".encode())
+        self.sock.connect(endpoint)
+
+    def send(self, command: bytes, header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = ()) -> None:
+        """Send one message to the broker."""
+        self.sock.send_multipart(p.encode(command, header, blobs))
+
+    def ready(self, busy_task: str | None = None) -> "FakeNode":
+        """Register (READY with capabilities)."""
+        self.send(p.READY, {"node_id": self.name, "device": "fake", "models": self.models,
+                            "loaded": self.loaded, "memory_total": 1 << 30, "memory_free": 1 << 29,
+                            "busy_task": busy_task})
+        return self
+
+    def recv(self, timeout: float = 2.0, skip_heartbeats: bool = True) -> p.Message | None:
+        """Next message from the broker (heartbeats skipped), or None on timeout."""
+        while self.sock.poll(int(timeout * 1000)):
+            msg = p.decode(self.sock.recv_multipart())
+            if skip_heartbeats and msg.command == p.HEARTBEAT:
+                continue
+            return msg
+        return None
+
+    def recv_job(self, timeout: float = 2.0) -> p.Message | None:
+        """Next JOB, or None."""
+        msg = self.recv(timeout)
+        while msg is not None and msg.command != p.JOB:
+            msg = self.recv(timeout)
+        return msg
+
+    def heartbeat(self) -> None:
+        """Tell the broker we are alive (and idle)."""
+        self.send(p.HEARTBEAT, {"loaded": self.loaded, "idle": True})
+
+    def finish(self, task_id: str, png: bytes | None = None) -> None:
+        """Report a successful result."""
+        self.send(p.RESULT, {"task_id": task_id, "meta": {"generation_time": 0.01, "device": "fake"}},
+                  [png or png_bytes()])
+
+    def close(self) -> None:
+        """Close the socket (linger 0)."""
+        self.sock.close(linger=0)

@@ -1,0 +1,193 @@
+"""The broker on real tcp://127.0.0.1 sockets, with protocol-speaking fake nodes."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+import zmq
+
+from broker import protocol as p
+from http_front.broker_client import BrokerClient, BrokerError
+from tests.conftest import wait_until
+from tests.fakes import FakeNode, png_bytes
+
+
+def spec(model: str = "flux1-dev", mode: str = "text2img", priority: int = 0, **params: Any) -> dict[str, Any]:
+    return {"model_id": model, "mode": mode, "priority": priority,
+            "params": {"prompt": "x", "num_inference_steps": 4, **params}}
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    context = zmq.Context()
+    yield context
+    context.term()
+
+
+@pytest.fixture
+def parts(broker_factory, ctx):
+    """A broker, a client, and a list that closes fake nodes at teardown."""
+    bt = broker_factory()
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    nodes: list[FakeNode] = []
+
+    def node(name: str, **kw: Any) -> FakeNode:
+        n = FakeNode(ctx, bt.backend, name, **kw)
+        nodes.append(n)
+        return n
+
+    yield bt, client, node
+    for n in nodes:
+        n.close()
+    client.close()
+
+
+def submit(client: BrokerClient, task: dict[str, Any], watch: bool = False, owner: str = "k") -> str:
+    return client.request(p.SUBMIT, {"task": task, "owner": owner, "watch": watch}).header["task_id"]
+
+
+def test_no_node_is_refused_at_once_and_unknown_model_names_served(parts) -> None:
+    bt, client, node = parts
+    with pytest.raises(BrokerError) as err:
+        submit(client, spec())
+    assert err.value.code == p.E_NO_NODE
+    node("n1").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    with pytest.raises(BrokerError) as err:
+        submit(client, spec(model="sdxl"))
+    assert err.value.code == p.E_UNKNOWN_MODEL and err.value.extra["served"] == ["flux1-dev"]
+    with pytest.raises(BrokerError) as err:
+        submit(client, spec(mode="fill"))
+    assert err.value.code == p.E_UNSUPPORTED_MODE
+    assert len(bt.broker.tasks) == 0  # nothing was accepted
+
+
+def test_priority_order_when_a_node_becomes_free(parts) -> None:
+    bt, client, node = parts
+    n = node("n1").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    blocker = submit(client, spec())
+    assert n.recv_job().header["task_id"] == blocker
+    ids = {prio: submit(client, spec(priority=prio)) for prio in (5, 0, 9, -3)}
+    same = submit(client, spec(priority=0))
+    n.finish(blocker)
+    order = []
+    for _ in range(5):
+        job = n.recv_job()
+        order.append(job.header["task_id"])
+        n.finish(job.header["task_id"])
+    assert order == [ids[-3], ids[0], same, ids[5], ids[9]]
+
+
+def test_only_capable_nodes_receive_a_task(parts) -> None:
+    bt, client, node = parts
+    dev = node("dev", models={"flux1-dev": ["text2img"]}).ready()
+    fill = node("fill", models={"flux1-fill-dev": ["text2img", "img2img", "fill"]}).ready()
+    wait_until(lambda: len(bt.broker.nodes) == 2, 5)
+    t_fill = submit(client, spec(model="flux1-fill-dev", mode="fill"))
+    t_dev = submit(client, spec())
+    assert fill.recv_job().header["task_id"] == t_fill
+    assert dev.recv_job().header["task_id"] == t_dev
+    assert dev.recv_job(timeout=0.3) is None and fill.recv_job(timeout=0.3) is None
+
+
+def test_result_is_pushed_to_the_watching_front_and_fetchable(parts) -> None:
+    bt, client, node = parts
+    n = node("n1").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    png = png_bytes((1, 2, 3))
+    task_id = submit(client, spec(), watch=True)
+    future = client.watch(task_id)
+    job = n.recv_job()
+    n.send(p.PROGRESS, {"task_id": task_id, "step": 2, "total": 4})
+    wait_until(lambda: client.request(p.STATUS, {"task_id": task_id}).header["task"].get("progress")
+               == {"step": 2, "total": 4}, 5)
+    n.finish(job.header["task_id"], png)
+    done = client.wait(task_id, future, timeout=5)
+    assert done.header["task"]["status"] == p.COMPLETED and done.blobs == [png]
+    fetched = client.request(p.FETCH, {"task_id": task_id})
+    assert fetched.header["task"]["status"] == p.COMPLETED and fetched.blobs == [png]
+
+
+def test_images_travel_as_blobs_to_the_node(parts) -> None:
+    bt, client, node = parts
+    n = node("n1").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    img = png_bytes((9, 9, 9))
+    client.request(p.SUBMIT, {"task": spec(mode="img2img"), "images": ["input_image"]}, [img])
+    job = n.recv_job()
+    assert job.header["images"] == ["input_image"] and job.blobs == [img]
+    with pytest.raises(BrokerError):  # names and blobs must agree
+        client.request(p.SUBMIT, {"task": spec(mode="img2img"), "images": ["input_image", "mask_image"]}, [img])
+
+
+def test_malformed_front_message_gets_an_error_and_broker_keeps_serving(parts, ctx) -> None:
+    bt, client, node = parts
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(bt.frontend)
+    try:
+        raw.send_multipart([b"junk"])
+        assert raw.poll(2000)
+        assert p.decode(raw.recv_multipart()).command == p.FAIL
+        raw.send_multipart(p.encode(p.SUBMIT, {"req": 1, "task": "not a map"}))
+        assert raw.poll(2000)
+        assert p.decode(raw.recv_multipart()).header["code"] == p.E_BAD_REQUEST
+    finally:
+        raw.close(linger=0)
+    assert "nodes" in client.request(p.INFO).header
+
+
+def test_silent_node_expires_and_its_task_goes_to_another(parts) -> None:
+    bt, client, node = parts
+    a = node("a").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    task_id = submit(client, spec())
+    assert a.recv_job().header["task_id"] == task_id
+    b = node("b").ready()  # a now falls silent
+    job = None
+    for _ in range(40):
+        b.heartbeat()
+        job = b.recv_job(timeout=0.1)
+        if job:
+            break
+    assert job is not None and job.header["task_id"] == task_id and job.header["attempt"] == 2
+    a.finish(task_id, png_bytes((255, 0, 0)))  # late result from the expired node: discarded
+    b.finish(task_id, png_bytes((0, 255, 0)))
+    wait_until(lambda: client.request(p.STATUS, {"task_id": task_id}).header["task"]["status"] == p.COMPLETED, 5)
+    assert client.request(p.FETCH, {"task_id": task_id}).blobs == [png_bytes((0, 255, 0))]
+
+
+def test_queued_and_completed_tasks_survive_a_broker_restart(broker_factory, ctx, tmp_path) -> None:
+    bt = broker_factory()
+    client = BrokerClient(bt.frontend, context=ctx).start()
+    n = FakeNode(ctx, bt.backend, "n1").ready()
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        first = submit(client, spec())
+        n.finish(n.recv_job().header["task_id"])
+        wait_until(lambda: bt.broker.tasks[first].state == p.COMPLETED, 5)
+        running = submit(client, spec())
+        assert n.recv_job().header["task_id"] == running
+        queued = submit(client, spec(priority=3))
+    finally:
+        n.close()
+        client.close()
+    bt.close()  # the journal is all that remains
+
+    bt2 = broker_factory()
+    client = BrokerClient(bt2.frontend, context=ctx).start()
+    n2 = FakeNode(ctx, bt2.backend, "n2").ready()
+    try:
+        assert client.request(p.STATUS, {"task_id": first}).header["task"]["status"] == p.COMPLETED
+        assert client.request(p.FETCH, {"task_id": first}).blobs == [png_bytes()]
+        seen = []
+        for _ in range(2):
+            job = n2.recv_job()
+            seen.append(job.header["task_id"])
+            n2.finish(job.header["task_id"])
+        assert seen == [running, queued]  # both re-run, in priority order
+    finally:
+        n2.close()
+        client.close()

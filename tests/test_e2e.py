@@ -1,0 +1,144 @@
+"""End to end: broker, node and front as real subprocesses on random ports, tiny real pipelines."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import DEFAULT_KEY, Processes, free_port, wait_healthy, wait_until
+
+pytestmark = pytest.mark.e2e
+HEADERS = {"Authorization": f"Bearer {DEFAULT_KEY}"}
+
+
+class Cluster:
+    """Endpoints and helpers for one running deployment."""
+
+    def __init__(self, procs: Processes, models: Path, data: Path, nodes: int = 1) -> None:
+        self.procs = procs
+        self.models = models
+        self.front_port, fport, bport = free_port(), free_port(), free_port()
+        self.frontend, self.backend = f"tcp://127.0.0.1:{fport}", f"tcp://127.0.0.1:{bport}"
+        self.url = f"http://127.0.0.1:{self.front_port}"
+        self.data = data
+        self.start_broker()
+        for i in range(nodes):
+            self.start_node(f"node{i}")
+        self.start_front()
+        wait_healthy(self.url, nodes=nodes)
+
+    def start_broker(self) -> None:
+        """(Re)start the broker on the same ports and data dir."""
+        self.procs.start("broker", ["genserve-broker", "--frontend", self.frontend, "--backend", self.backend,
+                                    "--data-dir", str(self.data), "--heartbeat", "0.25", "--liveness", "3"])
+
+    def start_node(self, name: str, *extra: str) -> None:
+        """Start one CPU node on the tiny models."""
+        self.procs.start(name, ["genserve-node", "--broker", self.backend, "--device", "cpu",
+                                "--models-dir", str(self.models), "--lora-dir", str(self.models / "loras"),
+                                "--node-id", name, "--heartbeat", "0.25", "--preload", "flux1-dev",
+                                "--max-sequence-length", "32", *extra])
+
+    def start_front(self) -> None:
+        """Start the HTTP front."""
+        self.procs.start("front", ["genserve-front", "--broker", self.frontend, "--host", "127.0.0.1",
+                                   "--port", str(self.front_port)])
+
+    def generate(self, **body) -> requests.Response:
+        """POST /generate with small defaults."""
+        payload = {"prompt": "一只可爱的小猫坐在花园里", "height": 64, "width": 96, "num_inference_steps": 2,
+                   "cfg": 3.5, "seed": 42, "mode": "text2img", **body}
+        return requests.post(f"{self.url}/generate", json=payload, headers=HEADERS, timeout=120)
+
+
+@pytest.fixture
+def cluster(processes: Processes, tiny_models: Path, tmp_path: Path) -> Cluster:
+    return Cluster(processes, tiny_models, tmp_path / "broker")
+
+
+def image_of(response: requests.Response) -> tuple[bytes, Image.Image]:
+    assert response.status_code == 200, response.text
+    data = base64.b64decode(response.json()["image"].split(",", 1)[1])
+    return data, Image.open(io.BytesIO(data))
+
+
+def test_generate_returns_png_of_requested_size_and_is_deterministic(cluster: Cluster) -> None:
+    first, image = image_of(cluster.generate())
+    assert image.format == "PNG" and image.size == (96, 64)
+    again, _ = image_of(cluster.generate())
+    other, _ = image_of(cluster.generate(seed=43))
+    assert first == again and first != other
+
+
+def test_polling_reaches_completed(cluster: Cluster) -> None:
+    r = cluster.generate(**{"async": True})
+    assert r.status_code == 202
+    task_id = r.json()["task_id"]
+
+    def completed():
+        body = requests.get(f"{cluster.url}/task/{task_id}", headers=HEADERS, timeout=10).json()
+        assert body["status"] in ("queued", "running", "completed"), body
+        return body if body["status"] == "completed" else None
+
+    body = wait_until(completed, 60, 0.1, "task completion")
+    assert Image.open(io.BytesIO(base64.b64decode(body["image"].split(",", 1)[1]))).size == (96, 64)
+
+
+def test_guide_polling_script_works_as_written(cluster: Cluster, tmp_path: Path) -> None:
+    """Section 6.2 of the guide, with only the address and key substituted."""
+    script = f"""
+API_KEY="{DEFAULT_KEY}"
+response=$(curl -s -X POST "{cluster.url}/generate" \\
+  -H "Content-Type: application/json" \\
+  -H "Authorization: Bearer $API_KEY" \\
+  -d '{{"prompt": "一只可爱的小猫", "mode": "text2img", "height": 64, "width": 64, "num_inference_steps": 2}}')
+task_id=$(echo $response | jq -r '.task_id')
+while true; do
+  result=$(curl -s -X GET "{cluster.url}/task/$task_id" -H "Authorization: Bearer $API_KEY")
+  status=$(echo $result | jq -r '.status')
+  if [ "$status" = "completed" ]; then
+    echo "任务完成!"
+    echo $result | jq -r '.image_base64' | base64 -d > "output.png"
+    break
+  elif [ "$status" = "failed" ]; then
+    echo "任务失败!"
+    exit 1
+  fi
+  sleep 0.2
+done
+"""
+    out = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "任务完成" in out.stdout, out.stderr
+    assert Image.open(tmp_path / "output.png").size == (64, 64)
+
+
+def test_health_turns_unhealthy_when_the_only_node_dies(cluster: Cluster) -> None:
+    cluster.procs.kill("node0", signal.SIGKILL)
+
+    def unhealthy():
+        r = requests.get(f"{cluster.url}/health", headers=HEADERS, timeout=5)
+        return r.json() if r.status_code == 503 else None
+
+    body = wait_until(unhealthy, 15, 0.1, "/health to report no node")
+    assert body["status"] == "unhealthy" and body["nodes"] == 0
+    quick = cluster.generate()
+    assert quick.status_code == 503 and quick.json()["success"] is False
+
+
+def test_bad_requests_never_crash_a_process(cluster: Cluster) -> None:
+    bad = [b"{", b"[]", b'{"prompt": 1}', b'{"prompt": "x", "width": 99999}', b"\xff\xfe",
+           b'{"prompt": "x", "mode": "img2img", "input_image": "/etc/passwd"}']
+    for body in bad:
+        r = requests.post(f"{cluster.url}/generate", data=body, timeout=10,
+                          headers={**HEADERS, "Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+    for name in ("broker", "node0", "front"):
+        assert cluster.procs.procs[name].poll() is None, cluster.procs.log(name)
+    image_of(cluster.generate())
