@@ -324,21 +324,20 @@ class Broker:
             task.step, task.total = int(msg.header["step"]), int(msg.header["total"])
 
     def _on_result(self, identity: bytes, node: Node, msg: p.Message) -> None:
-        task = self._release(node, str(msg.header["task_id"]))
-        if task is None:
-            return
-        task.state = p.COMPLETED
-        task.finished = self.clock()
-        task.meta = dict(msg.header.get("meta", {}))
-        task.step = task.total
-        result = msg.blobs[0] if msg.blobs else b""
-        self.journal.finish(task, result)
-        node.jobs_done += 1
-        self._notify(task, [result])
+        task = self._release(node, str(msg.header["task_id"]), msg.header.get("loaded"))
+        if task is not None:
+            task.state = p.COMPLETED
+            task.finished = self.clock()
+            task.meta = dict(msg.header.get("meta", {}))
+            task.step = task.total
+            result = msg.blobs[0] if msg.blobs else b""
+            self.journal.finish(task, result)
+            node.jobs_done += 1
+            self._notify(task, [result])
         self._dispatch()
 
     def _on_error(self, identity: bytes, node: Node, msg: p.Message) -> None:
-        task = self._release(node, str(msg.header["task_id"]))
+        task = self._release(node, str(msg.header["task_id"]), msg.header.get("loaded"))
         if task is not None:
             self._fail(task, p.FAILED, str(msg.header.get("code", p.E_GENERATION)),
                        str(msg.header.get("message", "generation failed")))
@@ -351,8 +350,10 @@ class Broker:
             if node.task_id:
                 self._requeue(node, "node disconnected")
 
-    def _release(self, node: Node, task_id: str) -> Task | None:
+    def _release(self, node: Node, task_id: str, loaded: list[str] | None = None) -> Task | None:
         """Mark the node idle; return the task only if this node legitimately owns it."""
+        if loaded is not None:
+            node.loaded = list(loaded)
         if node.task_id == task_id or (node.state == BUSY and node.task_id is None):
             node.state, node.task_id = IDLE, None  # also ends a cancelled task's unwinding
         task = self.tasks.get(task_id)
@@ -364,11 +365,23 @@ class Broker:
     # ---- scheduling and task transitions --------------------------------
 
     def _dispatch(self) -> None:
+        """Pair idle nodes with tasks: best task first, and a node that has its model loaded first."""
         now = self.clock()
-        for node in self.nodes.available():
-            entry = self.queue.pop_for(node.models, node.loaded, now)
-            if entry is None:
-                continue
+        idle = self.nodes.available()
+        while idle and len(self.queue):
+            best = None
+            for node in idle:
+                entry = self.queue.peek_for(node.models, node.loaded, now)
+                if entry is None:
+                    continue
+                key = (entry.priority, entry.model not in node.loaded, entry.seq)
+                if best is None or key < best[0]:
+                    best = (key, node, entry)
+            if best is None:
+                return
+            _, node, entry = best
+            self.queue.remove(entry.task_id)
+            idle.remove(node)
             self._start(self.tasks[entry.task_id], node)
 
     def _start(self, task: Task, node: Node, send: bool = True) -> None:

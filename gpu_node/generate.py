@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from broker.protocol import CONTROL_TYPES, MODEL_MODES
+from gpu_node.errors import Cancelled, JobError
 from gpu_node.loras import LoraLibrary
 from gpu_node.pipeline_cache import PipelineCache
 
@@ -19,18 +20,6 @@ log = logging.getLogger(__name__)
 
 FILL_DEFAULT_GUIDANCE = 30.0  # BFL's recommendation for FLUX.1-Fill when the client gives none
 MAX_PIXELS = 2048 * 2048
-
-
-class JobError(ValueError):
-    """A job the node refuses or cannot run; the message goes back to the client."""
-
-    def __init__(self, message: str, code: str = "bad_request") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Cancelled(Exception):
-    """Raised from the step callback when the broker cancels the running task."""
 
 
 @dataclass

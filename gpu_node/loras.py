@@ -14,13 +14,11 @@ from typing import Any, Iterator
 
 from safetensors.torch import load_file
 
+from gpu_node.errors import LoraError
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
-
-
-class LoraError(ValueError):
-    """A LoRA that cannot be used for this job (unknown name, unreadable file)."""
 
 
 def scan(base: Path | None) -> list[dict[str, Any]]:

@@ -157,6 +157,8 @@ class Node:
             msg = p.decode(frames)
             if msg.command in (p.RESULT, p.ERROR):
                 self.current = None
+                # The job may have loaded a model: tell the broker now, not at the next heartbeat.
+                msg.header["loaded"] = self.capabilities(False)["loaded"]
             self._send(msg.command, msg.header, msg.blobs)
 
     def _shutdown(self) -> None:
@@ -175,7 +177,8 @@ class Node:
     # ---- worker thread ---------------------------------------------------
 
     def _work(self) -> None:
-        from gpu_node.generate import Cancelled, Job, JobError
+        from gpu_node.errors import Cancelled, JobError
+        from gpu_node.generate import Job
 
         pair = self.context.socket(zmq.PAIR)
         pair.setsockopt(zmq.LINGER, 0)

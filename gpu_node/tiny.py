@@ -142,14 +142,20 @@ def _redux() -> FluxPriorReduxPipeline:
 
 
 def build_pipeline(model_id: str, seed: int = 0):
-    """Build the tiny pipeline object for one model id (random weights, seeded)."""
-    torch.manual_seed(seed)
+    """Build the tiny pipeline for one model id (random weights, deterministic for `seed`).
+
+    As with the real checkpoints, every model shares flux1-dev's text encoders and
+    VAE (same weights for the same seed); only the transformer differs per model.
+    """
     if model_id == "flux1-redux-dev":
+        torch.manual_seed(seed + 1 + MODEL_IDS.index(model_id))
         return _redux()
+    torch.manual_seed(seed)
     tok, tok2 = _clip_tokenizer(), _t5_tokenizer()
     clip, t5 = _text_encoders(len(tok), len(tok2))
     parts = dict(scheduler=_scheduler(), vae=_vae(), text_encoder=clip, tokenizer=tok,
                  text_encoder_2=t5, tokenizer_2=tok2)
+    torch.manual_seed(seed + 1 + MODEL_IDS.index(model_id))
     if model_id == "flux1-dev":
         return FluxPipeline(transformer=_transformer("base"), **parts)
     if model_id == "flux1-fill-dev":
@@ -185,11 +191,11 @@ def build_all(target: Path, seed: int = 0, model_ids: tuple[str, ...] = MODEL_ID
     """Write tiny folders for `model_ids` (and sample LoRAs) under `target`."""
     target.mkdir(parents=True, exist_ok=True)
     written = []
-    for index, model_id in enumerate(model_ids):
+    for model_id in model_ids:
         folder = target / model_id
         if folder.exists():
             shutil.rmtree(folder)
-        pipe = build_pipeline(model_id, seed + index)
+        pipe = build_pipeline(model_id, seed)
         pipe.save_pretrained(str(folder))
         written.append(folder)
         log.info("built tiny %s in %s", model_id, folder)

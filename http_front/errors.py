@@ -46,7 +46,7 @@ BROKER_STATUS: dict[str, tuple[int, str]] = {
     p.E_CANCELLED: (409, "task was cancelled"),
     p.E_NODE_LOST: (503, "the node running the task was lost"),
     p.E_GENERATION: (500, "generation failed"),
-    "lora": (400, "LoRA error"),
+    "lora_error": (422, "LoRA cannot be applied"),
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from broker.protocol import CONTROL_TYPES, IMAGE_FIELDS, MODES
+from broker.protocol import CONTROL_TYPES, IMAGE_FIELDS, MODEL_MODES, MODES
 from http_front.errors import ApiError
 from http_front.images import inspect
 
@@ -112,6 +112,11 @@ class RequestValidator:
         if mode != "redux" and not prompt.strip():
             raise ApiError(422, "validation error", "prompt: must not be empty", field="prompt")
         model_id = body.get("model_id", "flux1-dev")
+        supported = MODEL_MODES.get(model_id)
+        if supported is not None and mode not in supported:
+            raise ApiError(422, "mode not supported by this model",
+                           f"{model_id} does not support mode {mode!r}; it supports {list(supported)}",
+                           field="mode", supported=list(supported))
         missing = [n for n in REQUIRED_IMAGES.get(mode, ()) if n not in images]
         if missing:
             raise ApiError(422, "validation error", f"mode {mode} requires {', '.join(missing)}",

@@ -191,3 +191,50 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterat
     s = Stack(tmp_path_factory.mktemp("stack"), tiny_models, serve)
     yield s
     s.close()
+
+
+class Cluster:
+    """Endpoints and helpers for one running deployment."""
+
+    def __init__(self, procs: Processes, models: Path, data: Path, nodes: int = 1) -> None:
+        self.procs = procs
+        self.models = models
+        self.front_port, fport, bport = free_port(), free_port(), free_port()
+        self.frontend, self.backend = f"tcp://127.0.0.1:{fport}", f"tcp://127.0.0.1:{bport}"
+        self.url = f"http://127.0.0.1:{self.front_port}"
+        self.data = data
+        self.start_broker()
+        for i in range(nodes):
+            self.start_node(f"node{i}")
+        self.start_front()
+        wait_healthy(self.url, nodes=nodes)
+
+    def start_broker(self) -> None:
+        """(Re)start the broker on the same ports and data dir."""
+        self.procs.start("broker", ["genserve-broker", "--frontend", self.frontend, "--backend", self.backend,
+                                    "--data-dir", str(self.data), "--heartbeat", "0.25", "--liveness", "3"])
+
+    def start_node(self, name: str, *extra: str) -> None:
+        """Start one CPU node on the tiny models."""
+        self.procs.start(name, ["genserve-node", "--broker", self.backend, "--device", "cpu",
+                                "--models-dir", str(self.models), "--lora-dir", str(self.models / "loras"),
+                                "--node-id", name, "--heartbeat", "0.25", "--preload", "flux1-dev",
+                                "--max-sequence-length", "32", *extra])
+
+    def start_front(self) -> None:
+        """Start the HTTP front."""
+        self.procs.start("front", ["genserve-front", "--broker", self.frontend, "--host", "127.0.0.1",
+                                   "--port", str(self.front_port)])
+
+    def generate(self, **body) -> requests.Response:
+        """POST /generate with small defaults."""
+        payload = {"prompt": "一只可爱的小猫坐在花园里", "height": 64, "width": 96, "num_inference_steps": 2,
+                   "cfg": 3.5, "seed": 42, "mode": "text2img", **body}
+        return requests.post(f"{self.url}/generate", json=payload, timeout=120,
+                             headers={"Authorization": f"Bearer {DEFAULT_KEY}"})
+
+
+@pytest.fixture
+def cluster(processes: Processes, tiny_models: Path, tmp_path: Path) -> Cluster:
+    """Broker, one node and a front as subprocesses on random ports (killed at teardown)."""
+    return Cluster(processes, tiny_models, tmp_path / "broker")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import zmq
@@ -45,7 +46,8 @@ class FakeNode:
 
     def recv(self, timeout: float = 2.0, skip_heartbeats: bool = True) -> p.Message | None:
         """Next message from the broker (heartbeats skipped), or None on timeout."""
-        while self.sock.poll(int(timeout * 1000)):
+        deadline = time.monotonic() + timeout
+        while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             msg = p.decode(self.sock.recv_multipart())
             if skip_heartbeats and msg.command == p.HEARTBEAT:
                 continue

@@ -191,3 +191,28 @@ def test_queued_and_completed_tasks_survive_a_broker_restart(broker_factory, ctx
     finally:
         n2.close()
         client.close()
+
+
+def test_a_node_with_the_model_loaded_is_preferred(parts) -> None:
+    bt, client, node = parts
+    cold = node("cold", loaded=[]).ready()
+    warm = node("warm", loaded=["flux1-dev"]).ready()
+    wait_until(lambda: len(bt.broker.nodes) == 2, 5)
+    task_id = submit(client, spec())
+    assert warm.recv_job().header["task_id"] == task_id
+    assert cold.recv_job(timeout=0.3) is None
+
+
+def test_drained_node_gets_no_new_task(parts) -> None:
+    bt, client, node = parts
+    a = node("a").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    client.request(p.ADMIN, {"action": "drain", "node": "a"})
+    task_id = submit(client, spec())
+    assert a.recv_job(timeout=0.3) is None
+    a.heartbeat()  # stay alive like a real node
+    assert bt.broker.tasks[task_id].state == p.QUEUED
+    client.request(p.ADMIN, {"action": "undrain", "node": "a"})
+    assert a.recv_job().header["task_id"] == task_id
+    with pytest.raises(BrokerError):
+        client.request(p.ADMIN, {"action": "drain", "node": "nobody"})

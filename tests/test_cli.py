@@ -1,0 +1,59 @@
+"""genservectl through click's CliRunner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import zmq
+from click.testing import CliRunner
+
+from genservectl.__main__ import cli
+from tests.conftest import free_port, wait_until
+from tests.fakes import FakeNode
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(path.relative_to(folder).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_build_tiny_is_deterministic_per_seed_and_loadable(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        result = runner.invoke(cli, ["models", "build-tiny", str(tmp_path / name), "--seed", seed,
+                                     "--model", "flux1-dev", "--no-loras"])
+        assert result.exit_code == 0, result.output
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(tmp_path / "a" / "flux1-dev"))
+    assert type(pipe.transformer).__name__ == "FluxTransformer2DModel"
+
+
+def test_status_and_nodes_against_a_broker(broker_factory) -> None:
+    bt = broker_factory()
+    ctx = zmq.Context()
+    node = FakeNode(ctx, bt.backend, "gpu-7", loaded=["flux1-dev"]).ready()
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        runner = CliRunner()
+        table = runner.invoke(cli, ["status", "--broker", bt.frontend])
+        assert table.exit_code == 0, table.output
+        assert "gpu-7" in table.output and "flux1-dev" in table.output
+        as_json = runner.invoke(cli, ["nodes", "--json", "--broker", bt.frontend])
+        nodes = json.loads(as_json.output)
+        assert nodes[0]["node_id"] == "gpu-7" and nodes[0]["loaded"] == ["flux1-dev"]
+    finally:
+        node.close()
+        ctx.term()
+
+
+def test_status_exits_non_zero_when_the_broker_does_not_answer() -> None:
+    result = CliRunner().invoke(cli, ["status", "--broker", f"tcp://127.0.0.1:{free_port()}"])
+    assert result.exit_code != 0 and "did not answer" in result.output
