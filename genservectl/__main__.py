@@ -12,6 +12,8 @@ import click
 import zmq
 
 from broker import protocol as p
+from genservectl.keys import crypto_key
+from genservectl.keys import keys as keys_group
 
 
 def broker_request(endpoint: str, command: bytes, header: dict[str, Any] | None = None,
@@ -154,6 +156,10 @@ def curve_keypair(directory: Path, name: str) -> None:
 
     public, secret = create_keypair(directory, name)
     click.echo(f"public: {public}\nsecret: {secret} (mode 0600; keep it on this machine)")
+
+
+cli.add_command(keys_group)
+cli.add_command(crypto_key)
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ import waitress
 from http_front.app import create_app
 from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
-from http_front.keys import DEFAULT_KEY, KeyStore, parse_env_keys
+from http_front.keyfile import KeyFile, KeyFileError, make_fernet
+from http_front.keys import DEFAULT_KEY, InvalidKeySpec, KeyStore, parse_env_keys
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     """Serve HTTP until killed (the front holds no state worth a graceful stop)."""
     config = parse_config(argv)
     env = dict(os.environ)
-    keys = KeyStore.from_env(parse_env_keys(env), env.get("DEFAULT_API_KEY") or DEFAULT_KEY)
+    try:
+        keyfile = KeyFile(config.key_file, make_fernet(config.encryption_key, config.legacy_password))
+        keys = KeyStore.from_env(parse_env_keys(env), env.get("DEFAULT_API_KEY") or DEFAULT_KEY, keyfile)
+    except (KeyFileError, InvalidKeySpec) as exc:
+        raise SystemExit(f"genserve-front: cannot start: {exc}") from None
     if keys.uses_default:
         log.warning("no API key configured: the default key is in use%s",
                     "" if config.default_key_remote else " (accepted from loopback clients only)")

@@ -10,6 +10,7 @@ from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
 from http_front.keys import KeyStore
 from http_front.ratelimit import SlidingWindowLimiter
+from http_front.resources import keys_admin
 from http_front.resources.generate import Generate, GenerateUpload
 from http_front.resources.info import Health, Loras, Models, Root, Status
 from http_front.resources.tasks import Task
@@ -19,7 +20,7 @@ from http_front.validation import RequestValidator
 
 def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None = None,
                limiter: SlidingWindowLimiter | None = None,
-               failures: SlidingWindowLimiter | None = None, admin=None) -> falcon.App:
+               failures: SlidingWindowLimiter | None = None) -> falcon.App:
     """Build the app; nothing here reads the environment or opens sockets."""
     config = config or FrontConfig()
     limiter = limiter or SlidingWindowLimiter(config.rate_limit, config.rate_window)
@@ -35,6 +36,5 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
     app.add_route("/generate", Generate(services))
     app.add_route("/generate/upload", GenerateUpload(services))
     app.add_route("/task/{task_id}", Task(services))
-    if admin is not None:
-        admin.install(app)
+    keys_admin.install(app, keys)
     return app

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
+log = logging.getLogger(__name__)
+
 PERMISSIONS = ("generation", "readonly", "admin", "all")
 DEFAULT_KEY = "genserve-default-key-2024"
 
 
-class KeyError_(ValueError):
+class InvalidKeySpec(ValueError):
     """A key definition or administration request that cannot be honoured."""
 
 
@@ -54,7 +57,7 @@ def parse_permissions(text: str | Iterable[str] | None) -> tuple[str, ...]:
     perms = tuple(dict.fromkeys(p.strip() for p in items if p and p.strip()))
     unknown = [p for p in perms if p not in PERMISSIONS]
     if unknown:
-        raise KeyError_(f"unknown permission(s) {unknown}; valid: {list(PERMISSIONS)}")
+        raise InvalidKeySpec(f"unknown permission(s) {unknown}; valid: {list(PERMISSIONS)}")
     return perms or ("all",)
 
 
@@ -112,34 +115,97 @@ def parse_env_keys(env: Mapping[str, str]) -> list[tuple[str, str, tuple[str, ..
         parts = [x.strip() for x in value.split(":", 2)]
         raw = parts[0]
         if not raw:
-            raise KeyError_(f"{name} has an empty key")
+            raise InvalidKeySpec(f"{name} has an empty key")
         key_name = parts[1] if len(parts) > 1 and parts[1] else f"key{suffix}"
         perms = parse_permissions(parts[2] if len(parts) > 2 else "")
         found.append((int(suffix), raw, key_name, perms))
     return [(raw, key_name, perms) for _, raw, key_name, perms in sorted(found)]
 
 
-class KeyStore:
-    """Thread-safe set of key records with authentication and usage counting."""
+class StoreError(Exception):
+    """An administration request the store refuses, with the HTTP status it deserves."""
 
-    def __init__(self, records: Iterable[KeyRecord] = ()) -> None:
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def can_administer(permissions: Iterable[str]) -> bool:
+    """Whether a permission set reaches the admin endpoints."""
+    return bool({"admin", "all"} & set(permissions))
+
+
+class KeyStore:
+    """Thread-safe keys from the environment, the key file and the default key.
+
+    The default key exists only while no other key is configured. Usage counters
+    live in memory (per front process); the file holds hashes, names and permissions.
+    """
+
+    RELOAD_CHECK_S = 1.0
+
+    def __init__(self, env_records: Iterable[KeyRecord] = (), keyfile: Any = None,
+                 default_key: str | None = None, clock: Any = time.monotonic) -> None:
         self._lock = threading.RLock()
+        self._env = list(env_records)
+        self._keyfile = keyfile
+        self._default = default_key
+        self._clock = clock
+        self._file_records: list[KeyRecord] = []
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
         self._by_hash: dict[str, KeyRecord] = {}
-        for record in records:
-            self._by_hash[record.key_hash] = record
+        self._rebuild()
 
     @classmethod
     def from_env(cls, env_keys: list[tuple[str, str, tuple[str, ...]]], default_key: str | None,
-                 extra: Iterable[KeyRecord] = ()) -> "KeyStore":
-        """Environment keys + `extra`; the default key only when there is no other key."""
+                 keyfile: Any = None) -> "KeyStore":
+        """Environment keys (API_KEY_N), an optional key file, and the default key."""
         records = [KeyRecord.from_raw(raw, name, perms, "environment") for raw, name, perms in env_keys]
-        records += list(extra)
-        if not records and default_key:
-            records.append(KeyRecord.from_raw(default_key, "default", ("all",), "default"))
-        return cls(records)
+        store = cls(records, keyfile, default_key)
+        if keyfile is not None:
+            store.reload()
+        return store
+
+    def _rebuild(self) -> None:
+        old = self._by_hash
+        records = self._env + self._file_records
+        if not records and self._default:
+            records = [KeyRecord.from_raw(self._default, "default", ("all",), "default")]
+        fresh: dict[str, KeyRecord] = {}
+        for record in records:
+            if record.key_hash in fresh:
+                continue  # an environment key wins over the same key in the file
+            previous = old.get(record.key_hash)
+            if previous is not None and previous.usage_count > record.usage_count:
+                record.usage_count, record.last_used = previous.usage_count, previous.last_used
+            fresh[record.key_hash] = record
+        self._by_hash = fresh
+
+    def reload(self) -> int:
+        """Re-read the key file (KeyFileError leaves the current keys in place); returns the key count."""
+        if self._keyfile is not None:
+            records = self._keyfile.load()
+            with self._lock:
+                self._file_records = records
+                self._stamp = self._keyfile.stamp()
+                self._rebuild()
+        return len(self._by_hash)
+
+    def _maybe_reload(self) -> None:
+        now = self._clock()
+        if self._keyfile is None or now - self._checked < self.RELOAD_CHECK_S:
+            return
+        self._checked = now
+        if self._keyfile.stamp() != self._stamp:
+            try:
+                self.reload()
+            except Exception:  # keep serving with the keys we have; the admin sees it on reload-keys
+                log.exception("key file changed but cannot be read; keeping the current keys")
 
     def authenticate(self, raw: str) -> Principal | None:
         """The principal for a key, or None; counts the use."""
+        self._maybe_reload()
         digest = hash_key(raw)
         with self._lock:
             record = self._by_hash.get(digest)
@@ -151,6 +217,7 @@ class KeyStore:
 
     def records(self) -> list[KeyRecord]:
         """Copies of every record, by creation time."""
+        self._maybe_reload()
         with self._lock:
             return sorted((replace(r) for r in self._by_hash.values()), key=lambda r: r.created_at)
 
@@ -159,3 +226,49 @@ class KeyStore:
         """True while the built-in default key is the only key."""
         with self._lock:
             return any(r.source == "default" for r in self._by_hash.values())
+
+    def create(self, name: str, permissions: tuple[str, ...]) -> tuple[str, KeyRecord]:
+        """A new random key stored in the file; returns (the key, shown only now, and its record)."""
+        if self._keyfile is None:
+            raise StoreError(409, "no key file is configured on this front")
+        name = name.strip()
+        if not name or len(name) > 100:
+            raise StoreError(422, "name must be 1-100 characters")
+        if self.uses_default and not can_administer(permissions):
+            raise StoreError(409, "the default key stops working once any key exists: create a key with"
+                                  " admin or all permission first, so that nobody is locked out")
+        raw = new_key()
+        record = KeyRecord.from_raw(raw, name, permissions, "file")
+        records = self._keyfile.update(lambda current: current + [record])
+        with self._lock:
+            self._file_records = records
+            self._stamp = self._keyfile.stamp()
+            self._rebuild()
+        return raw, record
+
+    def delete(self, match: Any, what: str) -> list[KeyRecord]:
+        """Delete the file keys for which `match(record)` is true; refuses environment keys and lock-out."""
+        deleted: list[KeyRecord] = []
+
+        def change(current: list[KeyRecord]) -> list[KeyRecord]:
+            deleted.clear()
+            merged = {r.key_hash: r for r in self._env + current}
+            targets = [r for r in merged.values() if match(r)]
+            if not targets:
+                raise StoreError(404, f"no API key matches {what}")
+            if any(r.source == "environment" for r in targets):
+                raise StoreError(403, f"environment keys cannot be deleted ({what}); remove API_KEY_N instead")
+            remaining = [r for r in merged.values() if r not in targets]
+            if not any(can_administer(r.permissions) for r in remaining):
+                raise StoreError(409, "refusing to delete the last key that can administer")
+            deleted.extend(targets)
+            return [r for r in current if r not in targets]
+
+        if self._keyfile is None:
+            raise StoreError(404, f"no API key matches {what}")
+        records = self._keyfile.update(change)
+        with self._lock:
+            self._file_records = records
+            self._stamp = self._keyfile.stamp()
+            self._rebuild()
+        return deleted

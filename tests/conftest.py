@@ -196,8 +196,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterat
 class Cluster:
     """Endpoints and helpers for one running deployment."""
 
-    def __init__(self, procs: Processes, models: Path, data: Path, nodes: int = 1) -> None:
+    def __init__(self, procs: Processes, models: Path, data: Path, nodes: int = 1,
+                 front_env: dict[str, str] | None = None, key: str = DEFAULT_KEY) -> None:
         self.procs = procs
+        self.front_env = front_env or {}
+        self.key = key
         self.models = models
         self.front_port, fport, bport = free_port(), free_port(), free_port()
         self.frontend, self.backend = f"tcp://127.0.0.1:{fport}", f"tcp://127.0.0.1:{bport}"
@@ -207,7 +210,7 @@ class Cluster:
         for i in range(nodes):
             self.start_node(f"node{i}")
         self.start_front()
-        wait_healthy(self.url, nodes=nodes)
+        wait_healthy(self.url, key=key, nodes=nodes)
 
     def start_broker(self) -> None:
         """(Re)start the broker on the same ports and data dir."""
@@ -224,14 +227,14 @@ class Cluster:
     def start_front(self) -> None:
         """Start the HTTP front."""
         self.procs.start("front", ["genserve-front", "--broker", self.frontend, "--host", "127.0.0.1",
-                                   "--port", str(self.front_port)])
+                                   "--port", str(self.front_port)], env=self.front_env)
 
     def generate(self, **body) -> requests.Response:
         """POST /generate with small defaults."""
         payload = {"prompt": "一只可爱的小猫坐在花园里", "height": 64, "width": 96, "num_inference_steps": 2,
                    "cfg": 3.5, "seed": 42, "mode": "text2img", **body}
         return requests.post(f"{self.url}/generate", json=payload, timeout=120,
-                             headers={"Authorization": f"Bearer {DEFAULT_KEY}"})
+                             headers={"Authorization": f"Bearer {self.key}"})
 
 
 @pytest.fixture

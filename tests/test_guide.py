@@ -10,14 +10,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import DEFAULT_KEY, ROOT, Cluster
+from tests.conftest import ROOT, Cluster
 
 pytestmark = pytest.mark.e2e
 GUIDE = ROOT.parent / "shared" / "spec" / "API_CURL_GUIDE.md"
@@ -26,22 +25,42 @@ GUIDE = ROOT.parent / "shared" / "spec" / "API_CURL_GUIDE.md"
 def guide_blocks(section_prefixes: tuple[str, ...]) -> list[tuple[str, str]]:
     """(heading, bash block) for every curl block under headings starting with the prefixes."""
     assert GUIDE.is_file(), f"the API guide is missing at {GUIDE}"
-    blocks, heading = [], ""
-    for part in re.split(r"(^#+ .*$)", GUIDE.read_text(encoding="utf-8"), flags=re.M):
-        if part.startswith("#"):
-            heading = part.lstrip("# ").strip()
-            continue
-        for block in re.findall(r"```bash\n(.*?)```", part, flags=re.S):
+    blocks, heading, code = [], "", None
+    for line in GUIDE.read_text(encoding="utf-8").splitlines(keepends=True):
+        if code is None and line.startswith("```bash"):
+            code = []
+        elif code is not None and line.startswith("```"):
+            block = "".join(code)
             if "curl" in block and heading.startswith(section_prefixes):
                 blocks.append((heading, block))
+            code = None
+        elif code is not None:
+            code.append(line)
+        elif line.startswith("#"):
+            heading = line.lstrip("# ").strip()
     return blocks
 
 
 GENERATION = guide_blocks(("2.1.", "2.2."))
+# Section 0.3's keys, plus the admin key that the script of section 6.3 hard-codes.
+GUIDE_KEYS = {"API_KEY_1": "abc123def456:developer:generation,readonly", "API_KEY_2": "xyz789ghi012:user:generation",
+              "API_KEY_3": "admin123admin456:admin:all", "API_KEY_4": "admin-key-2024:ops:admin"}
+USER_KEY, ADMIN_KEY = "abc123def456", "admin123admin456"
 
 
 def test_the_guide_has_the_expected_generation_examples() -> None:
     assert len(GENERATION) == 13, [h for h, _ in GENERATION]  # 2.1.1-2.1.8 JSON, 2.2.1-2.2.5 upload
+
+
+def run_block(block: str, cluster: Cluster, extra: dict[str, str] | None = None) -> dict:
+    """Run one guide block with bash after substituting address, keys and placeholders; its JSON output."""
+    script = (block.replace("http://localhost:12411", cluster.url)
+                   .replace("YOUR_API_KEY", USER_KEY).replace("ADMIN_API_KEY", ADMIN_KEY))
+    for old, new in (extra or {}).items():
+        script = script.replace(old, new)
+    out = subprocess.run(["bash", "-c", "set -e -o pipefail\n" + script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +70,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path):
     workdir = tmp_path_factory.mktemp("guide")
     procs = Processes(workdir)
     try:
-        yield Cluster(procs, tiny_models, workdir / "broker"), workdir
+        yield Cluster(procs, tiny_models, workdir / "broker", front_env=GUIDE_KEYS, key=USER_KEY), workdir
     finally:
         procs.close()
 
@@ -63,13 +82,48 @@ def test_generation_curl_works_as_written(deployment, heading: str, block: str) 
         path = workdir / f"{name}.png"
         if not path.exists():
             Image.new("RGB", (1, 1), (255, 255, 255)).save(path)
-    script = (block.replace("http://localhost:12411", cluster.url)
-                   .replace("YOUR_API_KEY", DEFAULT_KEY)
-                   .replace("/path/to/", f"{workdir}/"))
-    out = subprocess.run(["bash", "-c", "set -e\n" + script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    body = json.loads(out.stdout)
+    body = run_block(block, cluster, {"/path/to/": f"{workdir}/"})
     assert body["success"] is True, body
     image = Image.open(io.BytesIO(base64.b64decode(body["image"].split(",", 1)[1])))
     assert image.format == "PNG" and image.size == (1024, 1024)
     assert body["metadata"]["steps"] == 50 and body["metadata"]["seed"] == 42
+
+
+INFO = dict(guide_blocks(("1.1 ", "1.2 ", "1.3 ", "1.4 ", "1.5 ", "1.6 ")))
+ADMIN = dict(guide_blocks(("1.7 ", "1.8.", "1.9 ")))
+
+
+def test_info_and_key_listing_curls(deployment) -> None:
+    cluster, _ = deployment
+    assert len(INFO) == 6
+    bodies = {heading.split()[0]: run_block(block, cluster) for heading, block in INFO.items()}
+    assert bodies["1.1"]["service"] == "GenServe" and bodies["1.2"]["status"] == "healthy"
+    assert bodies["1.3"]["node_count"] == 1 and len(bodies["1.4"]["models"]) == 6
+    assert bodies["1.5"]["total"] == 2
+    names = {k["name"] for k in bodies["1.6"]["keys"]}
+    assert names == {"developer", "user", "admin", "ops"} and "admin123admin456" not in json.dumps(bodies["1.6"])
+
+
+def test_key_administration_curls(deployment) -> None:
+    cluster, _ = deployment
+    blocks = {heading.split()[0]: block for heading, block in ADMIN.items()}
+    assert sorted(blocks) == ["1.7", "1.8.1", "1.8.2", "1.8.3", "1.9"]
+    first = run_block(blocks["1.7"], cluster)
+    assert first["success"] and first["name"] == "新用户" and first["permissions"] == ["generation", "readonly"]
+    gone = run_block(blocks["1.8.1"], cluster, {"要删除的完整API密钥": first["api_key"]})
+    assert gone["deleted_keys"][0]["key_id"] == first["key_id"]
+    second = run_block(blocks["1.7"], cluster)
+    by_id = run_block(blocks["1.8.2"], cluster, {"前8位-后4位": second["key_id"]})
+    assert by_id["deleted_keys"][0]["name"] == "新用户"
+    run_block(blocks["1.7"], cluster)
+    by_name = run_block(blocks["1.8.3"], cluster, {"要删除的用户名": "新用户"})
+    assert len(by_name["deleted_keys"]) == 1
+    assert run_block(blocks["1.9"], cluster)["total_keys"] == 4
+
+
+def test_section_6_3_script_works_as_written(deployment) -> None:
+    cluster, _ = deployment
+    [(_, block)] = guide_blocks(("6.3 ",))
+    script = block.replace("http://localhost:12411", cluster.url)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().startswith('"gs-'), out.stdout + out.stderr

@@ -1,0 +1,165 @@
+"""`genservectl keys ...` (through a front's admin API) and `genservectl crypto-key`."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography.fernet import Fernet
+
+DEFAULT_URL = "http://127.0.0.1:12411"
+
+
+def call(url: str, key: str, method: str, path: str, fields: dict[str, str] | None = None,
+         timeout: float = 10.0) -> dict[str, Any]:
+    """One admin API call; raises ClickException with the server's message on failure."""
+    data = urllib.parse.urlencode(fields).encode() if fields is not None else None
+    request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {key}"})
+    if data is not None:
+        request.add_header("Content-Type", "application/x-www-form-urlencoded")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read().decode("utf-8"))
+            message = body.get("detail") or body.get("error") or str(body)
+        except ValueError:
+            message = exc.reason
+        raise click.ClickException(f"{exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+
+
+url_option = click.option("--url", envvar="GENSERVE_URL", default=DEFAULT_URL, show_default=True,
+                          help="front base URL (env GENSERVE_URL)")
+key_option = click.option("--admin-key", envvar="GENSERVE_ADMIN_KEY", required=True,
+                          help="an admin API key (env GENSERVE_ADMIN_KEY)")
+json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")
+
+
+@click.group("keys")
+def keys() -> None:
+    """API keys, through a front's admin API."""
+
+
+@keys.command("list")
+@url_option
+@key_option
+@json_option
+def list_keys(url: str, admin_key: str, as_json: bool) -> None:
+    """Every key (previews only)."""
+    body = call(url, admin_key, "GET", "/auth/keys")
+    if as_json:
+        click.echo(json.dumps(body["keys"], indent=2, ensure_ascii=False))
+        return
+    rows = [("KEY ID", "PREVIEW", "NAME", "PERMISSIONS", "SOURCE", "USES")]
+    rows += [(k["key_id"], k["key_preview"], k["name"], ",".join(k["permissions"]), k["source"],
+              str(k["usage_count"])) for k in body["keys"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--permissions", default="generation,readonly", show_default=True)
+@url_option
+@key_option
+@json_option
+def create(name: str, permissions: str, url: str, admin_key: str, as_json: bool) -> None:
+    """Create a key for NAME; the key is printed once."""
+    body = call(url, admin_key, "POST", "/auth/generate-key", {"name": name, "permissions": permissions})
+    if as_json:
+        click.echo(json.dumps(body, indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"api_key: {body['api_key']}\nkey_id:  {body['key_id']}\nconfig:  {body['config_string']}")
+        click.echo("Store it now: it is never shown again.", err=True)
+
+
+@keys.command("delete")
+@click.option("--key", "api_key", help="the full key")
+@click.option("--id", "key_id", help="first8-last4 key id")
+@click.option("--name", help="every file key with this name")
+@url_option
+@key_option
+@json_option
+def delete(api_key: str | None, key_id: str | None, name: str | None, url: str, admin_key: str,
+           as_json: bool) -> None:
+    """Delete a key by --key, --id or --name (exactly one)."""
+    given = [(p, f, v) for p, f, v in (("/auth/delete-key", "api_key", api_key),
+                                       ("/auth/delete-key-by-id", "key_id", key_id),
+                                       ("/auth/delete-key-by-name", "name", name)) if v]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --key, --id, --name")
+    path, field, value = given[0]
+    body = call(url, admin_key, "POST", path, {field: value})
+    if as_json:
+        click.echo(json.dumps(body, indent=2, ensure_ascii=False))
+    else:
+        for k in body["deleted_keys"]:
+            click.echo(f"deleted {k['key_id']} ({k['name']})")
+
+
+@keys.command("reload")
+@url_option
+@key_option
+def reload(url: str, admin_key: str) -> None:
+    """Make the front re-read the key file."""
+    body = call(url, admin_key, "POST", "/auth/reload-keys")
+    click.echo(f"reloaded: {body['total_keys']} keys")
+
+
+@keys.command("check")
+@click.option("--key-file", envvar="API_KEYS_FILE", default="api_keys.enc", show_default=True,
+              type=click.Path(path_type=Path))
+def check(key_file: Path) -> None:
+    """Open the key file with the configured encryption key and report (changes nothing)."""
+    from http_front.keyfile import KeyFileError, make_fernet
+    from http_front.keys import DEFAULT_KEY
+
+    try:
+        fernet = make_fernet(os.environ.get("API_KEYS_ENCRYPTION_KEY") or None,
+                             os.environ.get("DEFAULT_API_KEY") or DEFAULT_KEY)
+        if not key_file.exists():
+            raise click.ClickException(f"{key_file} does not exist")
+        from http_front.keyfile import KeyFile
+
+        records, legacy = KeyFile(key_file, fernet).inspect()
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    mode = oct(key_file.stat().st_mode & 0o777)
+    click.echo(f"{key_file}: {len(records)} keys, {'legacy format (migrated at next start)' if legacy else 'format 2'},"
+               f" mode {mode}")
+    if key_file.stat().st_mode & 0o077:
+        click.echo("warning: the file is readable by other users; chmod 600 it", err=True)
+
+
+@click.command("crypto-key")
+@click.option("--method", type=click.Choice(["random", "password", "default-key"]), default="random",
+              show_default=True, help="random key; PBKDF2 from a password; PBKDF2 from DEFAULT_API_KEY")
+@click.option("--password", help="with --method password (prompted when omitted)")
+def crypto_key(method: str, password: str | None) -> None:
+    """Print an `export API_KEYS_ENCRYPTION_KEY=...` line for the key file."""
+    from http_front.keyfile import derive_fernet_key
+    from http_front.keys import DEFAULT_KEY
+
+    if method == "random":
+        key = Fernet.generate_key().decode("ascii")
+    elif method == "password":
+        if password is None:
+            password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+        if len(password) < 12:
+            raise click.ClickException("use a password of at least 12 characters")
+        key = derive_fernet_key(password)
+    else:
+        key = derive_fernet_key(os.environ.get("DEFAULT_API_KEY") or DEFAULT_KEY)
+        click.echo("note: derived from DEFAULT_API_KEY, which is only as secret as that key", err=True)
+    click.echo(f"export API_KEYS_ENCRYPTION_KEY={key}")
