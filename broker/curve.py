@@ -19,6 +19,16 @@ from zmq.auth.thread import ThreadAuthenticator
 log = logging.getLogger(__name__)
 
 
+class _ZapLog(logging.LoggerAdapter):
+    """pyzmq logs every ZAP decision at debug level; refusals deserve a warning."""
+
+    def debug(self, msg: object, *args: object, **kwargs: object) -> None:
+        """Raise DENIED decisions to WARNING; keep the rest at DEBUG."""
+        level = logging.WARNING if str(msg).startswith("DENIED") or (
+            args and str(args[0]).startswith("DENIED")) else logging.DEBUG
+        self.logger.log(level, "ZAP: " + str(msg), *args, **kwargs)
+
+
 def create_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     """Write NAME.key (public) and NAME.key_secret into `directory`; returns both paths."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -35,7 +45,7 @@ def setup_server(context: zmq.Context, config, sockets: Iterable[zmq.Socket]) ->
     public, secret = zmq.auth.load_certificate(str(secret_file))
     if secret is None:
         raise ValueError(f"{secret_file} holds no secret key")
-    auth = ThreadAuthenticator(context, log=logging.getLogger("broker.curve.zap"))
+    auth = ThreadAuthenticator(context, log=_ZapLog(logging.getLogger("broker.curve.zap"), {}))
     auth.start()
     authorized = config.curve_authorized_dir
     if authorized is None or not Path(authorized).is_dir():

@@ -106,7 +106,7 @@ class Journal:
         return bytes(row[0]) if row else None
 
     def load(self) -> list[Task]:
-        """Every task in the journal; unfinished ones come back queued with their inputs."""
+        """Every task in the journal; unfinished ones come back with their inputs."""
         tasks = []
         rows = self._db.execute(
             "SELECT task_id, seq, priority, model, mode, owner, state, params, image_names,"
@@ -122,7 +122,6 @@ class Journal:
                 error=row[15], meta=_unpack(row[16]) or {},
             )
             if task.state in (QUEUED, RUNNING):
-                task.state = QUEUED
                 task.inputs = [bytes(r[0]) for r in self._db.execute(
                     "SELECT data FROM blobs WHERE task_id=? AND kind='input' ORDER BY idx",
                     (task.task_id,))]

@@ -65,6 +65,7 @@ E_QUEUE_FULL = "queue_full"
 E_TIMEOUT = "timeout"
 E_CANCELLED = "cancelled"
 E_NODE_LOST = "node_lost"
+E_ABANDONED = "abandoned"  # node lost the broker and stopped the job itself: re-queue, not a failure
 E_GENERATION = "generation_failed"
 E_PROTOCOL = "protocol"
 

@@ -50,6 +50,7 @@ class Broker:
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self._seq = 0
         self._deadlines: list[tuple[float, str]] = []
+        self._held: dict[str, float] = {}  # recovered running task -> when it may go to any node
         self._last_purge = 0.0
         self._stop = threading.Event()
         self.frontend = self.context.socket(zmq.ROUTER)
@@ -291,17 +292,19 @@ class Broker:
     def _on_ready(self, identity: bytes, _node: Node | None, msg: p.Message) -> None:
         old = self.nodes.get(identity)
         if old is not None and old.task_id:
-            self._requeue(old, "node re-registered")
+            self._requeue_node_task(old, "node re-registered")
         node = self.nodes.register(identity, msg.header, self.clock())
         busy = msg.header.get("busy_task")
         task = self.tasks.get(busy) if busy else None
-        if task is not None and task.task_id in self.queue and not task.final:
-            # After a broker restart the node is still running this task: adopt it.
-            self.queue.remove(task.task_id)
+        if task is not None and not task.final and task.state == p.QUEUED and (
+                self._held.pop(task.task_id, None) is not None or self.queue.remove(task.task_id)):
+            # After a broker restart the node is still running this task: it keeps it.
             self._start(task, node, send=False)
-        elif busy:
-            self._to_node(node, p.CANCEL, {"task_id": busy, "reason": "task unknown or reassigned"})
-            node.state = BUSY
+            task.attempts -= 1  # the same attempt goes on
+        elif busy or msg.header.get("busy"):
+            if busy:
+                self._to_node(node, p.CANCEL, {"task_id": busy, "reason": "task unknown or reassigned"})
+            node.state = BUSY  # until it reports idle
             node.task_id = None
         log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
         self._dispatch()
@@ -338,9 +341,11 @@ class Broker:
 
     def _on_error(self, identity: bytes, node: Node, msg: p.Message) -> None:
         task = self._release(node, str(msg.header["task_id"]), msg.header.get("loaded"))
-        if task is not None:
-            self._fail(task, p.FAILED, str(msg.header.get("code", p.E_GENERATION)),
-                       str(msg.header.get("message", "generation failed")))
+        code = str(msg.header.get("code", p.E_GENERATION))
+        if task is not None and code == p.E_ABANDONED:
+            self._requeue(task, "its node lost the broker and stopped it")
+        elif task is not None:
+            self._fail(task, p.FAILED, code, str(msg.header.get("message", "generation failed")))
         self._dispatch()
 
     def _on_disconnect(self, identity: bytes, node: Node | None, msg: p.Message) -> None:
@@ -348,7 +353,7 @@ class Broker:
         if node is not None:
             log.info("node %s disconnected", node.node_id)
             if node.task_id:
-                self._requeue(node, "node disconnected")
+                self._requeue_node_task(node, "node disconnected")
 
     def _release(self, node: Node, task_id: str, loaded: list[str] | None = None) -> Task | None:
         """Mark the node idle; return the task only if this node legitimately owns it."""
@@ -393,13 +398,17 @@ class Broker:
         self.journal.update(task)
         if send and not self._to_node(node, p.JOB, task.job_header(), task.inputs):
             self.nodes.remove(node.identity)
-            self._requeue(node, "node unreachable")
+            self._requeue_node_task(node, "node unreachable")
 
-    def _requeue(self, node: Node, why: str) -> None:
+    def _requeue_node_task(self, node: Node, why: str) -> None:
+        """Put back the task a lost or re-registering node was running."""
         task = self.tasks.get(node.task_id or "")
         node.task_id = None
-        if task is None or task.final:
-            return
+        if task is not None and not task.final:
+            self._requeue(task, why)
+
+    def _requeue(self, task: Task, why: str) -> None:
+        """Back to the queue at its original priority and place, or failed after max_retries."""
         task.node = task.node_id = None
         if task.attempts > self.config.max_retries:
             self._fail(task, p.FAILED, p.E_NODE_LOST,
@@ -412,6 +421,7 @@ class Broker:
 
     def _fail(self, task: Task, state: str, code: str, message: str) -> None:
         self.queue.remove(task.task_id)
+        self._held.pop(task.task_id, None)
         if task.state == p.RUNNING and task.node is not None:
             node = self.nodes.get(task.node)
             if node is not None:
@@ -433,11 +443,13 @@ class Broker:
     # ---- timers ----------------------------------------------------------
 
     def _timers(self, now: float) -> None:
+        if self._held:
+            self._release_held(now)
         for node in self.nodes.expired(now, self.config.node_timeout):
             log.warning("node %s expired after %.1fs of silence", node.node_id, now - node.last_seen)
             self.nodes.remove(node.identity)
             if node.task_id:
-                self._requeue(node, "node expired")
+                self._requeue_node_task(node, "node expired")
         for node in self.nodes:
             if now - node.last_sent >= self.config.heartbeat_interval:
                 self._to_node(node, p.HEARTBEAT)
@@ -446,20 +458,35 @@ class Broker:
             task = self.tasks.get(task_id)
             if task is not None and not task.final:
                 self._fail(task, p.FAILED, p.E_TIMEOUT, "task timed out")
-        if now - self._last_purge > 60:
+        if now - self._last_purge > min(60.0, self.config.result_ttl / 2):
             self._last_purge = now
             for task_id in self.journal.purge(now - self.config.result_ttl):
                 self.tasks.pop(task_id, None)
         self._dispatch()
 
     def _recover(self) -> None:
+        """Reload the journal. Tasks that were running are held back for one node timeout, so the
+        node still computing one can re-register and keep it instead of a second node starting it."""
         now = self.clock()
         for task in self.journal.load():
             self.tasks[task.task_id] = task
             self._seq = max(self._seq, task.seq)
-            if task.state == p.QUEUED:
-                task.node = task.node_id = None
-                heapq.heappush(self._deadlines, (task.deadline, task.task_id))
+            if task.final:
+                continue
+            task.node = task.node_id = None
+            heapq.heappush(self._deadlines, (task.deadline, task.task_id))
+            if task.state == p.RUNNING:
+                task.state = p.QUEUED
+                self._held[task.task_id] = now + self.config.node_timeout
+            else:
                 self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
         if self.tasks:
-            log.info("recovered %d tasks from the journal (%d queued)", len(self.tasks), len(self.queue))
+            log.info("recovered %d tasks from the journal (%d queued, %d held for their nodes)",
+                     len(self.tasks), len(self.queue), len(self._held))
+
+    def _release_held(self, now: float) -> None:
+        for task_id, until in list(self._held.items()):
+            if now >= until:
+                del self._held[task_id]
+                task = self.tasks[task_id]
+                self.queue.push(task_id, task.model, task.priority, task.seq, now)

@@ -45,7 +45,11 @@ class Node:
         self.node_id = config.node_id or f"{socket.gethostname()}-{config.device}-{os.getpid()}"
         self._stop = threading.Event()
         self._cancelled: set[str] = set()
+        self._abandoned: set[str] = set()
         self.current: str | None = None
+        self.step = 0  # last denoising step of the current job (written by the worker)
+        self.cancel_step: dict[str, int] = {}  # task -> step at which its CANCEL arrived
+        self.stopped: dict[str, tuple[int, int]] = {}  # task -> (cancel step, step it stopped at)
         self._endpoint = WORKER_ENDPOINT.format(uuid.uuid4().hex)
         self._pair = self.context.socket(zmq.PAIR)
         self._pair.setsockopt(zmq.LINGER, 0)
@@ -69,8 +73,10 @@ class Node:
         self._register()
 
     def _register(self) -> None:
+        keeps = self.current if self.current not in self._abandoned else None
         self._send(p.READY, {**self.capabilities(True), "node_id": self.node_id, "device": self.config.device,
-                             "host": socket.gethostname(), "pid": os.getpid(), "busy_task": self.current})
+                             "host": socket.gethostname(), "pid": os.getpid(), "busy_task": keeps,
+                             "busy": self.current is not None})
 
     def _send(self, command: bytes, header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = ()) -> None:
         assert self.dealer is not None
@@ -100,6 +106,12 @@ class Node:
             now = time.monotonic()
             if now - self._last_recv > interval * self.config.liveness:
                 log.warning("broker silent for %.1fs; reconnecting in %.1fs", now - self._last_recv, backoff)
+                if self.current is not None and self.current not in self._abandoned:
+                    # The broker has expired us by now and may give the task to another node:
+                    # stop at the next step so that it never runs twice at once.
+                    log.warning("abandoning task %s", self.current)
+                    self._abandoned.add(self.current)
+                    self._cancelled.add(self.current)
                 poller.unregister(self.dealer)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.reconnect_max)
@@ -133,7 +145,9 @@ class Node:
                 self._on_job(msg)
             elif msg.command == p.CANCEL:
                 task_id = str(msg.header.get("task_id"))
-                log.info("cancel %s (%s)", task_id, msg.header.get("reason"))
+                log.info("cancel %s (%s) at step %d", task_id, msg.header.get("reason"), self.step)
+                if task_id == self.current:
+                    self.cancel_step[task_id] = self.step
                 self._cancelled.add(task_id)
             elif msg.command == p.DISCONNECT:
                 log.info("broker asked to re-register: %s", msg.header.get("reason"))
@@ -197,7 +211,10 @@ class Node:
 
                 last_progress = [time.monotonic()]
 
+                self.step = 0
+
                 def on_step(step: int, total: int) -> None:
+                    self.step = step
                     # Rate-limited: on a loaded CPU or a fast GPU, a message per step
                     # wakes two other threads per step and slows the denoising loop.
                     now = time.monotonic()
@@ -208,10 +225,15 @@ class Node:
 
                 try:
                     png, meta = self.runner(job, on_step, lambda: task_id in self._cancelled or self._stop.is_set())
+                    log.info("task %s done in %.3fs", task_id, meta.get("generation_time", 0.0))
                     pair.send_multipart(p.encode(p.RESULT, {"task_id": task_id, "meta": meta}, [png]), copy=False)
                 except Cancelled:
-                    pair.send_multipart(p.encode(p.ERROR, {"task_id": task_id, "code": p.E_CANCELLED,
-                                                           "message": "stopped at a step boundary"}))
+                    at = self.cancel_step.pop(task_id, self.step)
+                    self.stopped[task_id] = (at, self.step)
+                    log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self.step, at)
+                    code = p.E_ABANDONED if task_id in self._abandoned else p.E_CANCELLED
+                    pair.send_multipart(p.encode(p.ERROR, {"task_id": task_id, "code": code,
+                                                           "message": f"stopped at step {self.step}"}))
                 except JobError as exc:
                     pair.send_multipart(p.encode(p.ERROR, {"task_id": task_id, "code": exc.code, "message": str(exc)}))
                 except Exception as exc:  # any failure fails this job only; the node keeps serving

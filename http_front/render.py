@@ -28,6 +28,11 @@ def render_task(task: dict[str, Any], png: bytes | None, principal: Principal) -
         "controlnet_type": params.get("controlnet_type") if task["mode"] == "controlnet" else None,
         "priority": task.get("priority", 0),
         "error": task.get("error"),
+        "node_id": task.get("node_id"),
+        "attempts": task.get("attempts", 0),
+        "created_at": task.get("created_at"),
+        "started_at": task.get("started_at"),
+        "finished_at": task.get("finished_at"),
         "auth_info": auth_info(principal),
     }
     if "queue_position" in task:
@@ -48,7 +53,6 @@ def render_task(task: dict[str, Any], png: bytes | None, principal: Principal) -
         started, finished = task.get("started_at"), task.get("finished_at")
         body["elapsed_time"] = round(finished - task["created_at"], 4) if finished else None
         body["gpu_id"] = meta.get("device")
-        body["node_id"] = task.get("node_id")
         body["queue_time"] = round(started - task["created_at"], 4) if started else None
     if task.get("error_code"):
         body["error_code"] = task["error_code"]

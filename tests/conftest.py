@@ -197,9 +197,13 @@ class Cluster:
     """Endpoints and helpers for one running deployment."""
 
     def __init__(self, procs: Processes, models: Path, data: Path, nodes: int = 1,
-                 front_env: dict[str, str] | None = None, key: str = DEFAULT_KEY) -> None:
+                 front_env: dict[str, str] | None = None, key: str = DEFAULT_KEY,
+                 node_env: dict[str, str] | None = None, broker_args: list[str] | None = None) -> None:
         self.procs = procs
-        self.front_env = front_env or {}
+        # Tests poll fast; rate limiting has its own tests (test_auth.py).
+        self.front_env = {"GENSERVE_RATE_LIMIT": "1000000", **(front_env or {})}
+        self.node_env = node_env or {}
+        self.broker_args = broker_args or []
         self.key = key
         self.models = models
         self.front_port, fport, bport = free_port(), free_port(), free_port()
@@ -215,14 +219,15 @@ class Cluster:
     def start_broker(self) -> None:
         """(Re)start the broker on the same ports and data dir."""
         self.procs.start("broker", ["genserve-broker", "--frontend", self.frontend, "--backend", self.backend,
-                                    "--data-dir", str(self.data), "--heartbeat", "0.25", "--liveness", "3"])
+                                    "--data-dir", str(self.data), "--heartbeat", "0.25", "--liveness", "3",
+                                    *self.broker_args])
 
     def start_node(self, name: str, *extra: str) -> None:
         """Start one CPU node on the tiny models."""
         self.procs.start(name, ["genserve-node", "--broker", self.backend, "--device", "cpu",
                                 "--models-dir", str(self.models), "--lora-dir", str(self.models / "loras"),
                                 "--node-id", name, "--heartbeat", "0.25", "--preload", "flux1-dev",
-                                "--max-sequence-length", "32", *extra])
+                                "--max-sequence-length", "32", *extra], env=self.node_env)
 
     def start_front(self) -> None:
         """Start the HTTP front."""

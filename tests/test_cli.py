@@ -57,3 +57,23 @@ def test_status_and_nodes_against_a_broker(broker_factory) -> None:
 def test_status_exits_non_zero_when_the_broker_does_not_answer() -> None:
     result = CliRunner().invoke(cli, ["status", "--broker", f"tcp://127.0.0.1:{free_port()}"])
     assert result.exit_code != 0 and "did not answer" in result.output
+
+
+def test_drain_and_undrain(broker_factory) -> None:
+    bt = broker_factory()
+    ctx = zmq.Context()
+    node = FakeNode(ctx, bt.backend, "gpu-3").ready()
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        runner = CliRunner()
+        drained = runner.invoke(cli, ["drain", "gpu-3", "--broker", bt.frontend])
+        assert drained.exit_code == 0 and "gpu-3: draining" in drained.output
+        assert bt.broker.nodes.find("gpu-3").draining
+        node.heartbeat()
+        undrained = runner.invoke(cli, ["undrain", "gpu-3", "--broker", bt.frontend])
+        assert undrained.exit_code == 0 and not bt.broker.nodes.find("gpu-3").draining
+        missing = runner.invoke(cli, ["drain", "nope", "--broker", bt.frontend])
+        assert missing.exit_code != 0 and "no such node" in missing.output
+    finally:
+        node.close()
+        ctx.term()

@@ -15,7 +15,7 @@ def task(task_id: str, seq: int, state: str = p.QUEUED) -> Task:
                 inputs=[b"img-%d" % seq], state=state, created=100.0 + seq, deadline=400.0)
 
 
-def test_unfinished_tasks_come_back_queued_with_inputs(tmp_path: Path) -> None:
+def test_unfinished_tasks_come_back_with_inputs(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.db")
     for i in range(3):
         j.add(task(f"t{i}", i))
@@ -29,7 +29,7 @@ def test_unfinished_tasks_come_back_queued_with_inputs(tmp_path: Path) -> None:
 
     j = Journal(tmp_path / "j.db")  # as after a crash and restart
     loaded = {t.task_id: t for t in j.load()}
-    assert [t.state for t in loaded.values()] == [p.QUEUED, p.QUEUED, p.COMPLETED]
+    assert [t.state for t in loaded.values()] == [p.QUEUED, p.RUNNING, p.COMPLETED]
     assert loaded["t1"].attempts == 1 and loaded["t1"].inputs == [b"img-1"]
     assert loaded["t0"].params == {"prompt": "猫", "seed": 0} and loaded["t0"].image_names == ["input_image"]
     assert loaded["t2"].inputs == [] and loaded["t2"].meta == {"generation_time": 1.5}
