@@ -8,7 +8,6 @@ Journal); this class only moves messages between them and the sockets.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from broker.config import BrokerConfig
 from broker.journal import Journal
 from broker.nodes import BUSY, IDLE, Node, NodeRegistry
 from broker.queue import TaskQueue
-from broker.tasks import Task
+from broker.tasks import Task, TaskTable
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +45,9 @@ class Broker:
         self.context = context or zmq.Context.instance()
         self.queue = TaskQueue(config.affinity_window)
         self.nodes = NodeRegistry()
-        self.tasks: dict[str, Task] = {}
         self.journal = Journal(config.data_dir / "journal.sqlite3")
-        self._seq = 0
-        self._deadlines: list[tuple[float, str]] = []
-        self._held: dict[str, float] = {}  # recovered running task -> when it may go to any node
-        self._last_purge = 0.0
+        self.table = TaskTable(self.journal, self.queue)
+        self.tasks = self.table.tasks  # read-only view for INFO and tests
         self._stop = threading.Event()
         self.frontend = self.context.socket(zmq.ROUTER)
         self.backend = self.context.socket(zmq.ROUTER)
@@ -70,7 +66,7 @@ class Broker:
             p.READY: self._on_ready, p.HEARTBEAT: self._on_heartbeat, p.PROGRESS: self._on_progress,
             p.RESULT: self._on_result, p.ERROR: self._on_error, p.DISCONNECT: self._on_disconnect,
         }
-        self._recover()
+        self.table.recover(self.clock(), grace=config.node_timeout)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -183,19 +179,15 @@ class Broker:
         if len(names) != len(msg.blobs):
             raise RequestError(p.E_BAD_REQUEST, "image names and blob frames differ in number")
         now = self.clock()
-        self._seq += 1
         timeout = float(msg.header.get("timeout_s") or self.config.task_timeout)
         task = Task(
             task_id=uuid.uuid4().hex, model=model, mode=mode, priority=int(spec.get("priority", 0)),
-            seq=self._seq, params=dict(spec.get("params", {})), owner=owner, image_names=names,
+            seq=self.table.next_seq(), params=dict(spec.get("params", {})), owner=owner, image_names=names,
             inputs=list(msg.blobs), created=now, deadline=now + timeout,
         )
-        self.journal.add(task)  # durable before the ACK
-        self.tasks[task.task_id] = task
         if msg.header.get("watch"):
             task.watchers.add(identity)
-        self.queue.push(task.task_id, model, task.priority, task.seq, now)
-        heapq.heappush(self._deadlines, (task.deadline, task.task_id))
+        self.table.accept(task, now)  # journaled before the ACK
         self._reply(identity, req, p.ACK, {"task_id": task.task_id,
                                            "queue_position": self.queue.position(task.task_id)})
         self._dispatch()
@@ -217,7 +209,7 @@ class Broker:
                                served=sorted(served))
 
     def _queued_for(self, owner: str) -> int:
-        return sum(1 for t in self.tasks.values() if t.owner == owner and not t.final)
+        return self.table.unfinished_for(owner)
 
     def _task(self, msg: p.Message) -> Task:
         task = self.tasks.get(str(msg.header.get("task_id", "")))
@@ -247,14 +239,11 @@ class Broker:
 
     def _on_info(self, identity: bytes, req: Any, msg: p.Message) -> None:
         now = self.clock()
-        counts: dict[str, int] = {}
-        for task in self.tasks.values():
-            counts[task.state] = counts.get(task.state, 0) + 1
         self._reply(identity, req, p.REPLY, {
             "nodes": [n.describe(now) for n in self.nodes],
             "models": self.nodes.served_models(),
             "queue": {"length": len(self.queue), "by_model": self.queue.models_waiting()},
-            "tasks": counts, "time": now,
+            "tasks": self.table.counts(), "time": now,
         })
 
     def _on_admin(self, identity: bytes, req: Any, msg: p.Message) -> None:
@@ -295,9 +284,8 @@ class Broker:
             self._requeue_node_task(old, "node re-registered")
         node = self.nodes.register(identity, msg.header, self.clock())
         busy = msg.header.get("busy_task")
-        task = self.tasks.get(busy) if busy else None
-        if task is not None and not task.final and task.state == p.QUEUED and (
-                self._held.pop(task.task_id, None) is not None or self.queue.remove(task.task_id)):
+        task = self.table.claim(busy) if busy else None
+        if task is not None:
             # After a broker restart the node is still running this task: it keeps it.
             self._start(task, node, send=False)
             task.attempts -= 1  # the same attempt goes on
@@ -415,13 +403,10 @@ class Broker:
                        f"{why}; gave up after {task.attempts} attempts")
             return
         log.warning("re-queueing task %s (%s, attempt %d)", task.task_id, why, task.attempts)
-        task.state, task.step = p.QUEUED, 0
-        self.journal.update(task)
-        self.queue.push(task.task_id, task.model, task.priority, task.seq, self.clock())
+        self.table.enqueue(task, self.clock())
 
     def _fail(self, task: Task, state: str, code: str, message: str) -> None:
-        self.queue.remove(task.task_id)
-        self._held.pop(task.task_id, None)
+        self.table.withdraw(task.task_id)
         if task.state == p.RUNNING and task.node is not None:
             node = self.nodes.get(task.node)
             if node is not None:
@@ -443,8 +428,7 @@ class Broker:
     # ---- timers ----------------------------------------------------------
 
     def _timers(self, now: float) -> None:
-        if self._held:
-            self._release_held(now)
+        self.table.housekeeping(now, self.config.result_ttl)
         for node in self.nodes.expired(now, self.config.node_timeout):
             log.warning("node %s expired after %.1fs of silence", node.node_id, now - node.last_seen)
             self.nodes.remove(node.identity)
@@ -453,40 +437,6 @@ class Broker:
         for node in self.nodes:
             if now - node.last_sent >= self.config.heartbeat_interval:
                 self._to_node(node, p.HEARTBEAT)
-        while self._deadlines and self._deadlines[0][0] < now:
-            _, task_id = heapq.heappop(self._deadlines)
-            task = self.tasks.get(task_id)
-            if task is not None and not task.final:
-                self._fail(task, p.FAILED, p.E_TIMEOUT, "task timed out")
-        if now - self._last_purge > min(60.0, self.config.result_ttl / 2):
-            self._last_purge = now
-            for task_id in self.journal.purge(now - self.config.result_ttl):
-                self.tasks.pop(task_id, None)
+        for task in list(self.table.overdue(now)):
+            self._fail(task, p.FAILED, p.E_TIMEOUT, "task timed out")
         self._dispatch()
-
-    def _recover(self) -> None:
-        """Reload the journal. Tasks that were running are held back for one node timeout, so the
-        node still computing one can re-register and keep it instead of a second node starting it."""
-        now = self.clock()
-        for task in self.journal.load():
-            self.tasks[task.task_id] = task
-            self._seq = max(self._seq, task.seq)
-            if task.final:
-                continue
-            task.node = task.node_id = None
-            heapq.heappush(self._deadlines, (task.deadline, task.task_id))
-            if task.state == p.RUNNING:
-                task.state = p.QUEUED
-                self._held[task.task_id] = now + self.config.node_timeout
-            else:
-                self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
-        if self.tasks:
-            log.info("recovered %d tasks from the journal (%d queued, %d held for their nodes)",
-                     len(self.tasks), len(self.queue), len(self._held))
-
-    def _release_held(self, now: float) -> None:
-        for task_id, until in list(self._held.items()):
-            if now >= until:
-                del self._held[task_id]
-                task = self.tasks[task_id]
-                self.queue.push(task_id, task.model, task.priority, task.seq, now)
