@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
 
+from bench.report import emit  # noqa: E402
 from gpu_node.generate import Generator, Job  # noqa: E402
 from gpu_node.loras import LoraLibrary  # noqa: E402
 from gpu_node.pipeline_cache import PipelineCache, _Entry, module_bytes  # noqa: E402
@@ -111,11 +112,7 @@ def main() -> None:
         f"| whole job incl. text encoders, VAE, PNG (median s) | {statistics.median(totals[1:]):.3f} |",
         f"| peak GPU memory (GiB) | {peak:.1f} |", "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        with args.write.open("a") as f:
-            f.write("\n" + text)
+    emit(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 KEY = "genserve-default-key-2024"
 
+from bench.report import emit  # noqa: E402
+
 
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile."""
@@ -151,11 +153,7 @@ def main() -> None:
     lines += ["", f"p50 ratio served / in-process (with PNG): **{p50_remote / p50_local:.3f}** "
                   f"(target <= 1.10); against the bare pipeline call: {p50_remote / statistics.median(raw):.3f}; "
                   f"p95 ratio: {percentile(remote, 95) / percentile(local, 95):.3f}.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        with args.write.open("a") as f:
-            f.write("\n" + text)
+    emit(lines, args.write)
 
 
 if __name__ == "__main__":
