@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/overhead.py [--runs 30] [--size 256] [--steps 8] [--write docs/benchmarks.md]
 
-In-process is the diffusers pipeline call plus PNG encoding at the node's level
+In-process is the diffusers pipeline call plus PNG encoding, timed inside a worker process at the node's level
 (what a caller needs to hold a PNG); the pipeline call alone is shown too. The
 served path is a synchronous POST /generate timed by the client, including
 JSON, base64, the broker hop and the node's PNG encode. Both use the same tiny
-flux1-dev folder, seed, size, steps and max_sequence_length.
+flux1-dev folder, seed, size, steps and max_sequence_length, and are measured
+interleaved (the services idle while the in-process call runs, and vice versa).
 """
 
 from __future__ import annotations
@@ -36,29 +37,31 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def in_process(models: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """Time pipeline-only and pipeline+PNG in this process."""
-    import torch
-    from diffusers import FluxPipeline
+class InProcess:
+    """The tiny flux1-dev pipeline loaded in the current process (used by --worker)."""
 
-    from gpu_node.generate import encode_png
+    def __init__(self, models: Path, args: argparse.Namespace) -> None:
+        import torch
+        from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(str(models / "flux1-dev"), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    raw, with_png = [], []
-    for i in range(args.warmup + args.runs):
+        self.torch = torch
+        self.args = args
+        self.pipe = FluxPipeline.from_pretrained(str(models / "flux1-dev"), dtype=torch.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def run(self) -> tuple[float, float]:
+        """One call: (pipeline seconds, pipeline + PNG seconds)."""
+        from gpu_node.generate import encode_png
+
+        a, torch = self.args, self.torch
         started = time.perf_counter()
         with torch.inference_mode():
-            image = pipe(prompt=args.prompt, height=args.size, width=args.size, num_inference_steps=args.steps,
-                         guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(42),
-                         max_sequence_length=args.max_seq).images[0]
+            image = self.pipe(prompt=a.prompt, height=a.size, width=a.size, num_inference_steps=a.steps,
+                              guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(42),
+                              max_sequence_length=a.max_seq).images[0]
         mid = time.perf_counter()
         encode_png(image, 1)
-        end = time.perf_counter()
-        if i >= args.warmup:
-            raw.append(mid - started)
-            with_png.append(end - started)
-    return raw, with_png
+        return mid - started, time.perf_counter() - started
 
 
 def free_port() -> int:
@@ -70,49 +73,110 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def served(models: Path, args: argparse.Namespace, workdir: Path) -> list[float]:
-    """Time POST /generate against real broker, node and front subprocesses."""
-    bindir = Path(sys.executable).parent
-    fport, bport, hport = free_port(), free_port(), free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
-    cmds = [
-        ["genserve-broker", "--frontend", f"tcp://127.0.0.1:{fport}", "--backend", f"tcp://127.0.0.1:{bport}",
-         "--data-dir", str(workdir / "broker")],
-        ["genserve-node", "--broker", f"tcp://127.0.0.1:{bport}", "--device", "cpu", "--models-dir", str(models),
-         "--models", "flux1-dev", "--preload", "flux1-dev", "--max-sequence-length", str(args.max_seq)],
-        ["genserve-front", "--broker", f"tcp://127.0.0.1:{fport}", "--host", "127.0.0.1", "--port", str(hport)],
-    ]
-    procs = [subprocess.Popen([str(bindir / c[0]), *c[1:]], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for c in cmds]
-    url = f"http://127.0.0.1:{hport}"
-    headers = {"Authorization": f"Bearer {KEY}"}
-    try:
+class Served:
+    """Broker, node and front as subprocesses; one synchronous POST /generate per call."""
+
+    def __init__(self, models: Path, args: argparse.Namespace, workdir: Path) -> None:
+        bindir = Path(sys.executable).parent
+        fport, bport, hport = free_port(), free_port(), free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
+        cmds = [
+            ["genserve-broker", "--frontend", f"tcp://127.0.0.1:{fport}", "--backend", f"tcp://127.0.0.1:{bport}",
+             "--data-dir", str(workdir / "broker")],
+            ["genserve-node", "--broker", f"tcp://127.0.0.1:{bport}", "--device", "cpu", "--models-dir",
+             str(models), "--models", "flux1-dev", "--preload", "flux1-dev", "--max-sequence-length",
+             str(args.max_seq)],
+            ["genserve-front", "--broker", f"tcp://127.0.0.1:{fport}", "--host", "127.0.0.1", "--port", str(hport)],
+        ]
+        self.procs = [subprocess.Popen([str(bindir / c[0]), *c[1:]], env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL) for c in cmds]
+        self.url = f"http://127.0.0.1:{hport}"
+        self.headers = {"Authorization": f"Bearer {KEY}"}
+        self.body = {"prompt": args.prompt, "model_id": "flux1-dev", "mode": "text2img", "height": args.size,
+                     "width": args.size, "num_inference_steps": args.steps, "cfg": 3.5, "seed": 42}
+        self.session = requests.Session()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"{url}/health", headers=headers, timeout=2).status_code == 200:
-                    break
+                if self.session.get(f"{self.url}/health", headers=self.headers, timeout=2).status_code == 200:
+                    return
             except requests.RequestException:
                 pass
             time.sleep(0.2)
-        else:
-            raise SystemExit("the service did not become healthy")
-        body = {"prompt": args.prompt, "model_id": "flux1-dev", "mode": "text2img", "height": args.size,
-                "width": args.size, "num_inference_steps": args.steps, "cfg": 3.5, "seed": 42}
-        times = []
-        with requests.Session() as session:
-            for i in range(args.warmup + args.runs):
-                started = time.perf_counter()
-                r = session.post(f"{url}/generate", json=body, headers=headers, timeout=300)
-                elapsed = time.perf_counter() - started
-                r.raise_for_status()
-                if i >= args.warmup:
-                    times.append(elapsed)
-        return times
-    finally:
-        for proc in procs:
+        self.close()
+        raise SystemExit("the service did not become healthy")
+
+    def run(self) -> float:
+        """One request, timed by the client."""
+        started = time.perf_counter()
+        r = self.session.post(f"{self.url}/generate", json=self.body, headers=self.headers, timeout=300)
+        elapsed = time.perf_counter() - started
+        r.raise_for_status()
+        return elapsed
+
+    def close(self) -> None:
+        """Kill the processes."""
+        self.session.close()
+        for proc in self.procs:
             proc.kill()
             proc.wait()
+
+
+class Worker:
+    """A fresh process holding the in-process pipeline; each call is timed inside that process."""
+
+    def __init__(self, models: Path, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, __file__, "--worker", str(models), "--size", str(args.size), "--steps",
+               str(args.steps), "--max-seq", str(args.max_seq), "--prompt", args.prompt]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+
+    def run(self) -> tuple[float, float]:
+        """One pipeline call: (pipeline seconds, pipeline + PNG seconds)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        a, b = self.proc.stdout.readline().split()
+        return float(a), float(b)
+
+    def close(self) -> None:
+        """End the worker."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+def worker_main(models: Path, args: argparse.Namespace) -> None:
+    """--worker: load the pipeline, then time one call per line read from stdin."""
+    pipe = InProcess(models, args)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        a, b = pipe.run()
+        print(f"{a} {b}", flush=True)
+
+
+def measure_round(models: Path, args: argparse.Namespace, workdir: Path) -> tuple[list, list, list]:
+    """One round: a fresh in-process worker and a fresh deployment, measured interleaved."""
+    local_pipe, served = Worker(models, args), Served(models, args, workdir)
+    raw, local, remote = [], [], []
+    try:
+        # Alternating which goes first, so that the shared machine's speed drifting
+        # during the round affects both paths alike.
+        for i in range(args.warmup + args.runs):
+            if i % 2:
+                r = served.run()
+                a, b = local_pipe.run()
+            else:
+                a, b = local_pipe.run()
+                r = served.run()
+            if i >= args.warmup:
+                raw.append(a)
+                local.append(b)
+                remote.append(r)
+    finally:
+        served.close()
+        local_pipe.close()
+    return raw, local, remote
 
 
 def main() -> None:
@@ -124,15 +188,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--max-seq", type=int, default=512)
     ap.add_argument("--prompt", default="一只可爱的小猫坐在花园里")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="fresh processes per side; single processes on this VM vary by +-10%%")
     ap.add_argument("--write", type=Path, help="append the result section to this markdown file")
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     from gpu_node.tiny import build_all
 
+    if args.worker:
+        worker_main(args.worker, args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         build_all(models, seed=0, model_ids=("flux1-dev",), loras=False)
-        raw, local = in_process(models, args)
-        remote = served(models, args, Path(tmp))
+        raw, local, remote, per_round = [], [], [], []
+        for n in range(args.rounds):
+            r_raw, r_local, r_remote = measure_round(models, args, Path(tmp) / f"round{n}")
+            raw += r_raw
+            local += r_local
+            remote += r_remote
+            per_round.append((statistics.median(r_local), statistics.median(r_remote)))
     rows = [("in-process pipeline call", raw), ("in-process pipeline + PNG", local),
             ("HTTP -> broker -> node (sync /generate)", remote)]
     p50_local, p50_remote = statistics.median(local), statistics.median(remote)
@@ -142,7 +217,8 @@ def main() -> None:
         f"Command: `{' '.join(['.venv/bin/python', 'bench/overhead.py', *sys.argv[1:]])}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python "
         f"{platform.python_version()}; tiny flux1-dev, {args.size}x{args.size}, {args.steps} steps, "
-        f"max_sequence_length {args.max_seq}, {args.runs} runs after {args.warmup} warm-up.",
+        f"max_sequence_length {args.max_seq}; {args.rounds} rounds, each a fresh in-process worker and a fresh"
+        f" deployment measured interleaved, {args.runs} runs after {args.warmup} warm-up per round.",
         "",
         "| path | p50 ms | p95 ms | mean ms |",
         "|---|---|---|---|",
@@ -150,9 +226,12 @@ def main() -> None:
     for name, values in rows:
         lines.append(f"| {name} | {statistics.median(values) * 1000:.1f} | {percentile(values, 95) * 1000:.1f}"
                      f" | {statistics.mean(values) * 1000:.1f} |")
+    paired = statistics.median(r / l for r, l in zip(remote, local))
+    rounds = ", ".join(f"{r / l:.3f}" for l, r in per_round)
     lines += ["", f"p50 ratio served / in-process (with PNG): **{p50_remote / p50_local:.3f}** "
-                  f"(target <= 1.10); against the bare pipeline call: {p50_remote / statistics.median(raw):.3f}; "
-                  f"p95 ratio: {percentile(remote, 95) / percentile(local, 95):.3f}.", ""]
+                  f"(target <= 1.10); median of paired ratios: {paired:.3f}; against the bare pipeline call: "
+                  f"{p50_remote / statistics.median(raw):.3f}; p95 ratio: "
+                  f"{percentile(remote, 95) / percentile(local, 95):.3f}. Per-round p50 ratios: {rounds}.", ""]
     emit(lines, args.write)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 
 import pytest
@@ -131,3 +132,14 @@ def _png(size: tuple[int, int], color=(200, 30, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_image_is_spliced_into_valid_json_whatever_the_prompt(stack) -> None:
+    tricky = 'say "<image>" and <image:00> \\ 猫 \u2028'
+    r = generate(stack, prompt=tricky, seed=3)
+    body = json.loads(r.content.decode("utf-8"))  # the raw bytes are valid JSON
+    assert body["metadata"]["prompt"] == tricky
+    assert body["image"] == "data:image/png;base64," + body["image_base64"]
+    assert Image.open(io.BytesIO(png_of(body))).size == (48, 64)
+    polled = stack.http.simulate_get(f"/task/{body['task_id']}")
+    assert json.loads(polled.content)["image_base64"] == body["image_base64"]

@@ -10,7 +10,7 @@ from broker import protocol as p
 from broker.protocol import COMPLETED, IMAGE_FIELDS
 from http_front.errors import ApiError, from_task_error
 from http_front.images import MAX_IMAGE_BYTES, from_base64
-from http_front.render import render_task
+from http_front.render import send_task
 from http_front.services import Services
 from http_front.validation import GenerateRequest
 
@@ -70,7 +70,7 @@ class _Submitter:
         task = done.header["task"]
         if task["status"] != COMPLETED:
             raise from_task_error(task.get("error_code", ""), task.get("error") or "task failed")
-        resp.media = render_task(task, done.blobs[0] if done.blobs else None, principal)
+        send_task(resp, task, done.blobs[0] if done.blobs else None, principal)
 
 
 class Generate(_Submitter):

@@ -7,7 +7,7 @@ import falcon
 from broker import protocol as p
 from http_front.auth import SUPER
 from http_front.errors import ApiError
-from http_front.render import render_task
+from http_front.render import render_task, send_task
 from http_front.services import Services
 
 
@@ -29,7 +29,7 @@ class Task:
         msg = self.services.broker.request(p.FETCH, {"task_id": task_id})
         task = msg.header["task"]
         self._visible(req, task)
-        resp.media = render_task(task, msg.blobs[0] if msg.blobs else None, req.context.principal)
+        send_task(resp, task, msg.blobs[0] if msg.blobs else None, req.context.principal)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         """Cancel: a queued task leaves the queue; a running one stops at its next step."""
