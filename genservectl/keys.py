@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -12,6 +11,8 @@ from typing import Any
 
 import click
 from cryptography.fernet import Fernet
+
+from http_front.keys import DEFAULT_KEY
 
 DEFAULT_URL = "http://127.0.0.1:12411"
 
@@ -117,17 +118,23 @@ def reload(url: str, admin_key: str) -> None:
     click.echo(f"reloaded: {body['total_keys']} keys")
 
 
+encryption_key_option = click.option("--encryption-key", envvar="API_KEYS_ENCRYPTION_KEY", default=None,
+                                     help="Fernet key of the key file (env API_KEYS_ENCRYPTION_KEY)")
+default_key_option = click.option("--default-api-key", envvar="DEFAULT_API_KEY", default=DEFAULT_KEY,
+                                  help="the legacy derivation's password (env DEFAULT_API_KEY)")
+
+
 @keys.command("check")
 @click.option("--key-file", envvar="API_KEYS_FILE", default="api_keys.enc", show_default=True,
               type=click.Path(path_type=Path))
-def check(key_file: Path) -> None:
+@encryption_key_option
+@default_key_option
+def check(key_file: Path, encryption_key: str | None, default_api_key: str) -> None:
     """Open the key file with the configured encryption key and report (changes nothing)."""
     from http_front.keyfile import KeyFileError, make_fernet
-    from http_front.keys import DEFAULT_KEY
 
     try:
-        fernet = make_fernet(os.environ.get("API_KEYS_ENCRYPTION_KEY") or None,
-                             os.environ.get("DEFAULT_API_KEY") or DEFAULT_KEY)
+        fernet = make_fernet(encryption_key or None, default_api_key)
         if not key_file.exists():
             raise click.ClickException(f"{key_file} does not exist")
         from http_front.keyfile import KeyFile
@@ -146,10 +153,10 @@ def check(key_file: Path) -> None:
 @click.option("--method", type=click.Choice(["random", "password", "default-key"]), default="random",
               show_default=True, help="random key; PBKDF2 from a password; PBKDF2 from DEFAULT_API_KEY")
 @click.option("--password", help="with --method password (prompted when omitted)")
-def crypto_key(method: str, password: str | None) -> None:
+@default_key_option
+def crypto_key(method: str, password: str | None, default_api_key: str) -> None:
     """Print an `export API_KEYS_ENCRYPTION_KEY=...` line for the key file."""
     from http_front.keyfile import derive_fernet_key
-    from http_front.keys import DEFAULT_KEY
 
     if method == "random":
         key = Fernet.generate_key().decode("ascii")
@@ -160,6 +167,6 @@ def crypto_key(method: str, password: str | None) -> None:
             raise click.ClickException("use a password of at least 12 characters")
         key = derive_fernet_key(password)
     else:
-        key = derive_fernet_key(os.environ.get("DEFAULT_API_KEY") or DEFAULT_KEY)
+        key = derive_fernet_key(default_api_key)
         click.echo("note: derived from DEFAULT_API_KEY, which is only as secret as that key", err=True)
     click.echo(f"export API_KEYS_ENCRYPTION_KEY={key}")

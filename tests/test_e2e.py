@@ -97,3 +97,8 @@ def test_bad_requests_never_crash_a_process(cluster: Cluster) -> None:
     for name in ("broker", "node0", "front"):
         assert cluster.procs.procs[name].poll() is None, cluster.procs.log(name)
     image_of(cluster.generate())
+
+
+def test_front_warns_while_the_default_key_is_in_use(cluster: Cluster) -> None:
+    log = cluster.procs.log("front")
+    assert "WARNING" in log and "default key is in use" in log and "loopback clients only" in log
