@@ -226,8 +226,8 @@ def main() -> None:
     for name, values in rows:
         lines.append(f"| {name} | {statistics.median(values) * 1000:.1f} | {percentile(values, 95) * 1000:.1f}"
                      f" | {statistics.mean(values) * 1000:.1f} |")
-    paired = statistics.median(r / l for r, l in zip(remote, local))
-    rounds = ", ".join(f"{r / l:.3f}" for l, r in per_round)
+    paired = statistics.median(served / inproc for served, inproc in zip(remote, local))
+    rounds = ", ".join(f"{served / inproc:.3f}" for inproc, served in per_round)
     lines += ["", f"p50 ratio served / in-process (with PNG): **{p50_remote / p50_local:.3f}** "
                   f"(target <= 1.10); median of paired ratios: {paired:.3f}; against the bare pipeline call: "
                   f"{p50_remote / statistics.median(raw):.3f}; p95 ratio: "

@@ -191,9 +191,6 @@ class Node:
     # ---- worker thread ---------------------------------------------------
 
     def _work(self) -> None:
-        from gpu_node.errors import Cancelled, JobError
-        from gpu_node.generate import Job
-
         pair = self.context.socket(zmq.PAIR)
         pair.setsockopt(zmq.LINGER, 0)
         pair.connect(self._endpoint)
@@ -204,41 +201,44 @@ class Node:
                 msg = p.decode(pair.recv_multipart())
                 if msg.command == p.DISCONNECT:
                     return
-                header = msg.header
-                task_id = header["task_id"]
-                job = Job(task_id, header["model_id"], header["mode"], header["params"],
-                          dict(zip(header.get("images", []), msg.blobs)))
-
-                last_progress = [time.monotonic()]
-
-                self.step = 0
-
-                def on_step(step: int, total: int) -> None:
-                    self.step = step
-                    # Rate-limited: on a loaded CPU or a fast GPU, a message per step
-                    # wakes two other threads per step and slows the denoising loop.
-                    now = time.monotonic()
-                    if now - last_progress[0] >= self.config.progress_interval:
-                        last_progress[0] = now
-                        pair.send_multipart(p.encode(p.PROGRESS, {"task_id": task_id, "step": step,
-                                                                  "total": total}))
-
-                try:
-                    png, meta = self.runner(job, on_step, lambda: task_id in self._cancelled or self._stop.is_set())
-                    log.info("task %s done in %.3fs", task_id, meta.get("generation_time", 0.0))
-                    pair.send_multipart(p.encode(p.RESULT, {"task_id": task_id, "meta": meta}, [png]), copy=False)
-                except Cancelled:
-                    at = self.cancel_step.pop(task_id, self.step)
-                    self.stopped[task_id] = (at, self.step)
-                    log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self.step, at)
-                    code = p.E_ABANDONED if task_id in self._abandoned else p.E_CANCELLED
-                    pair.send_multipart(p.encode(p.ERROR, {"task_id": task_id, "code": code,
-                                                           "message": f"stopped at step {self.step}"}))
-                except JobError as exc:
-                    pair.send_multipart(p.encode(p.ERROR, {"task_id": task_id, "code": exc.code, "message": str(exc)}))
-                except Exception as exc:  # any failure fails this job only; the node keeps serving
-                    log.exception("task %s failed", task_id)
-                    pair.send_multipart(p.encode(p.ERROR, {"task_id": task_id, "code": p.E_GENERATION,
-                                                           "message": f"{type(exc).__name__}: {exc}"}))
+                pair.send_multipart(self._run_job(msg, pair), copy=False)
         finally:
             pair.close(linger=0)
+
+    def _run_job(self, msg: p.Message, pair: zmq.Socket) -> list[bytes]:
+        """Run one JOB on the worker thread; returns the RESULT or ERROR frames for the broker."""
+        from gpu_node.errors import Cancelled, JobError
+        from gpu_node.generate import Job
+
+        h = msg.header
+        task_id = h["task_id"]
+        job = Job(task_id, h["model_id"], h["mode"], h["params"], dict(zip(h.get("images", []), msg.blobs)))
+        self.step = 0
+        last_progress = time.monotonic()
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal last_progress
+            self.step = step
+            # Rate-limited: on a loaded CPU or a fast GPU, a message per step
+            # wakes two other threads per step and slows the denoising loop.
+            now = time.monotonic()
+            if now - last_progress >= self.config.progress_interval:
+                last_progress = now
+                pair.send_multipart(p.encode(p.PROGRESS, {"task_id": task_id, "step": step, "total": total}))
+
+        try:
+            png, meta = self.runner(job, on_step, lambda: task_id in self._cancelled or self._stop.is_set())
+        except Cancelled:
+            at = self.cancel_step.pop(task_id, self.step)
+            self.stopped[task_id] = (at, self.step)
+            log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self.step, at)
+            code = p.E_ABANDONED if task_id in self._abandoned else p.E_CANCELLED
+            return p.encode(p.ERROR, {"task_id": task_id, "code": code, "message": f"stopped at step {self.step}"})
+        except JobError as exc:
+            return p.encode(p.ERROR, {"task_id": task_id, "code": exc.code, "message": str(exc)})
+        except Exception as exc:  # any failure fails this job only; the node keeps serving
+            log.exception("task %s failed", task_id)
+            return p.encode(p.ERROR, {"task_id": task_id, "code": p.E_GENERATION,
+                                      "message": f"{type(exc).__name__}: {exc}"})
+        log.info("task %s done in %.3fs", task_id, meta.get("generation_time", 0.0))
+        return p.encode(p.RESULT, {"task_id": task_id, "meta": meta}, [png])

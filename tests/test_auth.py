@@ -180,20 +180,18 @@ def test_admin_endpoints_create_list_delete_and_reload(authed) -> None:
     ("/auth/delete-key-by-name", {"name": "admin"}, 403, "environment"),
 ])
 def test_admin_endpoint_failures(authed, path, fields, status, text) -> None:
-    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
     r = admin_post(authed, path, fields or None)
     assert r.status_code == status, r.text
     assert r.json["success"] is False and text in r.json["detail"]
 
 
 def test_reload_of_a_damaged_file_keeps_the_keys_in_use(authed) -> None:
-    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
     keyfile = authed.keys._keyfile
     created = admin_post(authed, "/auth/generate-key", {"name": "keep", "permissions": "readonly"}).json
     good = keyfile.path.read_bytes()
     keyfile.path.write_bytes(b"garbage")
     try:
-        r = authed.http.simulate_post("/auth/reload-keys", headers=admin)
+        r = admin_post(authed, "/auth/reload-keys")
         assert r.status_code == 500 and "kept" in r.json["detail"]
         assert keyfile.path.read_bytes() == b"garbage"
         assert authed.http.simulate_get("/status", headers={"Authorization": f"Bearer {created['api_key']}"}).status_code == 200

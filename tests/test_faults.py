@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests

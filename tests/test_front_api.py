@@ -10,7 +10,6 @@ import time
 import pytest
 from PIL import Image
 
-from broker import protocol as p
 from tests.conftest import wait_until
 
 SMALL = {"height": 64, "width": 48, "num_inference_steps": 2, "cfg": 3.5}
