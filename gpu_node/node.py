@@ -145,10 +145,10 @@ class Node:
                 self._on_job(msg)
             elif msg.command == p.CANCEL:
                 task_id = str(msg.header.get("task_id"))
-                log.info("cancel %s (%s) at step %d", task_id, msg.header.get("reason"), self.step)
+                self._cancelled.add(task_id)  # first, so the worker stops at most one step later
                 if task_id == self.current:
                     self.cancel_step[task_id] = self.step
-                self._cancelled.add(task_id)
+                log.info("cancel %s (%s) at step %d", task_id, msg.header.get("reason"), self.step)
             elif msg.command == p.DISCONNECT:
                 log.info("broker asked to re-register: %s", msg.header.get("reason"))
                 self._register()

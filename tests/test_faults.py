@@ -25,10 +25,15 @@ def submit(cluster: Cluster, body: dict) -> str:
 
 
 def task(cluster: Cluster, task_id: str) -> dict:
+    """The task as a polling client sees it; 503 while the broker restarts is expected, 404 is not."""
     try:
-        return requests.get(f"{cluster.url}/task/{task_id}", headers=H, timeout=5).json()
-    except (requests.RequestException, ValueError):
+        r = requests.get(f"{cluster.url}/task/{task_id}", headers=H, timeout=5)
+    except requests.RequestException:
         return {"status": "unreachable"}
+    if r.status_code == 503:
+        return {"status": "unreachable"}
+    assert r.status_code == 200, (r.status_code, r.text)
+    return r.json()
 
 
 def wait_completed(cluster: Cluster, ids: list[str], timeout: float = 120) -> dict[str, dict]:
