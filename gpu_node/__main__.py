@@ -39,6 +39,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                     help="comma list of model ids to load before registering (env GENSERVE_PRELOAD)")
     ap.add_argument("--memory-budget-gb", type=float, default=float(env.get("GENSERVE_MEMORY_BUDGET_GB", 0)),
                     help="weights kept loaded before LRU eviction; 0 = 90%% of GPU / 50%% of RAM")
+    ap.add_argument("--lora-cache-gb", type=float, default=float(env.get("GENSERVE_LORA_CACHE_GB", 2)),
+                    help="LoRA tensors kept in memory before LRU eviction (env GENSERVE_LORA_CACHE_GB)")
     ap.add_argument("--png-level", type=int, default=int(env.get("GENSERVE_PNG_LEVEL", d.png_compress_level)),
                     help="zlib level for result PNGs, 0-9 (env GENSERVE_PNG_LEVEL)")
     ap.add_argument("--max-sequence-length", type=int,
@@ -61,6 +63,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         heartbeat_interval=a.heartbeat, liveness=a.liveness,
         preload=tuple(m.strip() for m in a.preload.split(",") if m.strip()),
         memory_budget=int(a.memory_budget_gb * (1 << 30)), png_compress_level=a.png_level,
+        lora_cache_bytes=int(a.lora_cache_gb * (1 << 30)),
         max_sequence_length=a.max_sequence_length,
         curve_secret_file=Path(a.curve_secret) if a.curve_secret else None,
         curve_server_public_file=Path(a.curve_server) if a.curve_server else None,
@@ -85,7 +88,7 @@ def build(config: NodeConfig):
         default_budget = total // 2
     dtype = torch.bfloat16 if cuda else torch.float32
     cache = PipelineCache(config.model_paths, config.device, dtype, config.memory_budget or default_budget)
-    loras = LoraLibrary(config.lora_dir)
+    loras = LoraLibrary(config.lora_dir, config.lora_cache_bytes)
     generator = Generator(cache, loras, config.png_compress_level, config.max_sequence_length)
     modes = servable_modes(config.model_paths)
 

@@ -21,6 +21,7 @@ class NodeConfig:
     progress_interval: float = 0.2
     preload: tuple[str, ...] = ()
     memory_budget: int = 0  # bytes of weights kept loaded; 0 = 90% of the device
+    lora_cache_bytes: int = 2 << 30
     png_compress_level: int = 1
     max_sequence_length: int = 512
     curve_secret_file: Path | None = None

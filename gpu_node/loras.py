@@ -2,13 +2,15 @@
 
 A job's LoRAs are loaded as named adapters, weighted with ``set_adapters``, and
 unloaded when the job ends (successfully or not), so they never leak into the
-next request. File contents are cached in memory: reusing a LoRA reads no disk.
+next request. File contents are cached in memory up to a byte budget (least
+recently used first out): reusing a LoRA reads no disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,9 +41,10 @@ def scan(base: Path | None) -> list[dict[str, Any]]:
 class LoraLibrary:
     """Resolves LoRA names to files below one base folder and caches their tensors."""
 
-    def __init__(self, base: Path | None) -> None:
+    def __init__(self, base: Path | None, cache_bytes: int = 2 << 30) -> None:
         self.base = base.resolve() if base else None
-        self._cache: dict[str, dict[str, Any]] = {}
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
         self.disk_reads = 0
 
     def names(self) -> list[str]:
@@ -61,13 +64,25 @@ class LoraLibrary:
     def state_dict(self, name: str) -> dict[str, Any]:
         """The LoRA's tensors, read from disk once."""
         key = self.resolve(name)
-        if key not in self._cache:
-            try:
-                self._cache[key] = load_file(str(self.base / key))
-            except Exception as exc:  # safetensors raises several types for bad files
-                raise LoraError(f"cannot read LoRA {name!r}: {exc}") from exc
-            self.disk_reads += 1
-        return self._cache[key]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key][0]
+        try:
+            tensors = load_file(str(self.base / key))
+        except Exception as exc:  # safetensors raises several types for bad files
+            raise LoraError(f"cannot read LoRA {name!r}: {exc}") from exc
+        self.disk_reads += 1
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        self._cache[key] = (tensors, size)
+        # Least recently used LoRAs leave memory first; the newest always stays.
+        while len(self._cache) > 1 and sum(n for _, n in self._cache.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        return tensors
+
+    @property
+    def cached(self) -> list[str]:
+        """LoRA names held in memory, least recently used first."""
+        return list(self._cache)
 
     @contextlib.contextmanager
     def applied(self, pipe: Any, specs: list[dict[str, Any]]) -> Iterator[list[str]]:

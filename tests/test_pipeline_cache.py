@@ -78,3 +78,18 @@ def test_gpu_env_lists_restrict_models_per_device(tiny_models: Path) -> None:
     assert "flux1-fill-dev" in resolve_model_paths(tiny_models, env, "cuda:1")
     assert resolve_model_paths(tiny_models, env, "cuda:2") == {}
     assert resolve_model_paths(tiny_models, {"FLUX_MODEL_PATH": "org/FLUX.1-dev"}, "cpu")["flux1-dev"] == "org/FLUX.1-dev"
+
+
+def test_lora_cache_is_bounded_and_least_recently_used_leaves_first(tiny_models: Path) -> None:
+    from gpu_node.loras import LoraLibrary
+
+    probe = LoraLibrary(tiny_models / "loras")
+    one = sum(t.numel() * t.element_size() for t in probe.state_dict("cute_cat_lora").values())
+    lib = LoraLibrary(tiny_models / "loras", cache_bytes=one + one // 2)  # room for one of the two
+    lib.state_dict("cute_cat_lora")
+    lib.state_dict("cute_cat_lora.safetensors")  # same file, same entry
+    assert lib.disk_reads == 1 and lib.cached == ["cute_cat_lora.safetensors"]
+    lib.state_dict("styles/watercolor")
+    assert lib.cached == ["styles/watercolor.safetensors"] and lib.disk_reads == 2
+    lib.state_dict("cute_cat_lora")
+    assert lib.disk_reads == 3
