@@ -173,7 +173,7 @@ class Broker:
         owner = str(msg.header.get("owner", ""))
         if len(self.queue) >= self.config.max_queued:
             raise RequestError(p.E_QUEUE_FULL, f"queue is full ({self.config.max_queued} tasks waiting)")
-        if owner and self._queued_for(owner) >= self.config.max_queued_per_owner:
+        if owner and self.table.unfinished_for(owner) >= self.config.max_queued_per_owner:
             raise RequestError(p.E_QUEUE_FULL, f"this key already has {self.config.max_queued_per_owner} tasks waiting")
         names = [str(n) for n in msg.header.get("images", [])]
         if len(names) != len(msg.blobs):
@@ -207,9 +207,6 @@ class Broker:
         if mode not in served[model]["modes"]:
             raise RequestError(p.E_NO_NODE, f"no live node serves {model!r} in mode {mode!r}",
                                served=sorted(served))
-
-    def _queued_for(self, owner: str) -> int:
-        return self.table.unfinished_for(owner)
 
     def _task(self, msg: p.Message) -> Task:
         task = self.tasks.get(str(msg.header.get("task_id", "")))
@@ -322,7 +319,7 @@ class Broker:
             task.meta = dict(msg.header.get("meta", {}))
             task.step = task.total
             result = msg.blobs[0] if msg.blobs else b""
-            self.journal.finish(task, result)
+            self.table.finish(task, result)
             node.jobs_done += 1
             self._notify(task, [result])
         self._dispatch()
@@ -415,7 +412,7 @@ class Broker:
                 node.task_id = None
         task.state, task.error_code, task.error = state, code, message
         task.finished = self.clock()
-        self.journal.finish(task, None)
+        self.table.finish(task, None)
         self._notify(task, [])
 
     def _notify(self, task: Task, blobs: list[bytes]) -> None:

@@ -90,6 +90,7 @@ class TaskTable:
         self._seq = 0
         self._deadlines: list[tuple[float, str]] = []
         self._held: dict[str, float] = {}
+        self._unfinished: dict[str, int] = {}  # owner -> tasks not yet final (the per-key cap)
         self._last_purge = 0.0
 
     def __len__(self) -> int:
@@ -108,8 +109,18 @@ class TaskTable:
         """Journal a new task (durably, before any ACK) and queue it."""
         self.journal.add(task)
         self.tasks[task.task_id] = task
+        self._unfinished[task.owner] = self._unfinished.get(task.owner, 0) + 1
         self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
         heapq.heappush(self._deadlines, (task.deadline, task.task_id))
+
+    def finish(self, task: Task, result: bytes | None) -> None:
+        """Persist a final state (the caller has set it) and the result image, if any."""
+        self.journal.finish(task, result)
+        left = self._unfinished.get(task.owner, 1) - 1
+        if left > 0:
+            self._unfinished[task.owner] = left
+        else:
+            self._unfinished.pop(task.owner, None)
 
     def enqueue(self, task: Task, now: float) -> None:
         """Put an accepted task back in the queue at its original priority and place."""
@@ -132,7 +143,7 @@ class TaskTable:
 
     def unfinished_for(self, owner: str) -> int:
         """Tasks of one API key not yet completed, failed or cancelled."""
-        return sum(1 for t in self.tasks.values() if t.owner == owner and not t.final)
+        return self._unfinished.get(owner, 0)
 
     def counts(self) -> dict[str, int]:
         """Number of tasks per state."""
@@ -168,6 +179,7 @@ class TaskTable:
             self._seq = max(self._seq, task.seq)
             if task.final:
                 continue
+            self._unfinished[task.owner] = self._unfinished.get(task.owner, 0) + 1
             task.node = task.node_id = None
             heapq.heappush(self._deadlines, (task.deadline, task.task_id))
             if task.state == RUNNING:

@@ -28,6 +28,7 @@ def test_recovery_holds_running_tasks_for_their_node(tmp_path: Path) -> None:
 
     after = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
     after.recover(now=10.0, grace=3.0)
+    assert after.unfinished_for("k") == 2
     assert after.next_seq() == 3  # sequence continues
     assert after.queue.peek_for(["flux1-dev"]).task_id == queued.task_id  # the running one is held
     assert after.claim(running.task_id) is not None  # its node came back and keeps it
@@ -59,3 +60,6 @@ def test_overdue_and_unfinished_counts(tmp_path: Path) -> None:
     assert table.unfinished_for("k") == 2 and table.counts() == {p.QUEUED: 2}
     table.withdraw(late.task_id)
     assert late.task_id not in table.queue
+    late.state, late.finished = p.CANCELLED, 11.0
+    table.finish(late, None)
+    assert table.unfinished_for("k") == 1 and table.unfinished_for("nobody") == 0
