@@ -23,8 +23,9 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
     if grep -q "+cpu" "$report"; then
       $PIP install -q "torch==$TORCH_VERSION"
     else
+      # Ask for the CPU build by its local version label: never the CUDA one by accident.
       index=${GENSERVE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
-      $PIP install -q "torch==$TORCH_VERSION" --index-url "$index" --extra-index-url "$($PIP config get global.index-url 2>/dev/null || echo https://pypi.org/simple)"
+      $PIP install -q "torch==$TORCH_VERSION+cpu" --extra-index-url "$index"
     fi
     rm -f "$report"
   fi
