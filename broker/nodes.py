@@ -26,7 +26,6 @@ class Node:
     state: str = IDLE
     task_id: str | None = None
     draining: bool = False
-    registered_at: float = 0.0
     last_seen: float = 0.0
     last_sent: float = 0.0
     jobs_done: int = 0
@@ -81,7 +80,7 @@ class NodeRegistry:
             memory_total=int(info.get("memory_total", 0)), memory_free=int(info.get("memory_free", 0)),
             loaded=list(info.get("loaded", [])), loras=list(info.get("loras", [])),
             host=str(info.get("host", "")), pid=int(info.get("pid", 0)),
-            registered_at=now, last_seen=now, last_sent=now,
+            last_seen=now, last_sent=now,
         )
         old = self._nodes.get(identity)
         if old is not None:
@@ -107,6 +106,10 @@ class NodeRegistry:
     def available(self) -> list[Node]:
         """Idle, non-draining nodes in registration order."""
         return [n for n in self._nodes.values() if n.available]
+
+    def serves(self, model: str, mode: str) -> bool:
+        """Whether any registered node (draining ones too: they come back) serves model in mode."""
+        return any(mode in node.models.get(model, ()) for node in self._nodes.values())
 
     def served_models(self) -> dict[str, dict[str, Any]]:
         """Per model id: union of modes and which nodes serve / have it loaded."""

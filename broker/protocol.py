@@ -145,7 +145,3 @@ def routed(identity: bytes, command: bytes, header: dict[str, Any] | None = None
     """Encode a message addressed to `identity` for sending on a ROUTER."""
     return [identity, *encode(command, header, blobs)]
 
-
-def supported_modes(model_id: str) -> tuple[str, ...]:
-    """Modes a model id supports by its checkpoint type (empty if unknown)."""
-    return MODEL_MODES.get(model_id, ())

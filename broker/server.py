@@ -179,11 +179,10 @@ class Broker:
         if len(names) != len(msg.blobs):
             raise RequestError(p.E_BAD_REQUEST, "image names and blob frames differ in number")
         now = self.clock()
-        timeout = float(msg.header.get("timeout_s") or self.config.task_timeout)
         task = Task(
             task_id=uuid.uuid4().hex, model=model, mode=mode, priority=int(spec.get("priority", 0)),
             seq=self.table.next_seq(), params=dict(spec.get("params", {})), owner=owner, image_names=names,
-            inputs=list(msg.blobs), created=now, deadline=now + timeout,
+            inputs=list(msg.blobs), created=now, deadline=now + self.config.task_timeout,
         )
         if msg.header.get("watch"):
             task.watchers.add(identity)
@@ -193,6 +192,8 @@ class Broker:
         self._dispatch()
 
     def _check_servable(self, model: str, mode: str) -> None:
+        if model in p.MODEL_MODES and mode in p.MODEL_MODES[model] and self.nodes.serves(model, mode):
+            return  # the common case, without building the served-models summary
         served = self.nodes.served_models()
         if model not in p.MODEL_MODES:
             raise RequestError(p.E_UNKNOWN_MODEL, f"unknown model_id {model!r}; served models: {sorted(served)}",
@@ -284,8 +285,7 @@ class Broker:
         task = self.table.claim(busy) if busy else None
         if task is not None:
             # After a broker restart the node is still running this task: it keeps it.
-            self._start(task, node, send=False)
-            task.attempts -= 1  # the same attempt goes on
+            self._start(task, node, resumed=True)
         elif busy or msg.header.get("busy"):
             if busy:
                 self._to_node(node, p.CANCEL, {"task_id": busy, "reason": "task unknown or reassigned"})
@@ -374,14 +374,15 @@ class Broker:
             idle.remove(node)
             self._start(self.tasks[entry.task_id], node)
 
-    def _start(self, task: Task, node: Node, send: bool = True) -> None:
+    def _start(self, task: Task, node: Node, resumed: bool = False) -> None:
+        """Run `task` on `node`; `resumed` means the node already runs it (no JOB, same attempt)."""
         task.state, task.node, task.node_id = p.RUNNING, node.identity, node.node_id
         task.started = self.clock()
-        task.attempts += 1
+        task.attempts += 0 if resumed else 1
         task.step, task.total = 0, int(task.params.get("num_inference_steps", 0))
         node.state, node.task_id = BUSY, task.task_id
         self.journal.update(task)
-        if send and not self._to_node(node, p.JOB, task.job_header(), task.inputs):
+        if not resumed and not self._to_node(node, p.JOB, task.job_header(), task.inputs):
             self.nodes.remove(node.identity)
             self._requeue_node_task(node, "node unreachable")
 

@@ -19,7 +19,7 @@ from gpu_node.pipeline_cache import PipelineCache
 log = logging.getLogger(__name__)
 
 FILL_DEFAULT_GUIDANCE = 30.0  # BFL's recommendation for FLUX.1-Fill when the client gives none
-MAX_PIXELS = 2048 * 2048
+MAX_DECODE_PIXELS = 4096 * 4096  # the front refuses larger inputs; this guards direct broker clients
 
 
 @dataclass
@@ -37,7 +37,7 @@ def decode_image(data: bytes, name: str, mode: str = "RGB") -> Image.Image:
     """Decode PNG/JPEG/WebP bytes (already size-checked by the front)."""
     try:
         image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_PIXELS * 4:
+        if image.width * image.height > MAX_DECODE_PIXELS:
             raise JobError(f"{name} is too large to decode")
         return image.convert(mode)
     except (OSError, Image.DecompressionBombError) as exc:

@@ -63,7 +63,6 @@ class BrokerClient:
         self._ids = itertools.count(1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="broker-io", daemon=True)
-        self.last_reply = 0.0
 
     def start(self) -> "BrokerClient":
         """Start the I/O thread."""
@@ -186,7 +185,6 @@ class BrokerClient:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.last_reply = time.monotonic()
             try:
                 msg = p.decode(frames)
             except p.ProtocolError as exc:

@@ -15,6 +15,8 @@ def test_register_touch_expire_and_served_models() -> None:
     served = reg.served_models()
     assert served["flux1-dev"] == {"modes": ["img2img", "text2img"], "nodes": ["gpu0", "gpu1"], "loaded_on": ["gpu0"]}
     assert served["flux1-fill-dev"]["nodes"] == ["gpu1"]
+    assert reg.serves("flux1-dev", "img2img") and reg.serves("flux1-fill-dev", "fill")
+    assert not reg.serves("flux1-fill-dev", "text2img") and not reg.serves("flux1-redux-dev", "redux")
     reg.touch(b"a", now=5.0)
     assert [n.node_id for n in reg.expired(now=5.5, timeout=3.0)] == ["gpu1"]
     a.state = BUSY
