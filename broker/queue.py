@@ -14,6 +14,7 @@ Scheduling policy (pull-based; a node asks for work when it is idle):
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass
 from typing import Iterable
@@ -37,6 +38,10 @@ class TaskQueue:
         self.affinity_window = affinity_window
         self._heaps: dict[str, list[Entry]] = {}
         self._live: dict[str, Entry] = {}
+        # For positions and INFO without scanning the queue: sorted seqs per priority
+        # (a position is computed on every SUBMIT and every /task poll) and counts per model.
+        self._seqs: dict[int, list[int]] = {}
+        self._per_model: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -46,13 +51,28 @@ class TaskQueue:
 
     def push(self, task_id: str, model: str, priority: int, seq: int, now: float) -> None:
         """Queue a task; re-pushing a queued task replaces its entry."""
+        self.remove(task_id)
         entry = Entry(priority, seq, task_id, model, now)
         self._live[task_id] = entry
         heapq.heappush(self._heaps.setdefault(model, []), entry)
+        bisect.insort(self._seqs.setdefault(priority, []), seq)
+        self._per_model[model] = self._per_model.get(model, 0) + 1
 
     def remove(self, task_id: str) -> bool:
         """Drop a queued task (e.g. cancelled or timed out); False if it was not queued."""
-        return self._live.pop(task_id, None) is not None
+        entry = self._live.pop(task_id, None)
+        if entry is None:
+            return False
+        seqs = self._seqs[entry.priority]
+        del seqs[bisect.bisect_left(seqs, entry.seq)]
+        if not seqs:
+            del self._seqs[entry.priority]
+        left = self._per_model[entry.model] - 1
+        if left:
+            self._per_model[entry.model] = left
+        else:
+            del self._per_model[entry.model]
+        return True
 
     def _head(self, model: str) -> Entry | None:
         heap = self._heaps.get(model)
@@ -81,7 +101,7 @@ class TaskQueue:
         """Remove and return the next task for a node, or None if it can serve none."""
         entry = self.peek_for(models, loaded, now)
         if entry is not None:
-            del self._live[entry.task_id]
+            self.remove(entry.task_id)
         return entry
 
     def position(self, task_id: str) -> int | None:
@@ -89,11 +109,9 @@ class TaskQueue:
         own = self._live.get(task_id)
         if own is None:
             return None
-        return sum(1 for e in self._live.values() if (e.priority, e.seq) < (own.priority, own.seq))
+        ahead = sum(len(seqs) for prio, seqs in self._seqs.items() if prio < own.priority)
+        return ahead + bisect.bisect_left(self._seqs[own.priority], own.seq)
 
     def models_waiting(self) -> dict[str, int]:
         """Count of queued tasks per model."""
-        counts: dict[str, int] = {}
-        for entry in self._live.values():
-            counts[entry.model] = counts.get(entry.model, 0) + 1
-        return counts
+        return dict(self._per_model)

@@ -51,3 +51,33 @@ def test_remove_and_position() -> None:
     assert q.position("c") == 2 and q.position("a") is None
     assert [q.pop_for(["m"]).task_id for _ in range(2)] == ["d", "c"]
     assert q.models_waiting() == {"n": 1}
+
+
+def test_positions_and_counts_stay_right_through_pushes_pops_and_removals() -> None:
+    import random
+
+    rng = random.Random(7)
+    q = TaskQueue()
+    expected: dict[str, tuple[int, int, str]] = {}
+    for seq in range(300):
+        action = rng.random()
+        if action < 0.6 or not expected:
+            task_id, prio, model = f"t{seq}", rng.randint(-3, 3), rng.choice("ab")
+            q.push(task_id, model, prio, seq, 0.0)
+            expected[task_id] = (prio, seq, model)
+        elif action < 0.8:
+            victim = rng.choice(sorted(expected))
+            assert q.remove(victim)
+            del expected[victim]
+        else:
+            entry = q.pop_for(["a", "b"])
+            assert entry.task_id == min(expected, key=lambda t: expected[t][:2])
+            del expected[entry.task_id]
+        order = sorted(expected, key=lambda t: expected[t][:2])
+        assert all(q.position(t) == i for i, t in enumerate(order))
+        counts = {m: sum(1 for v in expected.values() if v[2] == m) for m in "ab"}
+        assert q.models_waiting() == {m: n for m, n in counts.items() if n}
+    q.push("x", "a", 0, 1000, 0.0)
+    q.push("x", "b", 5, 1001, 0.0)  # re-pushing replaces the entry everywhere
+    assert q.models_waiting().get("b", 0) == sum(1 for v in expected.values() if v[2] == "b") + 1
+    assert len(q) == len(expected) + 1
