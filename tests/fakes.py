@@ -37,11 +37,11 @@ class FakeNode:
         """Send one message to the broker."""
         self.sock.send_multipart(p.encode(command, header, blobs))
 
-    def ready(self, busy_task: str | None = None) -> "FakeNode":
-        """Register (READY with capabilities)."""
+    def ready(self, busy_task: str | None = None, busy: bool = False) -> "FakeNode":
+        """Register (READY with capabilities); `busy` without a task: still unwinding an abandoned job."""
         self.send(p.READY, {"node_id": self.name, "device": "fake", "models": self.models,
                             "loaded": self.loaded, "memory_total": 1 << 30, "memory_free": 1 << 29,
-                            "busy_task": busy_task})
+                            "busy_task": busy_task, "busy": busy or busy_task is not None})
         return self
 
     def recv(self, timeout: float = 2.0, skip_heartbeats: bool = True) -> p.Message | None:
@@ -61,9 +61,9 @@ class FakeNode:
             msg = self.recv(timeout)
         return msg
 
-    def heartbeat(self) -> None:
-        """Tell the broker we are alive (and idle)."""
-        self.send(p.HEARTBEAT, {"loaded": self.loaded, "idle": True})
+    def heartbeat(self, idle: bool = True, **extra: Any) -> None:
+        """Tell the broker we are alive (idle unless told otherwise)."""
+        self.send(p.HEARTBEAT, {"loaded": self.loaded, "idle": idle, **extra})
 
     def finish(self, task_id: str, png: bytes | None = None) -> None:
         """Report a successful result."""

@@ -306,3 +306,27 @@ def test_results_are_deleted_after_the_retention_time(broker_factory, ctx) -> No
     finally:
         n.close()
         client.close()
+
+
+def test_a_node_still_unwinding_gets_no_job_until_it_reports_idle(parts) -> None:
+    bt, client, node = parts
+    a = node("a").ready(busy=True)  # re-registered while stopping an abandoned job
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    task_id = submit(client, spec())
+    for _ in range(3):
+        a.heartbeat(idle=False)
+        assert a.recv_job(timeout=0.1) is None
+    a.heartbeat(idle=True)
+    assert a.recv_job().header["task_id"] == task_id
+
+
+def test_heartbeats_refresh_the_lora_list(parts) -> None:
+    bt, client, node = parts
+    a = node("a").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    lora = {"name": "new.safetensors", "size_mb": 1.0, "category": "root"}
+    a.heartbeat(loras=[lora])
+    wait_until(lambda: client.request(p.INFO).header["nodes"][0]["loras"] == [lora], 5)
+    a.heartbeat(loras=None)  # a light heartbeat leaves the list alone
+    a.heartbeat()
+    assert client.request(p.INFO).header["nodes"][0]["loras"] == [lora]

@@ -1,0 +1,34 @@
+"""Entry-point configuration: flags win over environment variables, which win over defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from broker.__main__ import parse_config as broker_config
+from gpu_node.__main__ import parse_config as node_config
+from http_front.__main__ import parse_config as front_config
+
+
+def test_broker_flags_over_env_over_defaults() -> None:
+    env = {"GENSERVE_BROKER_FRONTEND": "tcp://10.0.0.1:1", "GENSERVE_TASK_TIMEOUT": "30"}
+    c = broker_config(["--frontend", "tcp://127.0.0.1:7"], env)
+    assert c.frontend == "tcp://127.0.0.1:7" and c.task_timeout == 30.0 and c.max_retries == 2
+    assert c.node_timeout == c.heartbeat_interval * c.liveness == 3.0
+
+
+def test_node_device_index_models_and_legacy_paths(tiny_models: Path) -> None:
+    c = node_config(["--device", "cuda", "--device-index", "3", "--models-dir", str(tiny_models),
+                     "--models", "flux1-dev,flux1-fill-dev"], {"FLUX_FILL_GPUS": "1"})
+    assert c.device == "cuda:3" and set(c.model_paths) == {"flux1-dev"}  # fill is pinned to GPU 1
+    c = node_config([], {"GENSERVE_DEVICE": "cpu", "FLUX_MODEL_PATH": "/models/dev", "LORA_BASE_PATH": "/l",
+                         "GENSERVE_LORA_CACHE_GB": "0.5"})
+    assert c.model_paths == {"flux1-dev": "/models/dev"} and c.lora_dir == Path("/l")
+    assert c.lora_cache_bytes == 1 << 29 and c.device == "cpu"
+
+
+def test_front_legacy_environment_names() -> None:
+    env = {"HOST": "127.0.0.1", "PORT": "9000", "MAX_PROMPT_LENGTH": "50", "MAX_IMAGE_SIZE": "1024",
+           "DEFAULT_API_KEY": "mine", "API_KEYS_ENCRYPTION_KEY": "k" * 44}
+    c = front_config(["--port", "9001"], env)
+    assert (c.host, c.port, c.max_prompt_length, c.max_image_size) == ("127.0.0.1", 9001, 50, 1024)
+    assert c.legacy_password == "mine" and c.encryption_key == "k" * 44 and c.rate_limit == 100
