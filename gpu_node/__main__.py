@@ -35,6 +35,9 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--node-id", default=env.get("GENSERVE_NODE_ID", ""), help="name shown to operators")
     ap.add_argument("--heartbeat", type=float, default=float(env.get("GENSERVE_HEARTBEAT", d.heartbeat_interval)))
     ap.add_argument("--liveness", type=int, default=int(env.get("GENSERVE_LIVENESS", d.liveness)))
+    ap.add_argument("--shutdown-grace", type=float,
+                    default=float(env.get("GENSERVE_SHUTDOWN_GRACE", d.shutdown_grace)),
+                    help="on SIGTERM, most seconds to wait for the running step (env GENSERVE_SHUTDOWN_GRACE)")
     ap.add_argument("--preload", default=env.get("GENSERVE_PRELOAD", ""),
                     help="comma list of model ids to load before registering (env GENSERVE_PRELOAD)")
     ap.add_argument("--memory-budget-gb", type=float, default=float(env.get("GENSERVE_MEMORY_BUDGET_GB", 0)),
@@ -60,7 +63,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     return NodeConfig(
         broker=a.broker, device=device, model_paths=paths,
         lora_dir=Path(a.lora_dir) if a.lora_dir else None, node_id=a.node_id,
-        heartbeat_interval=a.heartbeat, liveness=a.liveness,
+        heartbeat_interval=a.heartbeat, liveness=a.liveness, shutdown_grace=a.shutdown_grace,
         preload=tuple(m.strip() for m in a.preload.split(",") if m.strip()),
         memory_budget=int(a.memory_budget_gb * (1 << 30)), png_compress_level=a.png_level,
         lora_cache_bytes=int(a.lora_cache_gb * (1 << 30)),

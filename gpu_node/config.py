@@ -18,6 +18,7 @@ class NodeConfig:
     heartbeat_interval: float = 1.0
     liveness: int = 3
     reconnect_max: float = 8.0
+    shutdown_grace: float = 20.0  # most seconds a stopping node waits for its job's current step
     progress_interval: float = 0.2
     preload: tuple[str, ...] = ()
     memory_budget: int = 0  # bytes of weights kept loaded; 0 = 90% of the device

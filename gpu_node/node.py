@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Callable
 
 import zmq
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 WORKER_ENDPOINT = "inproc://genserve-worker-{}"
 FULL_EVERY = 10
+PAIR_SEND_TIMEOUT_MS = 1000  # a send to a thread that has gone must not hang the process
+FINAL_LINGER_MS = 500  # lets the last RESULT/ERROR/DISCONNECT leave before the process exits
+MAX_UNACKED = 16  # finished reports kept for the broker; beyond this the oldest is dropped
 
 
 class Node:
@@ -44,8 +48,11 @@ class Node:
         self.context = context or zmq.Context.instance()
         self.node_id = config.node_id or f"{socket.gethostname()}-{config.device}-{os.getpid()}"
         self._stop = threading.Event()
-        self._cancelled: set[str] = set()
-        self._abandoned: set[str] = set()
+        self._cancelled: set[str] = set()  # cancelled by the broker: reported as cancelled
+        self._abandoned: set[str] = set()  # given up by this node: reported so the broker re-queues
+        # Final reports (RESULT/ERROR frames) the broker has not acknowledged yet: re-sent after
+        # every registration, so work finished while the broker was away is never redone.
+        self._unacked: OrderedDict[str, list[bytes]] = OrderedDict()
         self.current: str | None = None
         self.step = 0  # last denoising step of the current job (written by the worker)
         self.cancel_step: dict[str, int] = {}  # task -> step at which its CANCEL arrived
@@ -53,6 +60,7 @@ class Node:
         self._endpoint = WORKER_ENDPOINT.format(uuid.uuid4().hex)
         self._pair = self.context.socket(zmq.PAIR)
         self._pair.setsockopt(zmq.LINGER, 0)
+        self._pair.setsockopt(zmq.SNDTIMEO, PAIR_SEND_TIMEOUT_MS)
         self._pair.bind(self._endpoint)
         self._worker = threading.Thread(target=self._work, name="genserve-worker", daemon=True)
         self.dealer: zmq.Socket | None = None
@@ -77,10 +85,19 @@ class Node:
         self._send(p.READY, {**self.capabilities(True), "node_id": self.node_id, "device": self.config.device,
                              "host": socket.gethostname(), "pid": os.getpid(), "busy_task": keeps,
                              "busy": self.current is not None})
+        for task_id, frames in self._unacked.items():
+            log.info("re-sending the unacknowledged report of task %s", task_id)
+            self._send_frames(frames)
 
     def _send(self, command: bytes, header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = ()) -> None:
+        self._send_frames(p.encode(command, header, blobs))
+
+    def _send_frames(self, frames: list[bytes]) -> None:
         assert self.dealer is not None
-        self.dealer.send_multipart(p.encode(command, header, blobs), copy=False)
+        try:
+            self.dealer.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # the broker is unreachable and the pipe is full: heartbeats will tell
+            log.warning("broker pipe full; dropped one message")
         self._last_sent = time.monotonic()
 
     def stop(self) -> None:
@@ -111,7 +128,6 @@ class Node:
                     # stop at the next step so that it never runs twice at once.
                     log.warning("abandoning task %s", self.current)
                     self._abandoned.add(self.current)
-                    self._cancelled.add(self.current)
                 poller.unregister(self.dealer)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.reconnect_max)
@@ -143,6 +159,8 @@ class Node:
                 continue
             if msg.command == p.JOB:
                 self._on_job(msg)
+            elif msg.command == p.RESULT_ACK:
+                self._unacked.pop(str(msg.header.get("task_id")), None)
             elif msg.command == p.CANCEL:
                 task_id = str(msg.header.get("task_id"))
                 self._cancelled.add(task_id)  # first, so the worker stops at most one step later
@@ -155,12 +173,17 @@ class Node:
 
     def _on_job(self, msg: p.Message) -> None:
         task_id = str(msg.header["task_id"])
-        if self.current is not None:
-            self._send(p.ERROR, {"task_id": task_id, "code": "node_busy", "message": "node is busy"})
+        if self.current is not None or self._stop.is_set():
+            self._send(p.ERROR, {"task_id": task_id, "code": p.E_NODE_BUSY,
+                                 "message": "node is busy" if self.current else "node is stopping"})
             return
         self.current = task_id
         self._cancelled.discard(task_id)
-        self._pair.send_multipart(p.encode(p.JOB, msg.header, msg.blobs), copy=False)
+        try:
+            self._pair.send_multipart(p.encode(p.JOB, msg.header, msg.blobs), copy=False)
+        except zmq.Again:  # the worker is gone (stopping): let the broker place the task elsewhere
+            self.current = None
+            self._send(p.ERROR, {"task_id": task_id, "code": p.E_NODE_BUSY, "message": "worker unavailable"})
 
     def _drain_worker(self) -> None:
         while True:
@@ -173,19 +196,38 @@ class Node:
                 self.current = None
                 # The job may have loaded a model: tell the broker now, not at the next heartbeat.
                 msg.header["loaded"] = self.capabilities(False)["loaded"]
-            self._send(msg.command, msg.header, msg.blobs)
+                frames = p.encode(msg.command, msg.header, msg.blobs)
+                self._keep(str(msg.header["task_id"]), frames)
+                self._send_frames(frames)
+            else:
+                self._send(msg.command, msg.header, msg.blobs)
+
+    def _keep(self, task_id: str, frames: list[bytes]) -> None:
+        self._unacked[task_id] = frames
+        while len(self._unacked) > MAX_UNACKED:
+            dropped, _ = self._unacked.popitem(last=False)
+            log.warning("dropping the unacknowledged report of task %s (more than %d kept)", dropped, MAX_UNACKED)
 
     def _shutdown(self) -> None:
-        if self.current is not None:
-            self._cancelled.add(self.current)
+        """Let the running job stop at its next step, report it, leave the broker; every wait bounded."""
+        deadline = time.monotonic() + self.config.shutdown_grace
         if self.dealer is not None:
-            try:
-                self._send(p.DISCONNECT, {"reason": "shutting down"})
-            except zmq.ZMQError:
-                pass  # already gone; the broker expires us
-            self.dealer.close(linger=0)
-        self._pair.send_multipart(p.encode(p.DISCONNECT))  # wakes the worker to exit
-        self._worker.join(timeout=30)
+            self._send(p.HEARTBEAT, {**self._heartbeat(), "leaving": True})  # no new JOB, please
+        if self.current is not None:
+            log.info("stopping: task %s will be re-queued after its current step", self.current)
+        while self._worker.is_alive() and time.monotonic() < deadline:
+            if self._pair.poll(50):
+                self._drain_worker()
+            if self.dealer is not None and self.dealer.poll(0):
+                self._drain_broker()
+        self._drain_worker()
+        if self._worker.is_alive():
+            log.warning("the worker did not stop within %.1fs; leaving anyway", self.config.shutdown_grace)
+        if self.dealer is not None:
+            # DISCONNECT makes the broker re-queue at once whatever it still thinks we run.
+            self._send(p.DISCONNECT, {"reason": "shutting down"})
+            self.dealer.close(linger=FINAL_LINGER_MS)
+            self.dealer = None
         self._pair.close(linger=0)
 
     # ---- worker thread ---------------------------------------------------
@@ -193,15 +235,18 @@ class Node:
     def _work(self) -> None:
         pair = self.context.socket(zmq.PAIR)
         pair.setsockopt(zmq.LINGER, 0)
+        pair.setsockopt(zmq.SNDTIMEO, PAIR_SEND_TIMEOUT_MS)
         pair.connect(self._endpoint)
         try:
             while not self._stop.is_set():
-                if not pair.poll(500):
+                if not pair.poll(100):
                     continue
                 msg = p.decode(pair.recv_multipart())
-                if msg.command == p.DISCONNECT:
-                    return
-                pair.send_multipart(self._run_job(msg, pair), copy=False)
+                try:
+                    pair.send_multipart(self._run_job(msg, pair), copy=False)
+                except zmq.Again:
+                    log.warning("could not hand the report of task %s back; the broker re-queues it",
+                                msg.header.get("task_id"))
         finally:
             pair.close(linger=0)
 
@@ -224,15 +269,23 @@ class Node:
             now = time.monotonic()
             if now - last_progress >= self.config.progress_interval:
                 last_progress = now
-                pair.send_multipart(p.encode(p.PROGRESS, {"task_id": task_id, "step": step, "total": total}))
+                try:
+                    pair.send_multipart(p.encode(p.PROGRESS, {"task_id": task_id, "step": step, "total": total}),
+                                        zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # progress is advisory; the next one will do
+
+        def should_stop() -> bool:
+            return task_id in self._cancelled or task_id in self._abandoned or self._stop.is_set()
 
         try:
-            png, meta = self.runner(job, on_step, lambda: task_id in self._cancelled or self._stop.is_set())
+            png, meta = self.runner(job, on_step, should_stop)
         except Cancelled:
             at = self.cancel_step.pop(task_id, self.step)
             self.stopped[task_id] = (at, self.step)
             log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self.step, at)
-            code = p.E_ABANDONED if task_id in self._abandoned else p.E_CANCELLED
+            # Only the broker's own CANCEL ends a task; stopping or losing the broker re-queues it.
+            code = p.E_CANCELLED if task_id in self._cancelled else p.E_ABANDONED
             return p.encode(p.ERROR, {"task_id": task_id, "code": code, "message": f"stopped at step {self.step}"})
         except JobError as exc:
             return p.encode(p.ERROR, {"task_id": task_id, "code": exc.code, "message": str(exc)})
@@ -240,5 +293,5 @@ class Node:
             log.exception("task %s failed", task_id)
             return p.encode(p.ERROR, {"task_id": task_id, "code": p.E_GENERATION,
                                       "message": f"{type(exc).__name__}: {exc}"})
-        log.info("task %s done in %.3fs", task_id, meta.get("generation_time", 0.0))
+        log.info("task %s done in %.3fs (seed %s)", task_id, meta.get("generation_time", 0.0), meta.get("seed"))
         return p.encode(p.RESULT, {"task_id": task_id, "meta": meta}, [png])

@@ -18,14 +18,20 @@ from PIL import Image
 
 from tests.conftest import ROOT, Cluster
 
-pytestmark = pytest.mark.e2e
 GUIDE = ROOT.parent / "shared" / "spec" / "API_CURL_GUIDE.md"
+# The guide lives beside the clone only in CI and in the team's checkout; a user's clone has
+# docs/API.md instead, whose examples tests/test_api_docs.py runs.
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
+    not GUIDE.is_file(), reason=f"the API guide is not beside this clone ({GUIDE}); docs/API.md's examples are "
+                                "run by tests/test_api_docs.py instead")]
 
 
 def guide_blocks(section_prefixes: tuple[str, ...]) -> list[tuple[str, str]]:
     """(heading, bash block) for every curl block under headings starting with the prefixes."""
-    assert GUIDE.is_file(), f"the API guide is missing at {GUIDE}"
-    blocks, heading, code = [], "", None
+    blocks: list[tuple[str, str]] = []
+    if not GUIDE.is_file():
+        return blocks
+    heading, code = "", None
     for line in GUIDE.read_text(encoding="utf-8").splitlines(keepends=True):
         if code is None and line.startswith("```bash"):
             code = []

@@ -91,6 +91,7 @@ def test_keys_check(tmp_path: Path) -> None:
     assert wrong.exit_code != 0 and "cannot decrypt" in wrong.output
 
 
+@pytest.mark.e2e
 def test_real_processes_front_and_cli(tmp_path: Path) -> None:
     key = Fernet.generate_key().decode()
     procs = Processes(tmp_path)
@@ -129,6 +130,7 @@ def test_real_processes_front_and_cli(tmp_path: Path) -> None:
     assert gen.returncode == 0 and gen.stdout.startswith("export API_KEYS_ENCRYPTION_KEY=")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage", ["wrong key", "malformed key", "corrupted file"])
 def test_front_refuses_to_start_and_leaves_the_file_untouched(tmp_path: Path, damage: str) -> None:
     key = Fernet.generate_key().decode()
