@@ -9,7 +9,10 @@ import signal
 from pathlib import Path
 
 from broker.config import BrokerConfig
+from broker.curve import InsecureBind
 from broker.server import Broker
+
+MB = 1 << 20
 
 
 def _path(value: str | None) -> Path | None:
@@ -42,10 +45,17 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--max-queued-per-key", type=int,
                     default=int(env.get("GENSERVE_MAX_QUEUED_PER_KEY", d.max_queued_per_owner)),
                     help="cap on unfinished tasks per API key (env GENSERVE_MAX_QUEUED_PER_KEY)")
+    ap.add_argument("--disk-budget-mb", type=float,
+                    default=float(env.get("GENSERVE_DISK_BUDGET_MB", d.disk_budget_bytes / MB)),
+                    help="disk for input and result images; past it the oldest results are evicted,"
+                         " then SUBMITs refused; 0 = unlimited (env GENSERVE_DISK_BUDGET_MB)")
     ap.add_argument("--curve-secret", default=env.get("GENSERVE_CURVE_SECRET"),
                     help="broker secret key file; enables CURVE (env GENSERVE_CURVE_SECRET)")
     ap.add_argument("--curve-authorized", default=env.get("GENSERVE_CURVE_AUTHORIZED"),
                     help="directory of authorised public keys (env GENSERVE_CURVE_AUTHORIZED)")
+    ap.add_argument("--insecure", action="store_true", default=env.get("GENSERVE_INSECURE", "") in ("1", "true"),
+                    help="allow binding a non-loopback address without CURVE: anyone who reaches it can"
+                         " submit, read results or pose as a node (env GENSERVE_INSECURE=1)")
     ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,8 +63,9 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         frontend=a.frontend, backend=a.backend, data_dir=Path(a.data_dir),
         heartbeat_interval=a.heartbeat, liveness=a.liveness, task_timeout=a.task_timeout,
         max_retries=a.max_retries, result_ttl=a.result_ttl, max_queued=a.max_queued,
-        max_queued_per_owner=a.max_queued_per_key, curve_secret_file=_path(a.curve_secret),
-        curve_authorized_dir=_path(a.curve_authorized),
+        max_queued_per_owner=a.max_queued_per_key, disk_budget_bytes=int(a.disk_budget_mb * MB),
+        curve_secret_file=_path(a.curve_secret),
+        curve_authorized_dir=_path(a.curve_authorized), insecure=a.insecure,
     )
 
 
@@ -62,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     """Run the broker until SIGTERM or SIGINT."""
     config = parse_config(argv)
     broker = Broker(config)
-    broker.bind()
+    try:
+        broker.bind()
+    except InsecureBind as exc:
+        broker.close()
+        raise SystemExit(f"genserve-broker: {exc}") from None
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     try:

@@ -11,7 +11,7 @@ class BrokerConfig:
     """Everything the broker process needs to run."""
 
     frontend: str = "tcp://127.0.0.1:5555"
-    backend: str = "tcp://0.0.0.0:5556"
+    backend: str = "tcp://127.0.0.1:5556"
     data_dir: Path = Path("var/broker")
     heartbeat_interval: float = 1.0
     liveness: int = 3
@@ -21,8 +21,10 @@ class BrokerConfig:
     max_queued: int = 10_000
     max_queued_per_owner: int = 1_000
     affinity_window: float = 30.0
+    disk_budget_bytes: int = 0  # image files plus reserved results; 0 = unlimited
     curve_secret_file: Path | None = None
     curve_authorized_dir: Path | None = None
+    insecure: bool = False  # allow a non-loopback bind without CURVE (trusted networks only)
 
     @property
     def node_timeout(self) -> float:

@@ -8,6 +8,7 @@ logs the refusal. Without a configured secret key, links are plain TCP.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Iterable
@@ -72,3 +73,33 @@ def setup_client(sock: zmq.Socket, secret_file: Path | None, server_public_file:
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_serverkey = server_public
+
+
+class InsecureBind(ValueError):
+    """A bind that would expose the broker without authentication."""
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc/inproc endpoints and tcp endpoints on a loopback address."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return scheme in ("ipc", "inproc")
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: reachable from elsewhere
+
+
+def check_exposure(endpoints: Iterable[str], curve: bool, insecure: bool) -> None:
+    """Refuse a non-loopback bind without CURVE unless the operator said --insecure."""
+    exposed = [e for e in endpoints if not is_loopback_endpoint(e)]
+    if exposed and not curve and not insecure:
+        raise InsecureBind(f"refusing to bind {', '.join(exposed)} without CURVE: anyone who reaches it could pose"
+                           " as a node or submit without a key. Use --curve-secret/--curve-authorized, bind"
+                           " 127.0.0.1, or pass --insecure on a trusted network")
+    for endpoint in exposed:
+        log.warning("%s is reachable from other machines%s", endpoint,
+                    "" if curve else " WITHOUT authentication (--insecure)")

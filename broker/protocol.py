@@ -27,6 +27,7 @@ DISCONNECT = b"\x06"
 # Broker -> node (HEARTBEAT and DISCONNECT also flow this way)
 JOB = b"\x10"
 CANCEL = b"\x11"
+RESULT_ACK = b"\x12"  # the broker has stored a RESULT/ERROR: the node may forget it
 # Front -> broker
 SUBMIT = b"\x20"
 STATUS = b"\x21"
@@ -42,7 +43,7 @@ DONE = b"\x33"  # pushed to the submitting front when a watched task ends
 
 COMMAND_NAMES = {
     READY: "READY", HEARTBEAT: "HEARTBEAT", PROGRESS: "PROGRESS", RESULT: "RESULT",
-    ERROR: "ERROR", DISCONNECT: "DISCONNECT", JOB: "JOB", CANCEL: "CANCEL",
+    ERROR: "ERROR", DISCONNECT: "DISCONNECT", JOB: "JOB", CANCEL: "CANCEL", RESULT_ACK: "RESULT_ACK",
     SUBMIT: "SUBMIT", STATUS: "STATUS", FETCH: "FETCH", CANCEL_TASK: "CANCEL_TASK",
     INFO: "INFO", ADMIN: "ADMIN", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL", DONE: "DONE",
 }
@@ -62,10 +63,13 @@ E_UNSUPPORTED_MODE = "unsupported_mode"
 E_NO_NODE = "no_node"
 E_NOT_FOUND = "not_found"
 E_QUEUE_FULL = "queue_full"
+E_DISK_FULL = "disk_full"  # the disk budget cannot hold a new task's images: retry later
 E_TIMEOUT = "timeout"
 E_CANCELLED = "cancelled"
 E_NODE_LOST = "node_lost"
-E_ABANDONED = "abandoned"  # node lost the broker and stopped the job itself: re-queue, not a failure
+E_ABANDONED = "abandoned"  # node lost the broker or is stopping: re-queue, not a failure
+E_NODE_BUSY = "node_busy"  # a JOB reached a node that already runs one: re-queue
+E_EXPIRED = "expired"  # a SUBMIT reached the broker after its deadline: the client was told it failed
 E_GENERATION = "generation_failed"
 E_PROTOCOL = "protocol"
 

@@ -21,6 +21,7 @@ from broker.config import BrokerConfig
 from broker.journal import Journal
 from broker.nodes import BUSY, IDLE, Node, NodeRegistry
 from broker.queue import TaskQueue
+from broker.results import check_image
 from broker.tasks import Task, TaskTable
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,10 @@ class Broker:
 
     def bind(self) -> tuple[str, str]:
         """Bind both sockets; returns the actual endpoints (ports resolved)."""
-        from broker.curve import setup_server  # local: only needed when CURVE is on
+        from broker.curve import check_exposure, setup_server  # local: only needed when binding
 
+        check_exposure((self.config.frontend, self.config.backend), self.config.curve_secret_file is not None,
+                       self.config.insecure)
         self._curve = setup_server(self.context, self.config, (self.frontend, self.backend))
         self.frontend.bind(self.config.frontend)
         self.backend.bind(self.config.backend)
@@ -138,7 +141,8 @@ class Broker:
 
     def _reply(self, identity: bytes, req: Any, command: bytes, header: dict[str, Any],
                blobs: list[bytes] | tuple = ()) -> None:
-        self._send(self.frontend, identity, command, {"req": req, **header}, blobs)
+        # "now" lets each front keep SUBMIT deadlines in this clock, whatever its own says.
+        self._send(self.frontend, identity, command, {"req": req, "now": self.clock(), **header}, blobs)
 
     # ---- front side ------------------------------------------------------
 
@@ -167,6 +171,10 @@ class Broker:
             self._reply(identity, req, p.FAIL, {"code": p.E_PROTOCOL, "message": "internal broker error"})
 
     def _on_submit(self, identity: bytes, req: Any, msg: p.Message) -> None:
+        deadline = msg.header.get("deadline")
+        if deadline is not None and self.clock() > float(deadline):
+            # Its front has answered 503 by now: running it would surprise a client that retries.
+            raise RequestError(p.E_EXPIRED, "the request reached the broker after its front gave up on it")
         spec = msg.header["task"]
         model, mode = str(spec["model_id"]), str(spec["mode"])
         self._check_servable(model, mode)
@@ -186,6 +194,9 @@ class Broker:
         )
         if msg.header.get("watch"):
             task.watchers.add(identity)
+        if not self.table.make_room(task, self.config.disk_budget_bytes):
+            raise RequestError(p.E_DISK_FULL, f"result storage is full ({self.table.disk_used} of"
+                               f" {self.config.disk_budget_bytes} bytes in use or reserved); retry later")
         self.table.accept(task, now)  # journaled before the ACK
         self._reply(identity, req, p.ACK, {"task_id": task.task_id,
                                            "queue_position": self.queue.position(task.task_id)})
@@ -231,7 +242,10 @@ class Broker:
 
     def _on_cancel(self, identity: bytes, req: Any, msg: p.Message) -> None:
         task = self._task(msg)
-        if not task.final:
+        if msg.header.get("orphaned") and not task.final:
+            # Accepted after its front had answered 503: the client never learnt of it.
+            self._fail(task, p.CANCELLED, p.E_EXPIRED, "accepted after its client was told the submit failed")
+        elif not task.final:
             self._fail(task, p.CANCELLED, p.E_CANCELLED, "cancelled by request")
         self._reply(identity, req, p.REPLY, {"task": task.describe()})
 
@@ -302,6 +316,9 @@ class Broker:
             node.memory_free = int(h["memory_free"])
         if h.get("loras") is not None:
             node.loras = list(h["loras"])
+        if h.get("leaving") and not node.draining:
+            node.draining = True  # a stopping node: no new work while its job winds down
+            log.info("node %s is stopping", node.node_id)
         if h.get("idle") and node.state == BUSY and node.task_id is None:
             node.state = IDLE  # a cancelled task has finished unwinding
             self._dispatch()
@@ -312,26 +329,50 @@ class Broker:
             task.step, task.total = int(msg.header["step"]), int(msg.header["total"])
 
     def _on_result(self, identity: bytes, node: Node, msg: p.Message) -> None:
-        task = self._release(node, str(msg.header["task_id"]), msg.header.get("loaded"))
-        if task is not None:
+        task_id = str(msg.header["task_id"])
+        task = self._release(node, task_id, msg.header.get("loaded"))
+        if task is None:
+            # A report kept by a node across a broker restart or a reconnect: finished work is
+            # never thrown away while its task is still waiting or running elsewhere.
+            task = self._adoptable(task_id)
+        meta = dict(msg.header.get("meta", {}))
+        result = msg.blobs[0] if msg.blobs else b""
+        wrong = check_image(result, str(meta.get("format", "png")), meta.get("width"), meta.get("height"))
+        if task is not None and wrong:
+            log.warning("node %s returned %s for task %s: failing it", node.node_id, wrong, task_id)
+            self._fail(task, p.FAILED, p.E_GENERATION, f"the node returned an invalid result: {wrong}")
+        elif task is not None:
+            self._detach(task)
             task.state = p.COMPLETED
             task.finished = self.clock()
-            task.meta = dict(msg.header.get("meta", {}))
+            task.meta = meta
             task.step = task.total
-            result = msg.blobs[0] if msg.blobs else b""
             self.table.finish(task, result)
             node.jobs_done += 1
             self._notify(task, [result])
+        self._to_node(node, p.RESULT_ACK, {"task_id": task_id})
         self._dispatch()
 
     def _on_error(self, identity: bytes, node: Node, msg: p.Message) -> None:
-        task = self._release(node, str(msg.header["task_id"]), msg.header.get("loaded"))
+        task_id = str(msg.header["task_id"])
+        task = self._release(node, task_id, msg.header.get("loaded"))
         code = str(msg.header.get("code", p.E_GENERATION))
-        if task is not None and code == p.E_ABANDONED:
-            self._requeue(task, "its node lost the broker and stopped it")
+        if task is not None and code == p.E_NODE_BUSY:
+            task.attempts -= 1  # it never started
+            self._requeue(task, "its node could not take it")
+        elif task is not None and code == p.E_ABANDONED:
+            self._requeue(task, "its node stopped it without failing it")
         elif task is not None:
             self._fail(task, p.FAILED, code, str(msg.header.get("message", "generation failed")))
+        self._to_node(node, p.RESULT_ACK, {"task_id": task_id})
         self._dispatch()
+
+    def _adoptable(self, task_id: str) -> Task | None:
+        task = self.tasks.get(task_id)
+        if task is None or task.final:
+            return None
+        log.info("adopting the late result of task %s (it was %s)", task_id, task.state)
+        return task
 
     def _on_disconnect(self, identity: bytes, node: Node | None, msg: p.Message) -> None:
         node = self.nodes.remove(identity)
@@ -347,6 +388,8 @@ class Broker:
         if node.task_id == task_id or (node.state == BUSY and node.task_id is None):
             node.state, node.task_id = IDLE, None  # also ends a cancelled task's unwinding
         task = self.tasks.get(task_id)
+        if task is not None and task.final:
+            return None
         if task is None or task.node != node.identity or task.state != p.RUNNING:
             log.info("discarding late message for task %s from %s", task_id, node.node_id)
             return None
@@ -384,6 +427,7 @@ class Broker:
         self.journal.update(task)
         if not resumed and not self._to_node(node, p.JOB, task.job_header(), task.inputs):
             self.nodes.remove(node.identity)
+            task.attempts -= 1  # it never reached the node
             self._requeue_node_task(node, "node unreachable")
 
     def _requeue_node_task(self, node: Node, why: str) -> None:
@@ -403,14 +447,18 @@ class Broker:
         log.warning("re-queueing task %s (%s, attempt %d)", task.task_id, why, task.attempts)
         self.table.enqueue(task, self.clock())
 
-    def _fail(self, task: Task, state: str, code: str, message: str) -> None:
+    def _detach(self, task: Task, reason: str = "finished elsewhere") -> None:
+        """Take an ending task out of the queue, or stop it on the node that runs it."""
         self.table.withdraw(task.task_id)
         if task.state == p.RUNNING and task.node is not None:
             node = self.nodes.get(task.node)
-            if node is not None:
+            if node is not None and node.task_id == task.task_id:
                 # The node keeps BUSY until it reports idle, so nothing overlaps.
-                self._to_node(node, p.CANCEL, {"task_id": task.task_id, "reason": code})
+                self._to_node(node, p.CANCEL, {"task_id": task.task_id, "reason": reason})
                 node.task_id = None
+
+    def _fail(self, task: Task, state: str, code: str, message: str) -> None:
+        self._detach(task, code)
         task.state, task.error_code, task.error = state, code, message
         task.finished = self.clock()
         self.table.finish(task, None)
@@ -427,6 +475,7 @@ class Broker:
 
     def _timers(self, now: float) -> None:
         self.table.housekeeping(now, self.config.result_ttl)
+        self.table.trim(self.config.disk_budget_bytes)
         for node in self.nodes.expired(now, self.config.node_timeout):
             log.warning("node %s expired after %.1fs of silence", node.node_id, now - node.last_seen)
             self.nodes.remove(node.identity)

@@ -1,4 +1,4 @@
-"""Task records and the broker's task table (no sockets)."""
+"""Task records and the broker's task table (no sockets), with the disk budget's accounting."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class Task:
     error_code: str | None = None
     error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    result_expired: bool = False  # completed, but its image was evicted to respect the disk budget
     watchers: set[bytes] = field(default_factory=set)
 
     @property
@@ -72,7 +73,23 @@ class Task:
             out["error"] = self.error
         if self.meta:
             out["meta"] = self.meta
+        if self.result_expired:
+            out["result_expired"] = True
         return out
+
+
+def result_reserve(params: dict[str, Any]) -> int:
+    """Disk held for a task's future result: an upper bound of an 8-bit RGB PNG of its size.
+
+    Raw rows with their filter bytes, deflate's worst-case growth (stored blocks) and
+    the PNG chunks; real images compress well below it.
+    """
+    try:
+        width, height = int(params.get("width", 1024)), int(params.get("height", 1024))
+    except (TypeError, ValueError):
+        width = height = 1024
+    raw = max(height, 1) * (3 * max(width, 1) + 1)
+    return raw + raw // 1000 + 1024
 
 
 class TaskTable:
@@ -81,6 +98,11 @@ class TaskTable:
     Tasks recovered as *running* after a restart are held back for a grace period
     (one node timeout), so the node still computing one can reclaim it before any
     other node is offered it.
+
+    Disk budget: the journal counts the bytes of its image files, and each unfinished task
+    also holds `result_reserve` bytes for its result, so the results of accepted tasks
+    always fit. A task that does not fit first evicts the oldest finished results; when
+    even evicting all of them would not make room, nothing is evicted and it is refused.
     """
 
     def __init__(self, journal: Journal, queue: TaskQueue) -> None:
@@ -92,6 +114,12 @@ class TaskTable:
         self._held: dict[str, float] = {}
         self._unfinished: dict[str, int] = {}  # owner -> tasks not yet final (the per-key cap)
         self._last_purge = 0.0
+        self._reserved = 0  # bytes held for the results of unfinished tasks
+
+    @property
+    def disk_used(self) -> int:
+        """Bytes counted against the disk budget: image files plus reserved results."""
+        return self.journal.blob_bytes + self._reserved
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -105,9 +133,33 @@ class TaskTable:
         self._seq += 1
         return self._seq
 
+    def make_room(self, task: Task, disk_budget: int) -> bool:
+        """Evict the oldest finished results until `task` fits the budget (0: none); False if it cannot."""
+        if disk_budget <= 0:
+            return True
+        over = self.disk_used + sum(map(len, task.inputs)) + result_reserve(task.params) - disk_budget
+        if over <= 0:
+            return True
+        if over > self.journal.result_bytes:
+            return False  # evicting every result would not be enough: keep them
+        self._expire(self.journal.evict_results(over))
+        return True
+
+    def trim(self, disk_budget: int) -> None:
+        """Evict the oldest finished results while over the budget (0: none), e.g. after it shrank."""
+        if 0 < disk_budget < self.disk_used:
+            self._expire(self.journal.evict_results(self.disk_used - disk_budget))
+
+    def _expire(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            task = self.tasks.get(task_id)
+            if task is not None:
+                task.result_expired = True
+
     def accept(self, task: Task, now: float) -> None:
         """Journal a new task (durably, before any ACK) and queue it."""
         self.journal.add(task)
+        self._reserved += result_reserve(task.params)
         self.tasks[task.task_id] = task
         self._unfinished[task.owner] = self._unfinished.get(task.owner, 0) + 1
         self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
@@ -116,6 +168,7 @@ class TaskTable:
     def finish(self, task: Task, result: bytes | None) -> None:
         """Persist a final state (the caller has set it) and the result image, if any."""
         self.journal.finish(task, result)
+        self._reserved = max(0, self._reserved - result_reserve(task.params))
         left = self._unfinished.get(task.owner, 1) - 1
         if left > 0:
             self._unfinished[task.owner] = left
@@ -180,6 +233,7 @@ class TaskTable:
             if task.final:
                 continue
             self._unfinished[task.owner] = self._unfinished.get(task.owner, 0) + 1
+            self._reserved += result_reserve(task.params)
             task.node = task.node_id = None
             heapq.heappush(self._deadlines, (task.deadline, task.task_id))
             if task.state == RUNNING:

@@ -15,7 +15,7 @@ import queue
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from broker.curve import setup_client
 log = logging.getLogger(__name__)
 
 RECENT_DONE = 32
+MAX_ORPHANS = 1024  # SUBMITs answered 503 whose ACK may still arrive
 
 
 class BrokerUnavailable(Exception):
@@ -52,13 +53,17 @@ class BrokerClient:
         self.timeout = timeout
         self.context = context or zmq.Context.instance()
         self._curve = (curve_secret_file, curve_server_public_file)
-        self._outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[int, list[bytes]]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._pending: dict[int, Future] = {}
         self._waiters: dict[str, list[Future]] = {}
         # DONE pushes that arrived before their waiter registered (tiny tasks are that fast).
         self._recent: OrderedDict[str, p.Message] = OrderedDict()
+        # SUBMITs whose caller already answered "failed": if their ACK still comes, cancel the task.
+        self._orphans: OrderedDict[int, None] = OrderedDict()
+        self._clock_offset: float | None = None  # broker clock minus ours, from its replies
+        self._unsent: deque[tuple[int, list[bytes]]] = deque()  # I/O thread only
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -84,13 +89,23 @@ class BrokerClient:
         """Send one request and wait for its ACK/REPLY; raises BrokerError or BrokerUnavailable."""
         req = next(self._ids)
         future: Future = Future()
+        timeout = timeout if timeout is not None else self.timeout
+        header = {**(header or {}), "req": req}
+        if command == p.SUBMIT and self._clock_offset is not None:
+            # In the broker's clock: a SUBMIT delivered after we gave up must not be queued.
+            header["deadline"] = time.time() + self._clock_offset + timeout
         with self._lock:
             self._pending[req] = future
-        self._outbox.put(p.encode(command, {**(header or {}), "req": req}, blobs))
+        self._outbox.put((req, p.encode(command, header, blobs)))
         self._wake()
         try:
-            msg: p.Message = future.result(timeout if timeout is not None else self.timeout)
+            msg: p.Message = future.result(timeout)
         except FutureTimeout:
+            if command == p.SUBMIT:
+                with self._lock:
+                    self._orphans[req] = None
+                    while len(self._orphans) > MAX_ORPHANS:
+                        self._orphans.popitem(last=False)
             raise BrokerUnavailable("the broker did not answer in time") from None
         finally:
             with self._lock:
@@ -153,6 +168,9 @@ class BrokerClient:
     def _loop(self) -> None:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # No queueing for a broker we are not connected to: such a request fails at once
+        # (503) instead of being delivered, and run, after its client was told it failed.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         setup_client(sock, *self._curve)
@@ -162,18 +180,13 @@ class BrokerClient:
         poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(timeout=500))
+                events = dict(poller.poll(timeout=10 if self._unsent else 500))
                 if self._wake_r.fileno() in events:
                     try:
                         self._wake_r.recv(4096)
                     except BlockingIOError:
                         pass
-                while True:
-                    try:
-                        frames = self._outbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    sock.send_multipart(frames, copy=False)
+                self._flush(sock)
                 if sock in events:
                     self._receive(sock)
         finally:
@@ -202,7 +215,35 @@ class BrokerClient:
                     if not future.done():
                         future.set_result(msg)
                 continue
+            if "now" in msg.header:
+                self._clock_offset = float(msg.header["now"]) - time.time()
+            req = msg.header.get("req")
             with self._lock:
-                future = self._pending.get(msg.header.get("req"))
+                future = self._pending.get(req)
+                orphan = self._orphans.pop(req, 0) is None
             if future is not None and not future.done():
                 future.set_result(msg)
+            elif orphan and msg.command == p.ACK:
+                task_id = msg.header.get("task_id")
+                log.warning("task %s was accepted after its client was told it failed: cancelling it", task_id)
+                self._outbox.put((0, p.encode(p.CANCEL_TASK, {"task_id": task_id, "orphaned": True, "req": 0})))
+                self._wake()
+
+    def _flush(self, sock: zmq.Socket) -> None:
+        """Send what waits; a request not sendable yet (no connection) is retried while its caller waits."""
+        waiting, self._unsent = self._unsent, deque()
+        while True:
+            try:
+                waiting.append(self._outbox.get_nowait())
+            except queue.Empty:
+                break
+        for req, frames in waiting:
+            with self._lock:
+                wanted = req == 0 or req in self._pending  # 0: fire-and-forget (orphan cancels)
+            if not wanted:
+                continue  # its caller gave up: never send it late
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if len(self._unsent) < MAX_ORPHANS:
+                    self._unsent.append((req, frames))

@@ -329,4 +329,36 @@ def test_heartbeats_refresh_the_lora_list(parts) -> None:
     wait_until(lambda: client.request(p.INFO).header["nodes"][0]["loras"] == [lora], 5)
     a.heartbeat(loras=None)  # a light heartbeat leaves the list alone
     a.heartbeat()
+    # Heartbeats are handled in order: once this marker shows, the two above were handled too.
+    a.heartbeat(memory_free=12345)
+    wait_until(lambda: client.request(p.INFO).header["nodes"][0]["memory_free"] == 12345, 5)
     assert client.request(p.INFO).header["nodes"][0]["loras"] == [lora]
+
+
+def test_disk_budget_evicts_old_results_then_refuses_with_disk_full(broker_factory, ctx) -> None:
+    from broker.tasks import result_reserve
+
+    small = {"width": 16, "height": 16}
+    bt = broker_factory(disk_budget_bytes=2 * result_reserve(small) + 50)  # < 2 reservations + a result
+    client = BrokerClient(bt.frontend, context=ctx).start()
+    n = FakeNode(ctx, bt.backend, "n").ready()
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        old = submit(client, spec(**small))
+        n.finish(n.recv_job().header["task_id"])
+        wait_until(lambda: client.request(p.FETCH, {"task_id": old}).blobs == [png_bytes()], 5)
+        running = submit(client, spec(**small))
+        assert n.recv_job().header["task_id"] == running
+        submit(client, spec(**small))  # fits once the old result is evicted
+        fetched = client.request(p.FETCH, {"task_id": old})
+        assert fetched.blobs == [] and fetched.header["task"]["status"] == p.COMPLETED
+        assert fetched.header["task"]["result_expired"] is True
+        with pytest.raises(BrokerError) as err:
+            submit(client, spec(**small))  # only unfinished tasks hold the disk now
+        assert err.value.code == p.E_DISK_FULL
+        n.finish(running)
+        wait_until(lambda: bt.broker.tasks[running].state == p.COMPLETED, 5)
+        submit(client, spec(**small))  # the finished result can make room again
+    finally:
+        n.close()
+        client.close()

@@ -1,8 +1,14 @@
-"""The SQLite journal: durability of accepted tasks and results, purge."""
+"""The journal: durability of accepted tasks and results, purge, disk given back, crash repair."""
 
 from __future__ import annotations
 
+import signal
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
+
+import msgpack
 
 from broker import protocol as p
 from broker.journal import Journal
@@ -50,4 +56,124 @@ def test_purge_removes_old_final_tasks_only(tmp_path: Path) -> None:
     assert j.purge(finished_before=500.0) == ["t0"]
     assert j.result("t0") is None
     assert {t.task_id for t in j.load()} == {"t1", "t2"}
+    j.close()
+
+
+def disk(folder: Path) -> int:
+    """Apparent bytes of every file under `folder`."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def completed(j: Journal, task_id: str, seq: int, finished: float, result: bytes) -> None:
+    j.add(task(task_id, seq))
+    done = task(task_id, seq, p.COMPLETED)
+    done.finished = finished
+    j.finish(done, result)
+
+
+def test_disk_space_is_given_back_after_purge(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    for i in range(40):
+        completed(j, f"t{i}", i, 10.0 + i, bytes([i]) * 50_000)
+    peak = disk(tmp_path)
+    assert peak > 40 * 50_000 and j.result_bytes == 40 * 50_000 and j.input_bytes == 0
+    assert len(list(j.blob_dir.iterdir())) == 40  # inputs went when their tasks finished
+    assert len(j.purge(finished_before=1000.0)) == 40
+    assert j.blob_bytes == 0 and list(j.blob_dir.iterdir()) == []
+    assert disk(tmp_path) < 200_000  # rows only, the WAL truncated
+    assert (tmp_path / "j.db-wal").stat().st_size == 0
+    j.close()
+
+
+def test_evicting_results_takes_the_oldest_first_and_keeps_the_task(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    for i, finished in enumerate((30.0, 10.0, 20.0)):
+        completed(j, f"t{i}", i, finished, b"r" * 1000)
+    assert j.evict_results(1001) == ["t1", "t2"]  # finished at 10, then 20
+    assert j.result("t1") is None and j.result("t2") is None and j.result("t0") == b"r" * 1000
+    assert j.result_bytes == 1000 and j.evict_results(1) == ["t0"] and j.evict_results(1) == []
+    j.close()
+    loaded = {t.task_id: t for t in Journal(tmp_path / "j.db").load()}
+    assert all(t.state == p.COMPLETED and t.result_expired for t in loaded.values())
+    assert loaded["t0"].describe()["result_expired"] is True
+
+
+def test_reopening_deletes_files_left_by_a_crash_and_repairs_missing_ones(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    for i in range(4):
+        j.add(task(f"t{i}", i))
+    completed(j, "t4", 4, 50.0, b"kept")
+    completed(j, "t5", 5, 51.0, b"lost")
+    j.close()
+    blobs = tmp_path / "blobs"
+    (blobs / "t0.in0").unlink()  # lost in a power cut: its queued task cannot run
+    (blobs / "t5.result").unlink()
+    (blobs / "t1.result").write_bytes(b"crash between the file and the row")
+    (blobs / "gone.in0").write_bytes(b"crash between the file and the INSERT")
+    (blobs / "t4.in0").write_bytes(b"crash between the finish and the unlink")
+    (blobs / "t2.in0.tmp").write_bytes(b"crash while writing")
+
+    j = Journal(tmp_path / "j.db")
+    assert sorted(f.name for f in blobs.iterdir()) == ["t1.in0", "t2.in0", "t3.in0", "t4.result"]
+    assert j.blob_bytes == disk(blobs) == 3 * len(b"img-1") + len(b"kept")
+    loaded = {t.task_id: t for t in j.load()}
+    assert loaded["t0"].state == p.FAILED and loaded["t0"].error_code == p.E_GENERATION
+    assert loaded["t1"].state == p.QUEUED and loaded["t1"].inputs == [b"img-1"]
+    assert loaded["t5"].result_expired and j.result("t5") is None and j.result("t4") == b"kept"
+    j.close()
+
+
+def test_a_journal_with_images_in_sqlite_is_migrated_to_files(tmp_path: Path) -> None:
+    old = sqlite3.connect(str(tmp_path / "j.db"), isolation_level=None)
+    old.executescript(
+        "PRAGMA journal_mode=WAL;"
+        "CREATE TABLE tasks (task_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, priority INTEGER NOT NULL,"
+        " model TEXT NOT NULL, mode TEXT NOT NULL, owner TEXT NOT NULL, state TEXT NOT NULL,"
+        " params BLOB NOT NULL, image_names BLOB NOT NULL, created REAL NOT NULL, started REAL,"
+        " finished REAL, deadline REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error_code TEXT,"
+        " error TEXT, meta BLOB);"
+        "CREATE TABLE blobs (task_id TEXT NOT NULL, kind TEXT NOT NULL, idx INTEGER NOT NULL,"
+        " data BLOB NOT NULL, PRIMARY KEY (task_id, kind, idx));")
+    names = msgpack.packb(["input_image", "mask_image"])
+    for task_id, state, finished in (("q", p.QUEUED, None), ("c", p.COMPLETED, 5.0)):
+        old.execute("INSERT INTO tasks (task_id, seq, priority, model, mode, owner, state, params,"
+                    " image_names, created, finished, deadline) VALUES (?,1,0,'flux1-dev','fill','k',?,?,?,1,?,99)",
+                    (task_id, state, msgpack.packb({}), names, finished))
+    old.executemany("INSERT INTO blobs VALUES (?,?,?,?)",
+                    [("q", "input", 0, b"image"), ("q", "input", 1, b"mask"), ("c", "result", 0, b"PNG")])
+    old.close()
+
+    j = Journal(tmp_path / "j.db")
+    loaded = {t.task_id: t for t in j.load()}
+    assert loaded["q"].inputs == [b"image", b"mask"] and j.result("c") == b"PNG"
+    assert j.input_bytes == 9 and j.result_bytes == 3
+    assert j._db.execute("SELECT name FROM sqlite_master WHERE name='blobs'").fetchone() is None
+    assert j._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental from now on
+    j.close()
+
+
+def test_a_journal_killed_with_sigkill_reopens_with_every_accepted_task(tmp_path: Path) -> None:
+    script = f"""
+import os, signal
+from pathlib import Path
+from broker import protocol as p
+from tests.test_journal import task
+from broker.journal import Journal
+j = Journal(Path({str(tmp_path / "j.db")!r}))
+for i in range(20):
+    j.add(task(f"t{{i}}", i))
+for i in range(10):
+    t = task(f"t{{i}}", i, p.COMPLETED)
+    t.finished = 50.0 + i
+    j.finish(t, b"PNG-%d" % i)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == -signal.SIGKILL
+    j = Journal(tmp_path / "j.db")
+    loaded = {t.task_id: t for t in j.load()}
+    assert len(loaded) == 20 and j.count(p.COMPLETED) == 10 and j.count(p.QUEUED) == 10
+    assert all(loaded[f"t{i}"].inputs == [b"img-%d" % i] for i in range(10, 20))
+    assert all(j.result(f"t{i}") == b"PNG-%d" % i for i in range(10))
+    assert j.blob_bytes == sum(f.stat().st_size for f in j.blob_dir.iterdir())
     j.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 from broker import protocol as p
 from broker.journal import Journal
 from broker.queue import TaskQueue
-from broker.tasks import Task, TaskTable
+from broker.tasks import Task, TaskTable, result_reserve
 
 
 def new(table: TaskTable, prio: int = 0, deadline: float = 100.0) -> Task:
@@ -63,3 +63,77 @@ def test_overdue_and_unfinished_counts(tmp_path: Path) -> None:
     late.state, late.finished = p.CANCELLED, 11.0
     table.finish(late, None)
     assert table.unfinished_for("k") == 1 and table.unfinished_for("nobody") == 0
+
+
+SMALL = {"width": 16, "height": 16}
+RESERVE = result_reserve(SMALL)  # disk held for each unfinished 16x16 task's result
+
+
+def done(table: TaskTable, result: bytes, finished: float, inputs: list[bytes] | None = None) -> Task:
+    task = small(table, inputs)
+    table.accept(task, 0.0)
+    table.withdraw(task.task_id)
+    task.state, task.finished = p.COMPLETED, finished
+    table.finish(task, result)
+    return task
+
+
+def small(table: TaskTable, inputs: list[bytes] | None = None) -> Task:
+    task = new(table)
+    task.params, task.inputs = dict(SMALL), list(inputs or [])
+    task.image_names = ["input_image"] * len(task.inputs)
+    return task
+
+
+def test_over_the_disk_budget_the_oldest_finished_results_go_first(tmp_path: Path) -> None:
+    table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
+    budget = 3 * 1000 + RESERVE + 500
+    first, second, third = (done(table, b"r" * 1000, finished) for finished in (1.0, 2.0, 3.0))
+    waiting = small(table, [b"i" * 500])
+    assert table.make_room(waiting, budget)  # fits exactly: nothing evicted
+    table.accept(waiting, 0.0)
+    assert table.disk_used == budget and not first.result_expired
+    assert table.make_room(small(table), budget)  # needs RESERVE bytes: the two oldest results
+    assert first.result_expired and second.result_expired and not third.result_expired
+    assert table.journal.result(first.task_id) is None and table.journal.result(third.task_id) == b"r" * 1000
+    assert first.describe()["result_expired"] is True and "result_expired" not in third.describe()
+    assert table.get(first.task_id).state == p.COMPLETED  # still known as completed
+
+
+def test_a_task_that_cannot_fit_is_refused_and_evicts_nothing(tmp_path: Path) -> None:
+    table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
+    budget = 2 * RESERVE + 50
+    oldest = done(table, b"r" * 100, 1.0)
+    for _ in range(2):
+        t = small(table)
+        assert table.make_room(t, budget)
+        table.accept(t, 0.0)
+    assert oldest.result_expired  # the second one needed its room
+    assert not table.make_room(small(table), budget)  # only unfinished tasks hold the disk
+    done(table, b"r" * 10, 2.0)
+    assert not table.make_room(small(table, [b"i" * 10]), budget)  # evicting 10 bytes would not do
+    assert table.journal.result_bytes == 10  # so nothing was evicted
+    assert table.make_room(small(table), 0)  # 0: no budget
+
+
+def test_finishing_releases_the_reservation_and_recovery_restores_the_accounting(tmp_path: Path) -> None:
+    table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
+    queued, running = small(table, [b"i" * 300]), small(table)
+    for t in (queued, running):
+        table.accept(t, 0.0)
+    finished = done(table, b"r" * 700, 1.0, [b"i" * 200])
+    assert table.disk_used == 300 + 700 + 2 * RESERVE
+    table.journal.close()
+
+    after = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
+    after.recover(now=10.0, grace=3.0)
+    assert after.disk_used == 300 + 700 + 2 * RESERVE
+    assert after.get(queued.task_id).inputs == [b"i" * 300]
+    after.trim(700 + 2 * RESERVE)  # the budget shrank across the restart
+    assert after.get(finished.task_id).result_expired and after.disk_used == 300 + 2 * RESERVE
+    task = after.get(queued.task_id)
+    after.withdraw(task.task_id)
+    task.state, task.finished = p.CANCELLED, 11.0
+    after.finish(task, None)
+    assert after.disk_used == RESERVE and after.journal.blob_bytes == 0
+    after.journal.close()

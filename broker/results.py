@@ -1,0 +1,32 @@
+"""Checks on what nodes return: a result must be an image of the format it claims.
+
+Nodes are trusted to compute, not to be honest about bytes: a process that reached
+the backend socket could return HTML as "image/png". Only the header is parsed
+(Pillow reads the signature and the size chunk), so the check costs microseconds.
+"""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, UnidentifiedImageError
+
+# Output format names (as in task metadata) -> Pillow's format names.
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def check_image(data: bytes, declared: str, width: int | None = None, height: int | None = None) -> str | None:
+    """None if `data` is an image of the declared format (and size, when given); else why not."""
+    expected = FORMATS.get(declared)
+    if expected is None:
+        return f"unknown result format {declared!r}"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            found, size = image.format, image.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return f"not an image ({type(exc).__name__})"
+    if found != expected:
+        return f"a {found} image where {expected} was declared"
+    if width and height and size != (width, height):
+        return f"{size[0]}x{size[1]} where {width}x{height} was declared"
+    return None

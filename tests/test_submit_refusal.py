@@ -1,0 +1,103 @@
+"""A submit its client was told failed (503) never runs: deadlines, no queueing, late-ACK cancels.
+
+Components on real sockets over tcp://127.0.0.1: a real Broker, the front's real BrokerClient,
+and, where the test needs a broker that answers too late, a bare ROUTER playing one.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import zmq
+
+from broker import protocol as p
+from http_front.broker_client import BrokerClient, BrokerUnavailable
+from tests.conftest import free_port, wait_until
+from tests.fakes import FakeNode
+
+SPEC = {"model_id": "flux1-dev", "mode": "text2img", "priority": 0,
+        "params": {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 1}}
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    context = zmq.Context()
+    yield context
+    context.term()
+
+
+def test_the_broker_refuses_a_submit_past_its_deadline(broker_factory, ctx) -> None:
+    bt = broker_factory()
+    node = FakeNode(ctx, bt.backend, "a").ready()
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        client.request(p.INFO)  # learn the broker's clock
+        raw = ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(bt.frontend)
+        raw.send_multipart(p.encode(p.SUBMIT, {"req": 1, "task": SPEC, "deadline": bt.broker.clock() - 1}))
+        assert raw.poll(5000)
+        reply = p.decode(raw.recv_multipart())
+        raw.close(linger=0)
+        assert reply.command == p.FAIL and reply.header["code"] == p.E_EXPIRED
+        assert len(bt.broker.tasks) == 0 and node.recv_job(0.3) is None
+        # A submit within its deadline (the client adds one from the broker's clock) is accepted.
+        ack = client.request(p.SUBMIT, {"task": SPEC})
+        assert ack.command == p.ACK and len(bt.broker.tasks) == 1
+    finally:
+        client.close()
+        node.sock.close(linger=0)
+
+
+def test_a_submit_made_while_the_broker_is_down_is_not_delivered_when_it_returns(broker_factory, ctx) -> None:
+    port, backend = free_port(), free_port()
+    client = BrokerClient(f"tcp://127.0.0.1:{port}", timeout=0.5, context=ctx).start()
+    try:
+        with pytest.raises(BrokerUnavailable):
+            client.request(p.SUBMIT, {"task": SPEC})
+        bt = broker_factory(frontend=f"tcp://127.0.0.1:{port}", backend=f"tcp://127.0.0.1:{backend}")
+        node = FakeNode(ctx, bt.backend, "a").ready()
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        wait_until(lambda: client.request(p.INFO, timeout=0.5), 10, 0.1, "the client to connect")
+        assert len(bt.broker.tasks) == 0 and node.recv_job(0.3) is None
+        node.sock.close(linger=0)
+    finally:
+        client.close()
+
+
+def test_an_ack_that_arrives_after_the_client_gave_up_cancels_the_task(ctx) -> None:
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    client = BrokerClient(f"tcp://127.0.0.1:{port}", timeout=0.3, context=ctx).start()
+    try:
+        with pytest.raises(BrokerUnavailable):
+            client.request(p.SUBMIT, {"task": SPEC})
+        assert router.poll(2000)
+        identity, submit = p.split_routed(router.recv_multipart())
+        assert submit.command == p.SUBMIT
+        # Only now, too late, does this slow "broker" accept it.
+        router.send_multipart(p.routed(identity, p.ACK, {"req": submit.header["req"], "task_id": "t-late"}))
+        assert router.poll(2000)
+        _, cancel = p.split_routed(router.recv_multipart())
+        assert cancel.command == p.CANCEL_TASK and cancel.header["task_id"] == "t-late" and cancel.header["orphaned"]
+    finally:
+        client.close()
+        router.close(linger=0)
+
+
+def test_an_orphaned_task_is_cancelled_as_expired_not_as_the_clients_cancel(broker_factory, ctx) -> None:
+    bt = broker_factory()
+    node = FakeNode(ctx, bt.backend, "a").ready()
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        node.send(p.HEARTBEAT, {"idle": False})
+        task_id = client.request(p.SUBMIT, {"task": SPEC}).header["task_id"]
+        task = client.request(p.CANCEL_TASK, {"task_id": task_id, "orphaned": True}).header["task"]
+        assert task["status"] == "cancelled" and task["error_code"] == p.E_EXPIRED
+    finally:
+        client.close()
+        node.sock.close(linger=0)
