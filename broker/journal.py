@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     created REAL NOT NULL, started REAL, finished REAL, deadline REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, error_code TEXT, error TEXT, meta BLOB,
     inputs INTEGER NOT NULL DEFAULT 0, input_bytes INTEGER NOT NULL DEFAULT 0,
-    result_bytes INTEGER, result_expired INTEGER NOT NULL DEFAULT 0
+    result_bytes INTEGER, result_expired INTEGER NOT NULL DEFAULT 0,
+    idem_key TEXT, idem_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished);
@@ -137,6 +138,9 @@ class Journal:
                 self._db.execute("BEGIN")
                 for ddl in NEW_COLUMNS:
                     self._db.execute(f"ALTER TABLE tasks ADD COLUMN {ddl}")
+        if columns and "idem_key" not in columns:
+            self._db.execute("ALTER TABLE tasks ADD COLUMN idem_key TEXT")
+            self._db.execute("ALTER TABLE tasks ADD COLUMN idem_hash TEXT")
         if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='blobs'").fetchone():
             return
         inputs: dict[str, list[int]] = {}
@@ -205,11 +209,11 @@ class Journal:
             self._write(_input_name(task.task_id, i), data)
         size = sum(map(len, task.inputs))
         self._db.execute(
-            "INSERT INTO tasks (task_id, seq, priority, model, mode, owner, state, params,"
-            " image_names, created, deadline, inputs, input_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO tasks (task_id, seq, priority, model, mode, owner, state, params, image_names,"
+            " created, deadline, inputs, input_bytes, idem_key, idem_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (task.task_id, task.seq, task.priority, task.model, task.mode, task.owner,
              task.state, _pack(task.params), _pack(task.image_names), task.created,
-             task.deadline, len(task.inputs), size),
+             task.deadline, len(task.inputs), size, task.idem_key, task.idem_hash),
         )
         self.input_bytes += size
 
@@ -255,7 +259,7 @@ class Journal:
         rows = self._db.execute(
             "SELECT task_id, seq, priority, model, mode, owner, state, params, image_names,"
             " created, started, finished, deadline, attempts, error_code, error, meta,"
-            " inputs, result_expired FROM tasks ORDER BY seq"
+            " inputs, result_expired, idem_key, idem_hash FROM tasks ORDER BY seq"
         ).fetchall()
         for row in rows:
             task = Task(
@@ -264,6 +268,7 @@ class Journal:
                 image_names=_unpack(row[8]) or [], created=row[9], started=row[10],
                 finished=row[11], deadline=row[12], attempts=row[13], error_code=row[14],
                 error=row[15], meta=_unpack(row[16]) or {}, result_expired=bool(row[18]),
+                idem_key=row[19], idem_hash=row[20],
             )
             if task.state in (QUEUED, RUNNING):
                 task.inputs = [(self.blob_dir / _input_name(task.task_id, i)).read_bytes()

@@ -69,6 +69,7 @@ E_CANCELLED = "cancelled"
 E_NODE_LOST = "node_lost"
 E_ABANDONED = "abandoned"  # node lost the broker or is stopping: re-queue, not a failure
 E_NODE_BUSY = "node_busy"  # a JOB reached a node that already runs one: re-queue
+E_IDEMPOTENCY = "idempotency_mismatch"  # an Idempotency-Key reused for a different request
 E_EXPIRED = "expired"  # a SUBMIT reached the broker after its deadline: the client was told it failed
 E_GENERATION = "generation_failed"
 E_PROTOCOL = "protocol"

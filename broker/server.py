@@ -8,12 +8,14 @@ Journal); this class only moves messages between them and the sockets.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 import uuid
 from typing import Any, Callable
 
+import msgpack
 import zmq
 
 from broker import protocol as p
@@ -25,6 +27,14 @@ from broker.results import check_image
 from broker.tasks import Task, TaskTable
 
 log = logging.getLogger(__name__)
+
+
+def fingerprint(spec: Any, blobs: list[bytes]) -> str:
+    """What makes two SUBMITs the same request, for Idempotency-Key reuse checks."""
+    digest = hashlib.sha256(msgpack.packb(spec, use_bin_type=True))
+    for blob in blobs:
+        digest.update(hashlib.sha256(blob).digest())
+    return digest.hexdigest()
 
 
 class RequestError(Exception):
@@ -176,9 +186,13 @@ class Broker:
             # Its front has answered 503 by now: running it would surprise a client that retries.
             raise RequestError(p.E_EXPIRED, "the request reached the broker after its front gave up on it")
         spec = msg.header["task"]
+        owner = str(msg.header.get("owner", ""))
+        idem_key = msg.header.get("idempotency_key")
+        idem_hash = fingerprint(spec, msg.blobs) if idem_key else None
+        if idem_key and self._replay(identity, req, msg, owner, str(idem_key), idem_hash):
+            return
         model, mode = str(spec["model_id"]), str(spec["mode"])
         self._check_servable(model, mode)
-        owner = str(msg.header.get("owner", ""))
         if len(self.queue) >= self.config.max_queued:
             raise RequestError(p.E_QUEUE_FULL, f"queue is full ({self.config.max_queued} tasks waiting)")
         if owner and self.table.unfinished_for(owner) >= self.config.max_queued_per_owner:
@@ -191,6 +205,7 @@ class Broker:
             task_id=uuid.uuid4().hex, model=model, mode=mode, priority=int(spec.get("priority", 0)),
             seq=self.table.next_seq(), params=dict(spec.get("params", {})), owner=owner, image_names=names,
             inputs=list(msg.blobs), created=now, deadline=now + self.config.task_timeout,
+            idem_key=str(idem_key) if idem_key else None, idem_hash=idem_hash,
         )
         if msg.header.get("watch"):
             task.watchers.add(identity)
@@ -201,6 +216,24 @@ class Broker:
         self._reply(identity, req, p.ACK, {"task_id": task.task_id,
                                            "queue_position": self.queue.position(task.task_id)})
         self._dispatch()
+
+    def _replay(self, identity: bytes, req: Any, msg: p.Message, owner: str, key: str, digest: str | None) -> bool:
+        """Answer a retried SUBMIT with the task its Idempotency-Key already names; False if none."""
+        task = self.table.by_idempotency_key(owner, key)
+        if task is None:
+            return False
+        if task.idem_hash != digest:
+            raise RequestError(p.E_IDEMPOTENCY, "this Idempotency-Key was used with a different request")
+        self._reply(identity, req, p.ACK, {"task_id": task.task_id, "replayed": True,
+                                           "queue_position": self.queue.position(task.task_id)})
+        if msg.header.get("watch"):
+            if task.final:
+                result = self.journal.result(task.task_id) if task.state == p.COMPLETED else None
+                self._send(self.frontend, identity, p.DONE, {"task": task.describe()},
+                           [result] if result is not None else [])
+            else:
+                task.watchers.add(identity)
+        return True
 
     def _check_servable(self, model: str, mode: str) -> None:
         if model in p.MODEL_MODES and mode in p.MODEL_MODES[model] and self.nodes.serves(model, mode):
@@ -245,6 +278,7 @@ class Broker:
         if msg.header.get("orphaned") and not task.final:
             # Accepted after its front had answered 503: the client never learnt of it.
             self._fail(task, p.CANCELLED, p.E_EXPIRED, "accepted after its client was told the submit failed")
+            self.table.forget_idempotency_key(task)  # the client's retry must create it anew
         elif not task.final:
             self._fail(task, p.CANCELLED, p.E_CANCELLED, "cancelled by request")
         self._reply(identity, req, p.REPLY, {"task": task.describe()})

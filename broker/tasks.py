@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from broker.protocol import FINAL_STATES, QUEUED, RUNNING
+from broker.protocol import E_EXPIRED as EXPIRED, FINAL_STATES, QUEUED, RUNNING
 from broker.queue import TaskQueue
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ class Task:
     error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     result_expired: bool = False  # completed, but its image was evicted to respect the disk budget
+    idem_key: str | None = None  # the client's Idempotency-Key, unique per owner
+    idem_hash: str | None = None  # fingerprint of the request that first used it
     watchers: set[bytes] = field(default_factory=set)
 
     @property
@@ -115,6 +117,7 @@ class TaskTable:
         self._unfinished: dict[str, int] = {}  # owner -> tasks not yet final (the per-key cap)
         self._last_purge = 0.0
         self._reserved = 0  # bytes held for the results of unfinished tasks
+        self._idem: dict[tuple[str, str], str] = {}  # (owner, Idempotency-Key) -> task id
 
     @property
     def disk_used(self) -> int:
@@ -161,9 +164,21 @@ class TaskTable:
         self.journal.add(task)
         self._reserved += result_reserve(task.params)
         self.tasks[task.task_id] = task
+        if task.idem_key:
+            self._idem[(task.owner, task.idem_key)] = task.task_id
         self._unfinished[task.owner] = self._unfinished.get(task.owner, 0) + 1
         self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
         heapq.heappush(self._deadlines, (task.deadline, task.task_id))
+
+    def by_idempotency_key(self, owner: str, key: str) -> Task | None:
+        """The task an owner already submitted under this Idempotency-Key, while it is kept."""
+        task = self.tasks.get(self._idem.get((owner, key), ""))
+        return task if task is not None and task.idem_key == key and task.owner == owner else None
+
+    def forget_idempotency_key(self, task: Task) -> None:
+        """Let the key be used again (the task was never acknowledged to its client)."""
+        if task.idem_key and self._idem.get((task.owner, task.idem_key)) == task.task_id:
+            del self._idem[(task.owner, task.idem_key)]
 
     def finish(self, task: Task, result: bytes | None) -> None:
         """Persist a final state (the caller has set it) and the result image, if any."""
@@ -223,13 +238,17 @@ class TaskTable:
         if now - self._last_purge > min(60.0, result_ttl / 2):
             self._last_purge = now
             for task_id in self.journal.purge(now - result_ttl):
-                self.tasks.pop(task_id, None)
+                task = self.tasks.pop(task_id, None)
+                if task is not None:
+                    self.forget_idempotency_key(task)
 
     def recover(self, now: float, grace: float) -> None:
         """Reload the journal after a (re)start."""
         for task in self.journal.load():
             self.tasks[task.task_id] = task
             self._seq = max(self._seq, task.seq)
+            if task.idem_key and task.error_code != EXPIRED:
+                self._idem[(task.owner, task.idem_key)] = task.task_id
             if task.final:
                 continue
             self._unfinished[task.owner] = self._unfinished.get(task.owner, 0) + 1
