@@ -23,16 +23,38 @@ log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 
 
+def inside(base: Path, path: Path) -> Path | None:
+    """`path` with every link resolved, if it is a regular file below `base` (already resolved); else None.
+
+    A symlink (or a symlinked folder) pointing outside the LoRA folder is neither listed
+    nor loadable: it would expose the server's other files.
+    """
+    try:
+        resolved = path.resolve()
+        is_file = resolved.is_file()
+    except (OSError, RuntimeError, ValueError):  # link loop, permission denied, NUL in a name
+        return None
+    return resolved if is_file and base in resolved.parents else None
+
+
 def scan(base: Path | None) -> list[dict[str, Any]]:
     """Every *.safetensors under `base`, by relative name, sorted (never absolute paths)."""
     if base is None or not base.is_dir():
         return []
+    real_base = base.resolve()
     out = []
     for path in sorted(base.rglob("*" + SUFFIX)):
+        target = inside(real_base, path)
+        if target is None:
+            continue
+        try:
+            size = target.stat().st_size
+        except OSError:
+            continue  # removed meanwhile
         rel = path.relative_to(base)
         out.append({
             "name": rel.as_posix(),
-            "size_mb": round(path.stat().st_size / (1024 * 1024), 3),
+            "size_mb": round(size / (1024 * 1024), 3),
             "category": rel.parts[0] if len(rel.parts) > 1 else "root",
         })
     return out
@@ -56,8 +78,8 @@ class LoraLibrary:
         if self.base is None:
             raise LoraError("no LoRA folder is configured on this node")
         candidate = name if name.endswith(SUFFIX) else name + SUFFIX
-        path = (self.base / candidate).resolve()
-        if self.base not in path.parents or not path.is_file():
+        path = inside(self.base, self.base / candidate)
+        if path is None:
             raise LoraError(f"unknown LoRA {name!r}")
         return path.relative_to(self.base).as_posix()
 

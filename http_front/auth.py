@@ -14,8 +14,8 @@ import logging
 import falcon
 
 from http_front.errors import AuthError
-from http_front.keys import KeyStore, Principal
-from http_front.ratelimit import SlidingWindowLimiter
+from http_front.keys import KeyStore, Principal, owner_of
+from http_front.ratelimit import RecentSet, SlidingWindowLimiter
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,23 @@ def allowed(principal: Principal, needed: tuple[str, ...]) -> bool:
 
 
 class AuthMiddleware:
-    """Authenticates, authorises and rate-limits every routed request."""
+    """Authenticates, authorises and rate-limits every routed request.
+
+    An address with too many failed authentications is throttled: keys new to it are
+    not even looked up (429), so guessing stays as slow as the throttle. A key that
+    already authenticated from that address keeps working, so an attacker behind the
+    same address (NAT, proxy) cannot lock its legitimate users out; and since only
+    keys proven from there pass, 200 versus 429 tells a guesser nothing new.
+    """
 
     def __init__(self, keys: KeyStore, limiter: SlidingWindowLimiter,
-                 failures: SlidingWindowLimiter, default_key_remote: bool = False) -> None:
+                 failures: SlidingWindowLimiter, default_key_remote: bool = False,
+                 known: RecentSet | None = None) -> None:
         self.keys = keys
         self.limiter = limiter
         self.failures = failures
         self.default_key_remote = default_key_remote
+        self.known = known if known is not None else RecentSet()  # (address, owner) that authenticated
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          params: dict) -> None:
@@ -69,9 +78,10 @@ class AuthMiddleware:
         if resource is None:
             return
         client = req.remote_addr or "?"
-        if self.failures.count(client) >= self.failures.limit:
-            raise AuthError(429, TOO_MANY_FAILURES, retry_after=int(self.failures.window))
         raw = extract_key(req)
+        if self.failures.count(client) >= self.failures.limit and \
+                (raw is None or (client, owner_of(raw)) not in self.known):
+            raise AuthError(429, TOO_MANY_FAILURES, retry_after=int(self.failures.window))
         if raw is None:
             self.failures.hit(client)
             raise AuthError(401, MISSING_KEY)
@@ -79,12 +89,13 @@ class AuthMiddleware:
         if principal is None:
             self.failures.hit(client)
             raise AuthError(401, INVALID_KEY)
+        self.known.add((client, principal.owner))
         if principal.source == "default" and not self.default_key_remote and not is_loopback(client):
             raise AuthError(403, DEFAULT_KEY_REMOTE)
         needed = getattr(resource, "auth", {}).get(req.method, ())
         if not allowed(principal, needed):
             raise AuthError(403, FORBIDDEN.format(" 或 ".join(needed) or "admin"))
-        ok, retry_after = self.limiter.hit(principal.key_id)
+        ok, retry_after = self.limiter.hit(principal.owner)
         if not ok:
             raise AuthError(429, RATE_LIMITED.format(int(self.limiter.window), self.limiter.limit),
                             retry_after=retry_after)

@@ -42,12 +42,19 @@ BROKER_STATUS: dict[str, tuple[int, str]] = {
     p.E_NO_NODE: (503, "no node serves this model"),
     p.E_NOT_FOUND: (404, "task not found"),
     p.E_QUEUE_FULL: (429, "too many queued tasks"),
+    p.E_DISK_FULL: (503, "result storage is full"),
     p.E_TIMEOUT: (504, "task timed out"),
     p.E_CANCELLED: (409, "task was cancelled"),
     p.E_NODE_LOST: (503, "the node running the task was lost"),
     p.E_GENERATION: (500, "generation failed"),
     "lora_error": (422, "LoRA cannot be applied"),
+    p.E_IDEMPOTENCY: (422, "Idempotency-Key reused"),
+    p.E_EXPIRED: (503, "the broker received the request too late"),
 }
+
+# Broker error code -> Retry-After seconds (a full queue drains as nodes finish jobs).
+# Seconds a client should wait before retrying; disk space comes back as results become evictable.
+RETRY_AFTER: dict[str, int] = {p.E_QUEUE_FULL: 5, p.E_DISK_FULL: 10, p.E_EXPIRED: 2}
 
 
 def from_task_error(code: str, message: str) -> ApiError:
@@ -77,6 +84,8 @@ def _auth_error(req: falcon.Request, resp: falcon.Response, ex: AuthError, param
 def _broker_error(req: falcon.Request, resp: falcon.Response, ex: BrokerError, params: dict) -> None:
     status, error = BROKER_STATUS.get(ex.code, (502, "broker error"))
     resp.status = status
+    if ex.code in RETRY_AFTER:
+        resp.set_header("Retry-After", str(RETRY_AFTER[ex.code]))
     resp.media = _error_body(error, str(ex), ex.extra)
 
 
@@ -93,6 +102,13 @@ def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError
     resp.media = _error_body(ex.title or "error", ex.description or ex.title or "", {})
 
 
+def _too_deep(req: falcon.Request, resp: falcon.Response, ex: RecursionError, params: dict) -> None:
+    # Python's JSON decoder raises RecursionError for bodies nested past the recursion limit.
+    log.warning("RecursionError on %s %s (a deeply nested body?): %s", req.method, req.path, ex)
+    resp.status = 400
+    resp.media = _error_body("malformed request", "the body is nested too deeply", {})
+
+
 def _unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
     log.exception("unhandled error on %s %s", req.method, req.path)
     resp.status = 500
@@ -102,6 +118,7 @@ def _unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, param
 def install(app: falcon.App) -> None:
     """Register every handler; Falcon picks the most specific class."""
     app.add_error_handler(Exception, _unexpected)
+    app.add_error_handler(RecursionError, _too_deep)
     app.add_error_handler(falcon.HTTPError, _http_error)
     app.add_error_handler(ApiError, _api_error)
     app.add_error_handler(AuthError, _auth_error)

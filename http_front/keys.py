@@ -13,6 +13,7 @@ import logging
 import secrets
 import threading
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 
 PERMISSIONS = ("generation", "readonly", "admin", "all")
 DEFAULT_KEY = "genserve-default-key-2024"
+MIN_KEY_LENGTH = 20
+OWNER_HEX = 32
+MAX_NAME_LENGTH = 100
+# Control, format, surrogate, private-use and line/paragraph separator characters.
+_BAD_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 
 
 class InvalidKeySpec(ValueError):
@@ -29,6 +35,15 @@ class InvalidKeySpec(ValueError):
 def hash_key(raw: str) -> str:
     """Hex SHA-256 of a key."""
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def owner_of(raw: str) -> str:
+    """The identity used for task ownership and rate limits: 128 bits of the key's SHA-256.
+
+    Unlike the display ``key_id`` (first 8 + last 4 characters), two different keys
+    never share it in practice, so it is safe to authorise with.
+    """
+    return hash_key(raw)[:OWNER_HEX]
 
 
 def key_id_of(raw: str) -> str:
@@ -51,24 +66,44 @@ def new_key() -> str:
     return "gs-" + secrets.token_urlsafe(32)
 
 
-def parse_permissions(text: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Comma list (or iterable) of permissions, trimmed; empty means all."""
+def parse_permissions(text: str | Iterable[str] | None, empty_means_all: bool = True) -> tuple[str, ...]:
+    """Comma list (or iterable) of permissions, trimmed; empty means all (API_KEY_N) unless told otherwise."""
     items = text.split(",") if isinstance(text, str) else list(text or [])
     perms = tuple(dict.fromkeys(p.strip() for p in items if p and p.strip()))
     unknown = [p for p in perms if p not in PERMISSIONS]
     if unknown:
         raise InvalidKeySpec(f"unknown permission(s) {unknown}; valid: {list(PERMISSIONS)}")
+    if not perms and not empty_means_all:
+        raise InvalidKeySpec(f"at least one permission is required; valid: {list(PERMISSIONS)}")
     return perms or ("all",)
+
+
+def check_name(name: str) -> str:
+    """A key name, trimmed; InvalidKeySpec unless 1-100 printable characters without ':'."""
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidKeySpec(f"must be 1-{MAX_NAME_LENGTH} characters")
+    if any(unicodedata.category(c) in _BAD_NAME_CATEGORIES for c in name):
+        raise InvalidKeySpec("must not contain control characters (NUL, newline, ...)")
+    if ":" in name:
+        raise InvalidKeySpec("must not contain ':' (config_string is key:name:permissions)")
+    return name
+
+
+def weak_keys(records: Iterable[tuple[str, str, tuple[str, ...]]]) -> list[str]:
+    """Names of keys short enough to guess, from (key, name, permissions) as parse_env_keys returns them."""
+    return [name for raw, name, _ in records if len(raw) < MIN_KEY_LENGTH]
 
 
 @dataclass(frozen=True)
 class Principal:
     """The authenticated caller of a request."""
 
-    key_id: str
+    key_id: str  # for display only: two keys may share it
     name: str
     permissions: tuple[str, ...]
     source: str
+    owner: str  # unique per key: task ownership and rate limits
 
 
 @dataclass
@@ -89,6 +124,11 @@ class KeyRecord:
     def from_raw(cls, raw: str, name: str, permissions: tuple[str, ...], source: str) -> "KeyRecord":
         """Build a record from a clear key (which is then forgotten)."""
         return cls(hash_key(raw), key_id_of(raw), preview_of(raw), name, permissions, source)
+
+    @property
+    def owner(self) -> str:
+        """The key's unique identity (see owner_of)."""
+        return self.key_hash[:OWNER_HEX]
 
     def listing(self) -> dict[str, Any]:
         """The public view used by GET /auth/keys."""
@@ -138,7 +178,8 @@ def can_administer(permissions: Iterable[str]) -> bool:
 class KeyStore:
     """Thread-safe keys from the environment, the key file and the default key.
 
-    The default key exists only while no other key is configured. Usage counters
+    The default key works only while no admin-capable key exists, so that a fresh
+    install can create its first keys in any order without locking anyone out. Usage counters
     live in memory (per front process); the file holds hashes, names and permissions.
     """
 
@@ -170,8 +211,14 @@ class KeyStore:
     def _rebuild(self) -> None:
         old = self._by_hash
         records = self._env + self._file_records
-        if not records and self._default:
-            records = [KeyRecord.from_raw(self._default, "default", ("all",), "default")]
+        default_was_on = any(r.source == "default" for r in old.values())
+        if self._default and not any(can_administer(r.permissions) for r in records):
+            # Until someone can administer, the default key (loopback only) is the way in.
+            records = records + [KeyRecord.from_raw(self._default, "default", ("all",), "default")]
+            if old and not default_was_on:
+                log.warning("no admin-capable key is left: the default key works again (loopback only)")
+        elif default_was_on:
+            log.warning("an admin-capable key exists: the default key no longer works")
         fresh: dict[str, KeyRecord] = {}
         for record in records:
             if record.key_hash in fresh:
@@ -213,7 +260,7 @@ class KeyStore:
                 return None
             record.last_used = time.time()
             record.usage_count += 1
-            return Principal(record.key_id, record.name, record.permissions, record.source)
+            return Principal(record.key_id, record.name, record.permissions, record.source, record.owner)
 
     def records(self) -> list[KeyRecord]:
         """Copies of every record, by creation time."""
@@ -223,7 +270,7 @@ class KeyStore:
 
     @property
     def uses_default(self) -> bool:
-        """True while the built-in default key is the only key."""
+        """True while the built-in default key works (no admin-capable key exists)."""
         with self._lock:
             return any(r.source == "default" for r in self._by_hash.values())
 
@@ -231,12 +278,10 @@ class KeyStore:
         """A new random key stored in the file; returns (the key, shown only now, and its record)."""
         if self._keyfile is None:
             raise StoreError(409, "no key file is configured on this front")
-        name = name.strip()
-        if not name or len(name) > 100:
-            raise StoreError(422, "name must be 1-100 characters")
-        if self.uses_default and not can_administer(permissions):
-            raise StoreError(409, "the default key stops working once any key exists: create a key with"
-                                  " admin or all permission first, so that nobody is locked out")
+        try:
+            name = check_name(name)
+        except InvalidKeySpec as exc:
+            raise StoreError(422, f"name: {exc}") from None
         raw = new_key()
         record = KeyRecord.from_raw(raw, name, permissions, "file")
         records = self._keyfile.update(lambda current: current + [record])
@@ -246,8 +291,12 @@ class KeyStore:
             self._rebuild()
         return raw, record
 
-    def delete(self, match: Any, what: str) -> list[KeyRecord]:
-        """Delete the file keys for which `match(record)` is true; refuses environment keys and lock-out."""
+    def delete(self, match: Any, what: str, unique: bool = False) -> list[KeyRecord]:
+        """Delete the file keys for which `match(record)` is true; refuses environment keys and lock-out.
+
+        With `unique`, a match of more than one key deletes nothing (409): a key_id is
+        only the key's two ends, and two keys may share it.
+        """
         deleted: list[KeyRecord] = []
 
         def change(current: list[KeyRecord]) -> list[KeyRecord]:
@@ -256,10 +305,14 @@ class KeyStore:
             targets = [r for r in merged.values() if match(r)]
             if not targets:
                 raise StoreError(404, f"no API key matches {what}")
+            if unique and len(targets) > 1:
+                raise StoreError(409, f"{what} matches {len(targets)} keys; nothing was deleted:"
+                                      " delete by the full key (api_key) instead")
             if any(r.source == "environment" for r in targets):
                 raise StoreError(403, f"environment keys cannot be deleted ({what}); remove API_KEY_N instead")
             remaining = [r for r in merged.values() if r not in targets]
-            if not any(can_administer(r.permissions) for r in remaining):
+            if any(can_administer(r.permissions) for r in targets) and \
+                    not any(can_administer(r.permissions) for r in remaining):
                 raise StoreError(409, "refusing to delete the last key that can administer")
             deleted.extend(targets)
             return [r for r in current if r not in targets]

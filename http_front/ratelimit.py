@@ -1,12 +1,12 @@
-"""Sliding-window rate limiter (no sockets, injectable clock)."""
+"""Sliding-window rate limiter and a bounded recently-seen set (no sockets, injectable clock)."""
 
 from __future__ import annotations
 
 import math
 import threading
 import time
-from collections import deque
-from typing import Callable
+from collections import OrderedDict, deque
+from typing import Callable, Hashable
 
 
 class SlidingWindowLimiter:
@@ -46,3 +46,39 @@ class SlidingWindowLimiter:
     def _prune(self, now: float) -> None:
         for key in [k for k, ev in self._events.items() if not ev or ev[-1] <= now - self.window]:
             del self._events[key]
+
+
+class RecentSet:
+    """Items seen in the last `ttl` seconds, at most `max_items` (the least recently seen leave first)."""
+
+    def __init__(self, ttl: float = 86_400.0, max_items: int = 50_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.max_items = max_items
+        self.clock = clock
+        self._seen: OrderedDict[Hashable, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, item: Hashable) -> None:
+        """Remember `item` (again) as seen now."""
+        with self._lock:
+            self._seen[item] = self.clock()
+            self._seen.move_to_end(item)
+            while len(self._seen) > self.max_items:
+                self._seen.popitem(last=False)
+
+    def __contains__(self, item: Hashable) -> bool:
+        """Whether `item` was seen within the last `ttl` seconds."""
+        with self._lock:
+            seen = self._seen.get(item)
+            if seen is None:
+                return False
+            if seen <= self.clock() - self.ttl:
+                del self._seen[item]
+                return False
+            return True
+
+    def __len__(self) -> int:
+        """Items held (expired ones included until looked up or pushed out)."""
+        with self._lock:
+            return len(self._seen)

@@ -11,6 +11,8 @@ resized to the output size on the node, so a 1x1 mask works as the guide shows.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,53 @@ from http_front.images import inspect
 IMAGE_MODES = {"img2img": "input_image", "fill": "input_image", "redux": "input_image"}
 REQUIRED_IMAGES = {"img2img": ("input_image",), "fill": ("input_image", "mask_image"),
                    "controlnet": ("control_image",), "redux": ("input_image",)}
+MAX_DEPTH = 16  # a valid request nests 3 levels (body, loras, one LoRA)
+MAX_DETAIL = 300
+# Form numbers: plain ASCII decimals only (int()/float() also take "1_0", Arabic-Indic digits, "nan").
+_FORM_INT = re.compile(r"[+-]?[0-9]+")
+_FORM_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_FORM_SPACE = " \t\r\n"
+
+
+def check_values(value: Any) -> None:
+    """Refuse what JSON Schema lets through: NaN/Infinity, lone surrogates, deep nesting (422).
+
+    Iterative, so that no body can exhaust the stack here. Paths are kept as (key, parent)
+    links and spelled out only for the error, so wide bodies with long keys cost no copies.
+    """
+    stack: list[tuple[Any, Any, int]] = [(value, None, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            _refuse(path, f"nested more than {MAX_DEPTH} levels")
+        if isinstance(item, float) and not math.isfinite(item):
+            _refuse(path, "must be a finite number (not NaN or Infinity)")
+        if isinstance(item, str):
+            _check_text(item, path)
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                _check_text(str(key), path)
+                stack.append((sub, (key, path), depth + 1))
+        elif isinstance(item, list):
+            stack.extend((sub, (i, path), depth + 1) for i, sub in enumerate(item))
+
+
+def _check_text(text: str, path: Any) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        _refuse(path, "not valid Unicode text (lone surrogate)")
+
+
+def _refuse(path: Any, problem: str) -> None:
+    parts: list[str] = []
+    while path is not None:
+        parts.append(str(path[0]))
+        path = path[1]
+    where = ".".join(reversed(parts)) or "body"
+    if len(where) > 100:  # paths hold client keys: bound the echo
+        where = where[:100] + "..."
+    raise ApiError(422, "validation error", f"{where}: {problem}", field=where)
 
 
 def build_schema(max_prompt: int, max_size: int) -> dict[str, Any]:
@@ -39,7 +88,7 @@ def build_schema(max_prompt: int, max_size: int) -> dict[str, Any]:
             "cfg": {"type": "number", "minimum": 0, "maximum": 50},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
             "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
-            "strength": {"type": "number", "minimum": 0, "maximum": 1},
+            "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "controlnet_type": {"enum": sorted(set(CONTROL_TYPES.values()))},
             "loras": {"type": "array", "maxItems": 8, "items": {
                 "type": "object", "required": ["name"],
@@ -81,18 +130,19 @@ class RequestValidator:
         props = self.schema["properties"]
         for name, value in form.items():
             kind = props.get(name, {}).get("type")
+            text = value.strip(_FORM_SPACE)
             try:
-                if kind == "integer":
-                    out[name] = int(value)
-                elif kind == "number":
-                    out[name] = float(value)
+                if kind == "integer" and _FORM_INT.fullmatch(text):
+                    out[name] = int(text)
+                elif kind == "number" and _FORM_NUMBER.fullmatch(text):
+                    out[name] = float(text)  # may overflow to inf: check_values refuses it
                 elif kind == "boolean":
-                    out[name] = {"true": True, "false": False, "1": True, "0": False}[value.strip().lower()]
+                    out[name] = {"true": True, "false": False, "1": True, "0": False}[text.lower()]
                 elif kind == "array":
-                    out[name] = json.loads(value) if value.strip() else []
+                    out[name] = json.loads(text) if text else []
                 else:
                     out[name] = value
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, RecursionError):
                 out[name] = value  # the schema reports the wrong type
         return out
 
@@ -100,11 +150,13 @@ class RequestValidator:
         """Check a decoded body plus its raw images; raises ApiError (400/413/422)."""
         if not isinstance(body, dict):
             raise ApiError(422, "validation error", "the request body must be a JSON object")
-        errors = sorted(self._validator.iter_errors(body), key=lambda e: list(e.path))
+        check_values(body)
+        errors = sorted(self._validator.iter_errors(body), key=lambda e: [str(x) for x in e.path])
         if errors:
             err = errors[0]
             where = ".".join(str(x) for x in err.path) or "body"
-            raise ApiError(422, "validation error", f"{where}: {err.message}", field=where)
+            message = err.message if len(err.message) <= MAX_DETAIL else err.message[:MAX_DETAIL] + "..."
+            raise ApiError(422, "validation error", f"{where}: {message}", field=where)
         mode = body.get("mode", "text2img")
         prompt = body.get("prompt")
         if prompt is None and mode != "redux":

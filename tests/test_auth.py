@@ -15,7 +15,7 @@ from http_front.app import create_app
 from http_front.config import FrontConfig
 from http_front.keyfile import KeyFile, make_fernet
 from http_front.keys import DEFAULT_KEY, KeyStore
-from http_front.ratelimit import SlidingWindowLimiter
+from http_front.ratelimit import RecentSet, SlidingWindowLimiter
 from tests.conftest import Stack
 
 KEYS = {"generation": "gen-key-0123456789abcdef", "readonly": "ro-key-0123456789abcdefg",
@@ -129,6 +129,31 @@ def test_repeated_failed_authentication_is_throttled_per_address(tmp_path: Path)
     assert other.status_code == 200
     now[0] = 61.0
     assert client.simulate_get("/", headers={"X-API-Key": "k-readonly-0000000000000"}).status_code == 200
+
+
+def test_a_key_proven_from_an_address_outlives_its_throttle(tmp_path: Path) -> None:
+    now = [0.0]
+    client = make_app(tmp_path, lambda: now[0], limit=100, failures=3)
+    ro, gen = {"X-API-Key": "k-readonly-0000000000000"}, {"X-API-Key": "k-generation-000000000000"}
+    assert client.simulate_get("/", headers=ro).status_code == 200
+    for _ in range(3):
+        assert client.simulate_get("/", headers={"X-API-Key": "guess"}).status_code == 401
+    assert client.simulate_get("/", headers=ro).status_code == 200  # the attacker does not lock it out
+    assert client.simulate_get("/", headers=gen).status_code == 429  # new here: not evaluated
+    assert client.simulate_get("/", headers=ro, remote_addr="10.0.0.9").status_code == 200
+
+
+def test_recent_set_is_bounded_and_forgets() -> None:
+    now = [0.0]
+    seen = RecentSet(ttl=10, max_items=3, clock=lambda: now[0])
+    for item in "abcd":
+        seen.add(item)
+    assert len(seen) == 3 and "a" not in seen and "b" in seen
+    seen.add("b")  # seen again: now the most recent
+    seen.add("e")
+    assert "c" not in seen and {"b", "d", "e"} == {x for x in "bcde" if x in seen}
+    now[0] = 10.0
+    assert "b" not in seen and len(seen) == 2
 
 
 def test_default_key_only_from_loopback_unless_allowed(tmp_path: Path) -> None:

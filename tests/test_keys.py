@@ -12,7 +12,7 @@ from cryptography.fernet import Fernet
 
 from http_front.keyfile import KeyFile, KeyFileError, derive_fernet_key, make_fernet
 from http_front.keys import (DEFAULT_KEY, InvalidKeySpec, KeyRecord, KeyStore, StoreError, hash_key, key_id_of,
-                             parse_env_keys, preview_of)
+                             owner_of, parse_env_keys, parse_permissions, preview_of, weak_keys)
 
 LEGACY = {
     "legacy-admin-key-0123456789abcdef": {"name": "ops", "permissions": ["admin"], "created_at": 1.0,
@@ -31,9 +31,13 @@ def test_env_keys_any_n_trimmed_and_missing_permissions_mean_all() -> None:
         parse_env_keys({"API_KEY_1": "k:n:superuser"})
 
 
-def test_default_key_only_when_nothing_is_configured() -> None:
+def test_default_key_works_until_an_admin_capable_key_exists() -> None:
     assert KeyStore.from_env([], DEFAULT_KEY).authenticate(DEFAULT_KEY).source == "default"
-    store = KeyStore.from_env([("abc123def456", "dev", ("generation",))], DEFAULT_KEY)
+    # A non-admin key alone does not switch the default key off (guide 1.7 then 1.8.x on a fresh install).
+    user_only = KeyStore.from_env([("abc123def456", "dev", ("generation",))], DEFAULT_KEY)
+    assert user_only.authenticate(DEFAULT_KEY).source == "default" and user_only.uses_default
+    store = KeyStore.from_env([("abc123def456", "dev", ("generation",)), ("adm1n-key-0001", "ops", ("admin",))],
+                              DEFAULT_KEY)
     assert store.authenticate(DEFAULT_KEY) is None and not store.uses_default
     principal = store.authenticate("abc123def456")
     assert principal.name == "dev" and principal.permissions == ("generation",)
@@ -165,9 +169,10 @@ def test_delete_rules(tmp_path: Path) -> None:
 
 def test_the_last_admin_key_cannot_be_deleted_and_default_key_cannot_lock_out(tmp_path: Path) -> None:
     store = KeyStore.from_env([], DEFAULT_KEY, keyfile(tmp_path))
-    with pytest.raises(StoreError) as err:
-        store.create("user", ("generation",))
-    assert err.value.status == 409
+    first_raw, _ = store.create("first user", ("generation", "readonly"))
+    assert store.authenticate(DEFAULT_KEY).source == "default"  # nobody can administer yet
+    store.delete(lambda r: r.name == "first user", "first user")  # with the default key still working
+    assert store.authenticate(first_raw) is None and store.authenticate(DEFAULT_KEY) is not None
     admin_raw, _ = store.create("admin", ("admin",))
     assert store.authenticate(DEFAULT_KEY) is None  # a real key exists now
     user_raw, _ = store.create("user", ("generation",))
@@ -175,3 +180,59 @@ def test_the_last_admin_key_cannot_be_deleted_and_default_key_cannot_lock_out(tm
         store.delete(lambda r: r.name == "admin", "admin")
     assert err.value.status == 409
     assert store.authenticate(admin_raw) and store.authenticate(user_raw)
+
+
+def test_weak_keys_names_the_environment_keys_short_enough_to_guess() -> None:
+    guide = {"API_KEY_1": "abc123def456:developer:generation,readonly", "API_KEY_2": "xyz789ghi012:user:generation",
+             "API_KEY_3": "admin123admin456:admin:all", "API_KEY_4": "gs-" + "q" * 40 + ":strong:admin",
+             "API_KEY_5": "exactly-twenty-chars:edge:readonly"}
+    assert weak_keys(parse_env_keys(guide)) == ["developer", "user", "admin"]
+    assert weak_keys([]) == []
+
+
+def test_owner_is_unique_where_key_id_is_not() -> None:
+    a, b = "gs-SAME1" + "a" * 30 + "TAIL", "gs-SAME1" + "b" * 30 + "TAIL"
+    assert key_id_of(a) == key_id_of(b) and owner_of(a) != owner_of(b)
+    store = KeyStore.from_env([(a, "a", ("generation",)), (b, "b", ("generation",))], None)
+    pa, pb = store.authenticate(a), store.authenticate(b)
+    assert pa.key_id == pb.key_id and (pa.owner, pb.owner) == (owner_of(a), owner_of(b))
+    assert KeyRecord.from_raw(a, "a", ("all",), "file").owner == owner_of(a)
+    assert "owner" not in KeyRecord.from_raw(a, "a", ("all",), "file").listing()
+
+
+def test_delete_by_a_shared_key_id_deletes_nothing(tmp_path: Path) -> None:
+    a, b = "gs-SAME1" + "a" * 30 + "TAIL", "gs-SAME1" + "b" * 30 + "TAIL"
+    kf = keyfile(tmp_path)
+    kf.update(lambda current: current + [KeyRecord.from_raw(a, "a", ("readonly",), "file"),
+                                         KeyRecord.from_raw(b, "b", ("readonly",), "file")])
+    store = KeyStore.from_env([("envadmin", "root", ("admin",))], None, kf)
+    with pytest.raises(StoreError) as err:
+        store.delete(lambda r: r.key_id == key_id_of(a), "id", unique=True)
+    assert err.value.status == 409
+    assert store.authenticate(a) and store.authenticate(b)
+    assert len(store.delete(lambda r: r.key_id == key_id_of(a), "id")) == 2  # without `unique`: every match
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 101, "a\x00b", "a\nb", "tab\there", "\x1b[31mred",
+                                  "a\u2028b", "a\u202eb", "\ud800", "x:admin"])
+def test_created_key_names_are_printable_text(tmp_path: Path, name: str) -> None:
+    store = KeyStore.from_env([("envadmin", "root", ("admin",))], None, keyfile(tmp_path))
+    with pytest.raises(StoreError) as err:
+        store.create(name, ("readonly",))
+    assert err.value.status == 422 and "name" in str(err.value)
+    assert [r.name for r in store.records()] == ["root"]
+
+
+def test_created_key_names_keep_unicode_text(tmp_path: Path) -> None:
+    store = KeyStore.from_env([("envadmin", "root", ("admin",))], None, keyfile(tmp_path))
+    for name in ("新用户", "  padded  ", "Ünïcode user 😀"):
+        raw, record = store.create(name, ("readonly",))
+        assert record.name == name.strip() and store.authenticate(raw).name == name.strip()
+
+
+def test_permissions_may_be_required() -> None:
+    assert parse_permissions("") == ("all",)  # API_KEY_N without permissions: the legacy meaning
+    for empty in ("", " , ", []):
+        with pytest.raises(InvalidKeySpec):
+            parse_permissions(empty, empty_means_all=False)
+    assert parse_permissions("readonly", empty_means_all=False) == ("readonly",)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import falcon
 
 from broker.protocol import CONTROL_TYPES, MODEL_IDS
+from http_front.auth import SUPER
 from http_front.broker_client import BrokerUnavailable
 from http_front.services import Services
 
@@ -60,11 +61,14 @@ class Status:
         self.services = services
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Broker snapshot."""
+        """Broker snapshot; task ids only for admin keys (others' ids would let a key probe them)."""
         info = self.services.info(max_age=0)
+        nodes = info["nodes"]
+        if not set(req.context.principal.permissions) & SUPER:
+            nodes = [{**n, "task_id": None} for n in nodes]
         resp.media = {"success": True, "status": "running", "queue": info["queue"], "tasks": info["tasks"],
-                      "nodes": info["nodes"], "node_count": len(info["nodes"]),
-                      "busy_nodes": sum(1 for n in info["nodes"] if n["state"] == "busy")}
+                      "nodes": nodes, "node_count": len(nodes),
+                      "busy_nodes": sum(1 for n in nodes if n["state"] == "busy")}
 
 
 class Models:

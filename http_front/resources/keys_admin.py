@@ -9,26 +9,47 @@ import falcon
 
 from http_front.errors import ApiError
 from http_front.keyfile import KeyFileError
-from http_front.keys import InvalidKeySpec, KeyRecord, KeyStore, StoreError, hash_key, parse_permissions
+from http_front.keys import (InvalidKeySpec, KeyRecord, KeyStore, StoreError, check_name, hash_key,
+                             parse_permissions)
 
 ADMIN_GET = {"GET": ("admin",)}
 ADMIN_POST = {"POST": ("admin",)}
 
 
 def form_fields(req: falcon.Request) -> dict[str, str]:
-    """Fields of a multipart (curl -F), urlencoded or JSON body, as strings."""
+    """Fields of a multipart (curl -F), urlencoded or JSON body, as strings (422 for any other value)."""
     content_type = req.content_type or ""
     if not req.content_length and "chunked" not in (req.get_header("Transfer-Encoding") or ""):
         return {}
     if content_type.startswith("multipart/form-data"):
-        return {part.name: part.get_text() or "" for part in req.get_media() if part.name}
-    if content_type.startswith(("application/x-www-form-urlencoded", "application/json")):
-        media = req.get_media()
+        fields = {part.name: part.get_text() or "" for part in req.get_media() if part.name}
+    elif content_type.startswith(("application/x-www-form-urlencoded", "application/json")):
+        try:
+            media = req.get_media()
+        except RecursionError:
+            raise ApiError(400, "malformed request", "the body is nested too deeply") from None
         if not isinstance(media, dict):
             raise ApiError(422, "validation error", "the body must be an object of fields")
-        return {str(k): v if isinstance(v, str) else ",".join(v) if isinstance(v, list) else str(v)
-                for k, v in media.items()}
-    raise ApiError(415, "unsupported media type", "send form fields (multipart or urlencoded) or JSON")
+        fields = {str(k): _field_text(str(k), v) for k, v in media.items()}
+    else:
+        raise ApiError(415, "unsupported media type", "send form fields (multipart or urlencoded) or JSON")
+    for name, value in fields.items():
+        try:
+            (name + value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(422, "validation error", "fields must be valid Unicode text (lone surrogate)",
+                           field="body") from None
+    return fields
+
+
+def _field_text(name: str, value: Any) -> str:
+    """A JSON or urlencoded value as text: a string, or (permissions only) a list of strings."""
+    if isinstance(value, str):
+        return value
+    if name == "permissions" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    expected = "a string or a list of strings" if name == "permissions" else "a string"
+    raise ApiError(422, "validation error", f"{name}: must be {expected}", field=name)
 
 
 def required(fields: dict[str, str], name: str) -> str:
@@ -49,9 +70,9 @@ class _Admin:
     def __init__(self, keys: KeyStore) -> None:
         self.keys = keys
 
-    def _delete(self, resp: falcon.Response, match: Any, what: str) -> None:
+    def _delete(self, resp: falcon.Response, match: Any, what: str, unique: bool = False) -> None:
         try:
-            deleted = self.keys.delete(match, what)
+            deleted = self.keys.delete(match, what, unique)
         except StoreError as exc:
             raise ApiError(exc.status, "cannot delete key", str(exc)) from None
         except KeyFileError as exc:
@@ -79,11 +100,18 @@ class GenerateKey(_Admin):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Create a key from `name` and `permissions`."""
         fields = form_fields(req)
+        name = required(fields, "name")
         try:
-            permissions = parse_permissions(fields.get("permissions", ""))
-            raw, record = self.keys.create(required(fields, "name"), permissions)
+            name = check_name(name)
+        except InvalidKeySpec as exc:
+            raise ApiError(422, "validation error", f"name: {exc}", field="name") from None
+        try:
+            # Required here (the guide always sends it): an omitted field must not mean `all`.
+            permissions = parse_permissions(required(fields, "permissions"), empty_means_all=False)
         except InvalidKeySpec as exc:
             raise ApiError(422, "validation error", f"permissions: {exc}", field="permissions") from None
+        try:
+            raw, record = self.keys.create(name, permissions)
         except StoreError as exc:
             raise ApiError(exc.status, "cannot create key", str(exc)) from None
         except KeyFileError as exc:
@@ -112,9 +140,9 @@ class DeleteKeyById(_Admin):
     auth = ADMIN_POST
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Delete by `key_id`."""
+        """Delete by `key_id`; a key_id two keys share deletes neither (409)."""
         key_id = required(form_fields(req), "key_id")
-        self._delete(resp, lambda r: r.key_id == key_id, f"key_id {key_id!r}")
+        self._delete(resp, lambda r: r.key_id == key_id, f"key_id {key_id!r}", unique=True)
 
 
 class DeleteKeyByName(_Admin):

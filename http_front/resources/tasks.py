@@ -21,7 +21,8 @@ class Task:
 
     def _visible(self, req: falcon.Request, task: dict) -> None:
         principal = req.context.principal
-        if task.get("owner") != principal.key_id and not set(principal.permissions) & SUPER:
+        # `owner` is unique per key; the display key_id is not and must never authorise.
+        if task.get("owner") != principal.owner and not set(principal.permissions) & SUPER:
             raise ApiError(404, "task not found", "no task with this id for this API key")
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
@@ -32,8 +33,19 @@ class Task:
         send_task(resp, task, msg.blobs[0] if msg.blobs else None, req.context.principal)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
-        """Cancel: a queued task leaves the queue; a running one stops at its next step."""
+        """Cancel: a queued task leaves the queue; a running one stops at its next step.
+
+        200 with ``success: true`` when the task is cancelled (now or earlier); 409 when it
+        had already completed or failed, since there was nothing left to cancel.
+        """
         task = self.services.broker.request(p.STATUS, {"task_id": task_id}).header["task"]
         self._visible(req, task)
         task = self.services.broker.request(p.CANCEL_TASK, {"task_id": task_id}).header["task"]
-        resp.media = render_task(task, None, req.context.principal)
+        status = task["status"]
+        if status != p.CANCELLED:
+            raise ApiError(409, "task already finished",
+                           f"task {task_id} is already {status}; there is nothing to cancel", task_status=status)
+        body = render_task(task, None, req.context.principal)
+        body["success"] = True
+        body["message"] = "task cancelled"
+        resp.media = body
