@@ -35,6 +35,7 @@ FETCH = b"\x22"
 CANCEL_TASK = b"\x23"
 INFO = b"\x24"
 ADMIN = b"\x25"
+LEASE = b"\x26"  # rate-limit tokens for one key, granted in batches
 # Broker -> front
 ACK = b"\x30"
 REPLY = b"\x31"
@@ -45,7 +46,7 @@ COMMAND_NAMES = {
     READY: "READY", HEARTBEAT: "HEARTBEAT", PROGRESS: "PROGRESS", RESULT: "RESULT",
     ERROR: "ERROR", DISCONNECT: "DISCONNECT", JOB: "JOB", CANCEL: "CANCEL", RESULT_ACK: "RESULT_ACK",
     SUBMIT: "SUBMIT", STATUS: "STATUS", FETCH: "FETCH", CANCEL_TASK: "CANCEL_TASK",
-    INFO: "INFO", ADMIN: "ADMIN", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL", DONE: "DONE",
+    INFO: "INFO", ADMIN: "ADMIN", LEASE: "LEASE", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL", DONE: "DONE",
 }
 
 # Task states, in lifecycle order.

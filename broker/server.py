@@ -23,6 +23,7 @@ from broker.config import BrokerConfig
 from broker.journal import Journal
 from broker.nodes import BUSY, IDLE, Node, NodeRegistry
 from broker.queue import TaskQueue
+from broker.ratelimit import TokenLedger
 from broker.results import check_image
 from broker.tasks import Task, TaskTable
 
@@ -58,6 +59,7 @@ class Broker:
         self.nodes = NodeRegistry()
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self.table = TaskTable(self.journal, self.queue)
+        self.ledger = TokenLedger()
         self.tasks = self.table.tasks  # read-only view for INFO and tests
         self._stop = threading.Event()
         self.frontend = self.context.socket(zmq.ROUTER)
@@ -72,6 +74,7 @@ class Broker:
         self._front_handlers = {
             p.SUBMIT: self._on_submit, p.STATUS: self._on_status, p.FETCH: self._on_fetch,
             p.CANCEL_TASK: self._on_cancel, p.INFO: self._on_info, p.ADMIN: self._on_admin,
+            p.LEASE: self._on_lease,
         }
         self._node_handlers = {
             p.READY: self._on_ready, p.HEARTBEAT: self._on_heartbeat, p.PROGRESS: self._on_progress,
@@ -291,6 +294,15 @@ class Broker:
             "queue": {"length": len(self.queue), "by_model": self.queue.models_waiting()},
             "tasks": self.table.counts(), "time": now,
         })
+
+    def _on_lease(self, identity: bytes, req: Any, msg: p.Message) -> None:
+        h = msg.header
+        limit, window = int(h["limit"]), float(h["window"])
+        if limit < 1 or not 0 < window <= 86_400:
+            raise RequestError(p.E_BAD_REQUEST, "limit must be >= 1 and window in (0, 86400] seconds")
+        granted, retry = self.ledger.grant(str(h["key"]), max(1, int(h.get("want", 1))), limit, window,
+                                           self.clock(), max(0, int(h.get("returned", 0))))
+        self._reply(identity, req, p.REPLY, {"granted": granted, "retry_after": retry})
 
     def _on_admin(self, identity: bytes, req: Any, msg: p.Message) -> None:
         action = str(msg.header.get("action", ""))
