@@ -7,13 +7,12 @@ import logging
 import os
 from pathlib import Path
 
-import waitress
-
 from http_front.app import create_app
 from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
 from http_front.keyfile import KeyFile, KeyFileError, make_fernet
-from http_front.keys import DEFAULT_KEY, InvalidKeySpec, KeyStore, parse_env_keys
+from http_front.keys import DEFAULT_KEY, MIN_KEY_LENGTH, InvalidKeySpec, KeyStore, parse_env_keys, weak_keys
+from http_front.server import serve
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,28 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--host", default=env.get("HOST", d.host), help="listen address (env HOST)")
     ap.add_argument("--port", type=int, default=int(env.get("PORT", d.port)), help="listen port (env PORT)")
     ap.add_argument("--threads", type=int, default=int(env.get("GENSERVE_THREADS", d.threads)),
-                    help="waitress worker threads = concurrent synchronous requests (env GENSERVE_THREADS)")
+                    help="waitress worker threads (env GENSERVE_THREADS)")
+    ap.add_argument("--max-sync-waits", type=int,
+                    default=int(env.get("GENSERVE_MAX_SYNC_WAITS", d.max_sync_waits)),
+                    help="synchronous /generate requests waiting at once, below --threads; then 429"
+                         " (env GENSERVE_MAX_SYNC_WAITS)")
+    ap.add_argument("--max-sync-waits-per-key", type=int,
+                    default=int(env.get("GENSERVE_MAX_SYNC_WAITS_PER_KEY", d.max_sync_waits_per_key)),
+                    help="the same, per API key (env GENSERVE_MAX_SYNC_WAITS_PER_KEY)")
+    ap.add_argument("--connection-limit", type=int,
+                    default=int(env.get("GENSERVE_CONNECTION_LIMIT", d.connection_limit)),
+                    help="open client connections (env GENSERVE_CONNECTION_LIMIT)")
+    ap.add_argument("--channel-timeout", type=int,
+                    default=int(env.get("GENSERVE_CHANNEL_TIMEOUT", d.channel_timeout)),
+                    help="seconds an idle connection is kept (env GENSERVE_CHANNEL_TIMEOUT)")
+    ap.add_argument("--header-timeout", type=int,
+                    default=int(env.get("GENSERVE_HEADER_TIMEOUT", d.header_timeout)),
+                    help="seconds a client has to send its request line and headers (env GENSERVE_HEADER_TIMEOUT)")
+    ap.add_argument("--backlog", type=int, default=int(env.get("GENSERVE_BACKLOG", d.backlog)),
+                    help="listen backlog (env GENSERVE_BACKLOG)")
+    ap.add_argument("--max-header-bytes", type=int,
+                    default=int(env.get("GENSERVE_MAX_HEADER_BYTES", d.max_header_bytes)),
+                    help="header fields larger than this get 431 (env GENSERVE_MAX_HEADER_BYTES)")
     ap.add_argument("--task-timeout", type=float, default=float(env.get("GENSERVE_TASK_TIMEOUT", d.task_timeout)))
     ap.add_argument("--rate-limit", type=int, default=int(env.get("GENSERVE_RATE_LIMIT", d.rate_limit)),
                     help="requests per window per key (env GENSERVE_RATE_LIMIT)")
@@ -48,9 +68,18 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--curve-server", default=env.get("GENSERVE_CURVE_SERVER"))
     ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
     a = ap.parse_args(argv)
+    if not 0 <= a.max_sync_waits < a.threads:
+        ap.error("--max-sync-waits must be below --threads: /health, /task and async requests need threads too")
+    if min(a.max_sync_waits_per_key, a.connection_limit, a.channel_timeout, a.header_timeout, a.backlog,
+           a.max_header_bytes) < 1:
+        ap.error("--max-sync-waits-per-key, --connection-limit, --channel-timeout, --header-timeout,"
+                 " --backlog and --max-header-bytes must be positive")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return FrontConfig(
         broker=a.broker, host=a.host, port=a.port, threads=a.threads, task_timeout=a.task_timeout,
+        max_sync_waits=a.max_sync_waits, max_sync_waits_per_key=a.max_sync_waits_per_key,
+        connection_limit=a.connection_limit, channel_timeout=a.channel_timeout, header_timeout=a.header_timeout,
+        backlog=a.backlog, max_header_bytes=a.max_header_bytes,
         max_prompt_length=int(env.get("MAX_PROMPT_LENGTH", d.max_prompt_length)),
         max_image_size=int(env.get("MAX_IMAGE_SIZE", d.max_image_size)),
         rate_limit=a.rate_limit, rate_window=a.rate_window, auth_failure_limit=a.auth_failure_limit,
@@ -68,19 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     try:
         keyfile = KeyFile(config.key_file, make_fernet(config.encryption_key, config.legacy_password))
-        keys = KeyStore.from_env(parse_env_keys(env), env.get("DEFAULT_API_KEY") or DEFAULT_KEY, keyfile)
+        env_keys = parse_env_keys(env)
+        keys = KeyStore.from_env(env_keys, env.get("DEFAULT_API_KEY") or DEFAULT_KEY, keyfile)
     except (KeyFileError, InvalidKeySpec) as exc:
         raise SystemExit(f"genserve-front: cannot start: {exc}") from None
+    for name in weak_keys(env_keys):
+        log.warning("API key %r is shorter than %d characters and can be guessed; replace it with a"
+                    " generated key (genservectl keys create)", name, MIN_KEY_LENGTH)
     if keys.uses_default:
-        log.warning("no API key configured: the default key is in use%s",
-                    "" if config.default_key_remote else " (accepted from loopback clients only)")
+        log.warning("no admin-capable API key exists: the default key works%s until one is created",
+                    "" if config.default_key_remote else ", from loopback clients only,")
     broker = BrokerClient(config.broker, config.broker_timeout, curve_secret_file=config.curve_secret_file,
                           curve_server_public_file=config.curve_server_public_file).start()
     app = create_app(broker, keys, config)
     log.info("GenServe front on http://%s:%d -> broker %s", config.host, config.port, config.broker)
     try:
-        waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
-                       max_request_body_size=config.max_body_bytes + 1024 * 1024, ident="GenServe")
+        serve(app, config)
     finally:
         broker.close()
 

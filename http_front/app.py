@@ -8,7 +8,9 @@ from http_front import errors
 from http_front.auth import AuthMiddleware
 from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
+from http_front.errors import ApiError
 from http_front.keys import KeyStore
+from http_front.leases import LeasedLimiter, broker_lease
 from http_front.ratelimit import SlidingWindowLimiter
 from http_front.resources import keys_admin
 from http_front.resources.generate import Generate, GenerateUpload
@@ -16,6 +18,27 @@ from http_front.resources.info import Health, Loras, Models, Root, Status
 from http_front.resources.tasks import Task
 from http_front.services import Services
 from http_front.validation import RequestValidator
+from http_front.waits import SyncWaits
+
+
+class HeaderLimit:
+    """Answers 431 in the JSON error shape when the header fields exceed `limit` bytes.
+
+    Waitress's own limit (set above this one by http_front.server) would answer first
+    otherwise, in plain text.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Runs before routing and authentication."""
+        # "Name: value\r\n" per field; WSGI names them HTTP_*, except these two.
+        size = sum(len(k) - 1 + len(v) for k, v in req.env.items()
+                   if k.startswith("HTTP_") or k in ("CONTENT_TYPE", "CONTENT_LENGTH"))
+        if size > self.limit:
+            raise ApiError(431, "request header fields too large",
+                           f"the header fields exceed {self.limit // 1024} KB")
 
 
 def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None = None,
@@ -23,18 +46,24 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
                failures: SlidingWindowLimiter | None = None) -> falcon.App:
     """Build the app; nothing here reads the environment or opens sockets."""
     config = config or FrontConfig()
-    limiter = limiter or SlidingWindowLimiter(config.rate_limit, config.rate_window)
+    if limiter is None:
+        local = SlidingWindowLimiter(config.rate_limit, config.rate_window)
+        # With a broker, the limit holds per key across every front (tokens leased in batches).
+        limiter = local if broker is None else LeasedLimiter(broker_lease(broker), config.rate_limit,
+                                                             config.rate_window, local)
     failures = failures or SlidingWindowLimiter(config.auth_failure_limit, config.auth_failure_window)
     services = Services(broker, config, RequestValidator(config.max_prompt_length, config.max_image_size))
-    app = falcon.App(middleware=[AuthMiddleware(keys, limiter, failures, config.default_key_remote)])
+    app = falcon.App(middleware=[HeaderLimit(config.max_header_bytes),
+                                 AuthMiddleware(keys, limiter, failures, config.default_key_remote)])
     errors.install(app)
     app.add_route("/", Root(services))
     app.add_route("/health", Health(services))
     app.add_route("/status", Status(services))
     app.add_route("/models", Models(services))
     app.add_route("/loras", Loras(services))
-    app.add_route("/generate", Generate(services))
-    app.add_route("/generate/upload", GenerateUpload(services))
+    waits = SyncWaits(config.max_sync_waits, config.max_sync_waits_per_key)  # shared by both endpoints
+    app.add_route("/generate", Generate(services, waits))
+    app.add_route("/generate/upload", GenerateUpload(services, waits))
     app.add_route("/task/{task_id}", Task(services))
     keys_admin.install(app, keys)
     return app

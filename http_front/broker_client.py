@@ -136,27 +136,6 @@ class BrokerClient:
             if not waiters:
                 self._waiters.pop(task_id, None)
 
-    def wait(self, task_id: str, future: Future, timeout: float) -> p.Message | None:
-        """Wait for a watched task; re-asks the broker every few seconds in case a push was lost."""
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                try:
-                    return future.result(min(left, 3.0))
-                except FutureTimeout:
-                    pass
-                try:  # re-register the watch (a restarted broker forgot it) and check state
-                    msg = self.request(p.STATUS, {"task_id": task_id, "watch": True})
-                    if msg.header["task"]["status"] in p.FINAL_STATES:
-                        return self.request(p.FETCH, {"task_id": task_id})
-                except BrokerUnavailable:
-                    continue
-        finally:
-            self.unwatch(task_id, future)
-
     # ---- I/O thread -------------------------------------------------------
 
     def _wake(self) -> None:

@@ -13,7 +13,18 @@ class FrontConfig:
     broker: str = "tcp://127.0.0.1:5555"
     host: str = "0.0.0.0"
     port: int = 12411
-    threads: int = 32
+    threads: int = 48
+    # Synchronous /generate waits allowed at once, below `threads` so /health, /task and
+    # async submissions always find a free thread; past a cap, 429 with Retry-After.
+    max_sync_waits: int = 32
+    max_sync_waits_per_key: int = 16
+    # Waitress: open connections, seconds an idle connection is kept, seconds a client has to
+    # send its request line and headers, listen backlog, the app's own header-size limit (431).
+    connection_limit: int = 4000
+    channel_timeout: int = 30
+    header_timeout: int = 20
+    backlog: int = 2048
+    max_header_bytes: int = 32 * 1024
     max_prompt_length: int = 1000
     max_image_size: int = 2048
     max_body_bytes: int = 48 * 1024 * 1024

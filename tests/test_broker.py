@@ -9,6 +9,7 @@ import zmq
 
 from broker import protocol as p
 from http_front.broker_client import BrokerClient, BrokerError
+from http_front.waits import wait_for_task
 from tests.conftest import wait_until
 from tests.fakes import FakeNode, png_bytes
 
@@ -104,7 +105,7 @@ def test_result_is_pushed_to_the_watching_front_and_fetchable(parts) -> None:
     wait_until(lambda: client.request(p.STATUS, {"task_id": task_id}).header["task"].get("progress")
                == {"step": 2, "total": 4}, 5)
     n.finish(job.header["task_id"], png)
-    done = client.wait(task_id, future, timeout=5)
+    done = wait_for_task(client, task_id, future, timeout=5)
     assert done.header["task"]["status"] == p.COMPLETED and done.blobs == [png]
     fetched = client.request(p.FETCH, {"task_id": task_id})
     assert fetched.header["task"]["status"] == p.COMPLETED and fetched.blobs == [png]

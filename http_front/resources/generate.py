@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import falcon
 
 from broker import protocol as p
 from broker.protocol import COMPLETED, IMAGE_FIELDS
+from http_front.broker_client import BrokerError, BrokerUnavailable
 from http_front.errors import ApiError, from_task_error
 from http_front.images import MAX_IMAGE_BYTES, from_base64
 from http_front.render import send_task
 from http_front.services import Services
 from http_front.validation import GenerateRequest
+from http_front.waits import DISCONNECTED_KEY, ClientGone, SyncWaits, wait_for_task, waiter_key
+
+log = logging.getLogger(__name__)
 
 GENERATE = {"POST": ("generation",)}
+MAX_IDEMPOTENCY_KEY = 255
 
 
 class _Submitter:
@@ -22,8 +28,10 @@ class _Submitter:
 
     auth = GENERATE
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, waits: SyncWaits | None = None) -> None:
         self.services = services
+        config = services.config
+        self.waits = waits or SyncWaits(config.max_sync_waits, config.max_sync_waits_per_key)
 
     def _check_body_size(self, req: falcon.Request) -> None:
         if req.content_length and req.content_length > self.services.config.max_body_bytes:
@@ -42,18 +50,46 @@ class _Submitter:
                                field="loras")
             lora["name"] = canonical
 
+    @staticmethod
+    def _is_async(req: falcon.Request, request: GenerateRequest) -> bool:
+        return request.is_async or "respond-async" in (req.get_header("Prefer") or "").lower()
+
     def submit(self, req: falcon.Request, resp: falcon.Response, request: GenerateRequest) -> None:
-        """Queue the task; answer with the image (sync) or 202 and the task id (async)."""
+        """Queue the task; answer with the image (sync, within the wait caps) or 202 and the task id (async)."""
+        if self._is_async(req, request):
+            self._submit(req, resp, request)
+            return
+        with self.waits.slot(waiter_key(req.context.principal)):  # 429 past a cap, before SUBMIT
+            self._submit(req, resp, request)
+
+    def _abandon(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        """The client hung up mid-wait: cancel its task, unless an Idempotency-Key lets a retry claim it."""
+        if req.get_header("Idempotency-Key"):
+            log.info("client hung up waiting for task %s; kept for a retry with its Idempotency-Key", task_id)
+        else:
+            try:
+                self.services.broker.request(p.CANCEL_TASK, {"task_id": task_id})
+                log.info("client hung up waiting for task %s; task cancelled", task_id)
+            except (BrokerError, BrokerUnavailable) as exc:
+                log.warning("client hung up waiting for task %s; cancelling it failed: %s", task_id, exc)
+        resp.status = 499  # nginx's "client closed request"; nobody reads it
+        resp.media = {"success": False, "error": "client closed request",
+                      "detail": "the client hung up before the task ended", "task_id": task_id}
+
+    def _submit(self, req: falcon.Request, resp: falcon.Response, request: GenerateRequest) -> None:
         self._check_loras(request)
         principal = req.context.principal
         broker = self.services.broker
-        prefer_async = "respond-async" in (req.get_header("Prefer") or "").lower()
-        is_async = request.is_async or prefer_async
+        is_async = self._is_async(req, request)
         names = list(request.images)
-        ack = broker.request(p.SUBMIT, {"task": request.task_spec(), "owner": principal.key_id,
-                                        "images": names, "watch": not is_async},
-                             [request.images[n] for n in names])
+        header = {"task": request.task_spec(), "owner": principal.owner, "images": names, "watch": not is_async}
+        idem = idempotency_key(req)
+        if idem:
+            header["idempotency_key"] = idem
+        ack = broker.request(p.SUBMIT, header, [request.images[n] for n in names])
         task_id = ack.header["task_id"]
+        if ack.header.get("replayed"):
+            resp.set_header("Idempotent-Replayed", "true")
         if is_async:
             resp.status = 202
             resp.set_header("Location", f"/task/{task_id}")
@@ -61,7 +97,12 @@ class _Submitter:
                           "queue_position": ack.header.get("queue_position")}
             return
         future = broker.watch(task_id)
-        done = broker.wait(task_id, future, self.services.config.task_timeout + 15)
+        try:
+            done = wait_for_task(broker, task_id, future, self.services.config.task_timeout + 15,
+                                 req.env.get(DISCONNECTED_KEY))
+        except ClientGone:
+            self._abandon(req, resp, task_id)
+            return
         if done is None:
             resp.status = 202
             resp.media = {"success": True, "task_id": task_id, "status": "pending",
@@ -71,6 +112,18 @@ class _Submitter:
         if task["status"] != COMPLETED:
             raise from_task_error(task.get("error_code", ""), task.get("error") or "task failed")
         send_task(resp, task, done.blobs[0] if done.blobs else None, principal)
+
+
+def idempotency_key(req: falcon.Request) -> str | None:
+    """The request's Idempotency-Key: 1-255 visible ASCII characters, or a 400."""
+    key = req.get_header("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not all(33 <= ord(c) <= 126 for c in key):
+        raise ApiError(400, "invalid Idempotency-Key",
+                       f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters",
+                       field="Idempotency-Key")
+    return key
 
 
 class Generate(_Submitter):
