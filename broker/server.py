@@ -337,13 +337,25 @@ class Broker:
             log.exception("error handling %s from node %r", msg.name, identity)
 
     def _on_ready(self, identity: bytes, _node: Node | None, msg: p.Message) -> None:
-        old = self.nodes.get(identity)
-        if old is not None and old.task_id:
-            self._requeue_node_task(old, "node re-registered")
-        node = self.nodes.register(identity, msg.header, self.clock())
         busy = msg.header.get("busy_task")
-        task = self.table.claim(busy) if busy else None
-        if task is not None:
+        old = self.nodes.get(identity) or self._same_process(identity, msg.header)
+        kept = None
+        if old is not None and old.task_id:
+            if busy == old.task_id or (busy is None and old.identity == identity):
+                # Same process: it runs this task, or its JOB is still on the way (it left after
+                # this READY on the same connection, which keeps order). Nothing to re-queue.
+                kept = self.tasks.get(old.task_id)
+            else:
+                self._requeue_node_task(old, "node re-registered")
+        if old is not None and old.identity != identity:
+            self.nodes.remove(old.identity)
+        node = self.nodes.register(identity, msg.header, self.clock())
+        task = None if kept is not None else self.table.claim(busy) if busy else None
+        if kept is not None:
+            node.state, node.task_id = BUSY, kept.task_id
+            kept.node = identity
+            self.journal.update(kept)
+        elif task is not None:
             # After a broker restart the node is still running this task: it keeps it.
             self._start(task, node, resumed=True)
         elif busy or msg.header.get("busy"):
@@ -353,6 +365,14 @@ class Broker:
             node.task_id = None
         log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
         self._dispatch()
+
+    def _same_process(self, identity: bytes, header: dict[str, Any]) -> Node | None:
+        """The entry of this node's previous connection (same id, host and pid), if still registered."""
+        old = self.nodes.find(str(header.get("node_id", "")))
+        if old is not None and old.identity != identity and old.host == str(header.get("host", "")) \
+                and old.pid == int(header.get("pid", 0)):
+            return old
+        return None
 
     def _on_heartbeat(self, identity: bytes, node: Node, msg: p.Message) -> None:
         h = msg.header
@@ -403,6 +423,8 @@ class Broker:
         task_id = str(msg.header["task_id"])
         task = self._release(node, task_id, msg.header.get("loaded"))
         code = str(msg.header.get("code", p.E_GENERATION))
+        if code == p.E_NODE_BUSY:
+            node.state, node.task_id = BUSY, None  # busy with work we do not know of: idle when it says so
         if task is not None and code == p.E_NODE_BUSY:
             task.attempts -= 1  # it never started
             self._requeue(task, "its node could not take it")

@@ -64,7 +64,7 @@ class Node:
         self._pair.bind(self._endpoint)
         self._worker = threading.Thread(target=self._work, name="genserve-worker", daemon=True)
         self.dealer: zmq.Socket | None = None
-        self._last_recv = self._last_sent = 0.0
+        self._last_recv = self._last_sent = self._registered_at = 0.0
         self._beats = 0
 
     # ---- socket thread ---------------------------------------------------
@@ -81,6 +81,7 @@ class Node:
         self._register()
 
     def _register(self) -> None:
+        self._registered_at = time.monotonic()
         keeps = self.current if self.current not in self._abandoned else None
         self._send(p.READY, {**self.capabilities(True), "node_id": self.node_id, "device": self.config.device,
                              "host": socket.gethostname(), "pid": os.getpid(), "busy_task": keeps,
@@ -168,8 +169,11 @@ class Node:
                     self.cancel_step[task_id] = self.step
                 log.info("cancel %s (%s) at step %d", task_id, msg.header.get("reason"), self.step)
             elif msg.command == p.DISCONNECT:
-                log.info("broker asked to re-register: %s", msg.header.get("reason"))
-                self._register()
+                # After a broker restart every message we sent meanwhile earns one of these:
+                # register once, not once per message.
+                if time.monotonic() - self._registered_at >= self.config.heartbeat_interval:
+                    log.info("broker asked to re-register: %s", msg.header.get("reason"))
+                    self._register()
 
     def _on_job(self, msg: p.Message) -> None:
         task_id = str(msg.header["task_id"])
