@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 MODELS ?= var/models
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install models serve test test-fast bench clean
+.PHONY: install models serve test test-fast fuzz bench clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -32,6 +32,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not e2e and not slow"
+
+# A longer fuzz of the HTTP API than `make test` runs: a new seed each time unless GENSERVE_FUZZ_SEED is set.
+fuzz: install
+	GENSERVE_FUZZ_EXAMPLES=$${GENSERVE_FUZZ_EXAMPLES:-500} GENSERVE_FUZZ_SEED=$${GENSERVE_FUZZ_SEED:-} \
+	$(PY) -m pytest tests/test_fuzz.py
 
 bench: install
 	$(PY) bench/overhead.py

@@ -31,13 +31,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from bench.report import emit  # noqa: E402
 from gpu_node.generate import Generator, Job  # noqa: E402
 from gpu_node.loras import LoraLibrary  # noqa: E402
-from gpu_node.pipeline_cache import PipelineCache, _Entry, module_bytes  # noqa: E402
-from gpu_node.tiny import _clip_tokenizer, _scheduler, _t5_tokenizer, _vae  # noqa: E402
+from genserve.spec import GenerationParams  # noqa: E402
+from gpu_node.pipeline_cache import PipelineCache, module_bytes  # noqa: E402
+from gpu_node.tiny import clip_tokenizer, scheduler, t5_tokenizer, vae as tiny_vae  # noqa: E402
 
 
 def build(args: argparse.Namespace, device: str, dtype: torch.dtype) -> FluxPipeline:
     """The pipeline object: full transformer, real-width one-layer encoders, tiny VAE."""
-    tok, tok2 = _clip_tokenizer(), _t5_tokenizer()
+    tok, tok2 = clip_tokenizer(), t5_tokenizer()
     with torch.device(device):
         torch.set_default_dtype(dtype)
         try:
@@ -52,10 +53,10 @@ def build(args: argparse.Namespace, device: str, dtype: torch.dtype) -> FluxPipe
             t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=4096, d_kv=64, d_ff=1024, num_layers=1,
                                          num_heads=64, relative_attention_num_buckets=32,
                                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
-            vae = _vae()
+            vae = tiny_vae()
         finally:
             torch.set_default_dtype(torch.float32)
-    pipe = FluxPipeline(transformer=transformer, scheduler=_scheduler(), vae=vae, text_encoder=clip,
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler(), vae=vae, text_encoder=clip,
                         tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -75,12 +76,10 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     pipe = build(args, args.device, dtype)
-    cache = PipelineCache({"flux1-dev": "<in memory>"}, args.device, dtype, 1 << 50)
-    cache._models["flux1-dev"] = _Entry(pipe, [])  # injected instead of from_pretrained (no download)
-    cache.loaded = ("flux1-dev",)
+    cache = PipelineCache({}, args.device, dtype, 1 << 50)
+    cache.add("flux1-dev", pipe)  # built in memory instead of from_pretrained (no download)
     generator = Generator(cache, LoraLibrary(None), png_level=1, max_sequence_length=512)
-    params = {"prompt": "a cat in a garden", "width": args.size, "height": args.size,
-              "num_inference_steps": args.steps, "seed": 42, "cfg": 3.5, "loras": []}
+    params = GenerationParams("a cat in a garden", args.size, args.size, args.steps, 42, 3.5, 0.8)
     step_times: list[float] = []
     totals: list[float] = []
     for run in range(args.runs + 1):

@@ -45,6 +45,7 @@ def registered(cluster: Cluster) -> set[str]:
 
 def node_rounds(models: Path, work: Path, rounds: int) -> tuple[list[float], list[tuple[float, float]]]:
     """(idle stop times, [(busy stop time, step time)])."""
+    work.mkdir(parents=True, exist_ok=True)
     procs = Processes(work)
     idle, busy = [], []
     try:
@@ -82,6 +83,7 @@ def node_rounds(models: Path, work: Path, rounds: int) -> tuple[list[float], lis
 
 def supervisord_seconds(models: Path, work: Path) -> float:
     """Start the stack as `make serve` does (supervisord.conf), wait until healthy, SIGTERM it."""
+    work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GENSERVE_MODELS_DIR": str(models),
            "LORA_BASE_PATH": str(models / "loras"), "GENSERVE_DEVICE": "cpu", "GENSERVE_NUM_NODES": "1",

@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 from broker.config import BrokerConfig
-from broker.curve import InsecureBind
+from genserve.curve import InsecureBind
 from broker.server import Broker
 
 MB = 1 << 20

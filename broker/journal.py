@@ -39,12 +39,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import msgpack
+import msgspec
 
-from broker.protocol import COMPLETED, E_GENERATION, FAILED, QUEUED, RUNNING
 from broker.tasks import Task
+from genserve.catalog import default_cfg
+from genserve.errors import GENERATION as E_GENERATION
+from genserve.spec import GenerationParams
+from genserve.wire import COMPLETED, FAILED, QUEUED, RUNNING, ResultMeta
 
 log = logging.getLogger(__name__)
+_ENCODER = msgspec.msgpack.Encoder()
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -69,11 +73,19 @@ TMP = ".tmp"
 
 
 def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return _ENCODER.encode(value)
 
 
 def _unpack(data: bytes | None) -> Any:
-    return msgpack.unpackb(data, raw=False) if data else None
+    return msgspec.msgpack.decode(data) if data else None
+
+
+def _params(data: bytes, mode: str) -> GenerationParams:
+    """Stored parameters; rows from before typed messages may lack the resolved cfg."""
+    raw = msgspec.msgpack.decode(data)
+    if raw.get("cfg") is None:
+        raw["cfg"] = default_cfg(mode)
+    return msgspec.convert(raw, GenerationParams)
 
 
 def _input_name(task_id: str, idx: int) -> str:
@@ -264,10 +276,11 @@ class Journal:
         for row in rows:
             task = Task(
                 task_id=row[0], seq=row[1], priority=row[2], model=row[3], mode=row[4],
-                owner=row[5], state=row[6], params=_unpack(row[7]) or {},
+                owner=row[5], state=row[6], params=_params(row[7], row[4]),
                 image_names=_unpack(row[8]) or [], created=row[9], started=row[10],
                 finished=row[11], deadline=row[12], attempts=row[13], error_code=row[14],
-                error=row[15], meta=_unpack(row[16]) or {}, result_expired=bool(row[18]),
+                error=row[15], meta=msgspec.msgpack.decode(row[16], type=ResultMeta) if row[16] else None,
+                result_expired=bool(row[18]),
                 idem_key=row[19], idem_hash=row[20],
             )
             if task.state in (QUEUED, RUNNING):
@@ -275,10 +288,6 @@ class Journal:
                                for i in range(row[17])]
             tasks.append(task)
         return tasks
-
-    def count(self, state: str = COMPLETED) -> int:
-        """Number of tasks in a state (for tests and metrics)."""
-        return self._db.execute("SELECT COUNT(*) FROM tasks WHERE state=?", (state,)).fetchone()[0]
 
     def disk_usage(self) -> dict[str, int]:
         """Bytes on disk now: database, WAL, and image files (from the counters, no folder scan)."""

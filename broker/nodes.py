@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from genserve.wire import LoraInfo, NodeView, Ready, ServedModel
 
 IDLE = "idle"
 BUSY = "busy"
@@ -20,7 +21,7 @@ class Node:
     memory_total: int = 0
     memory_free: int = 0
     loaded: list[str] = field(default_factory=list)
-    loras: list[dict[str, Any]] = field(default_factory=list)
+    loras: list[LoraInfo] = field(default_factory=list)
     host: str = ""
     pid: int = 0
     state: str = IDLE
@@ -35,17 +36,14 @@ class Node:
         """True when the node may be given a new task."""
         return self.state == IDLE and not self.draining
 
-    def describe(self, now: float) -> dict[str, Any]:
-        """Plain-dict view for INFO replies and `genservectl nodes`."""
-        return {
-            "node_id": self.node_id, "device": self.device, "host": self.host, "pid": self.pid,
-            "state": "draining" if self.draining and self.state == IDLE else self.state,
-            "draining": self.draining, "task_id": self.task_id,
-            "models": self.models, "loaded": self.loaded, "loras": self.loras,
-            "memory_total": self.memory_total, "memory_free": self.memory_free,
-            "last_heartbeat_age_s": round(max(0.0, now - self.last_seen), 3),
-            "jobs_done": self.jobs_done,
-        }
+    def view(self, now: float) -> NodeView:
+        """The node as INFO reports it (and `genservectl nodes` shows it)."""
+        return NodeView(
+            node_id=self.node_id, device=self.device, host=self.host, pid=self.pid,
+            state="draining" if self.draining and self.state == IDLE else self.state,
+            draining=self.draining, task_id=self.task_id, models=self.models, loaded=self.loaded,
+            loras=self.loras, memory_total=self.memory_total, memory_free=self.memory_free,
+            last_heartbeat_age_s=round(max(0.0, now - self.last_seen), 3), jobs_done=self.jobs_done)
 
 
 class NodeRegistry:
@@ -71,16 +69,13 @@ class NodeRegistry:
                 return node
         return None
 
-    def register(self, identity: bytes, info: dict[str, Any], now: float) -> Node:
+    def register(self, identity: bytes, info: Ready, now: float) -> Node:
         """Add or replace a node from its READY header."""
-        models = {str(m): [str(x) for x in modes] for m, modes in dict(info.get("models", {})).items()}
         node = Node(
-            identity=identity, node_id=str(info.get("node_id") or identity.hex()),
-            device=str(info.get("device", "?")), models=models,
-            memory_total=int(info.get("memory_total", 0)), memory_free=int(info.get("memory_free", 0)),
-            loaded=list(info.get("loaded", [])), loras=list(info.get("loras", [])),
-            host=str(info.get("host", "")), pid=int(info.get("pid", 0)),
-            last_seen=now, last_sent=now,
+            identity=identity, node_id=info.node_id or identity.hex(), device=info.device,
+            models={m: list(modes) for m, modes in info.models.items()},
+            memory_total=info.memory_total, memory_free=info.memory_free, loaded=list(info.loaded),
+            loras=list(info.loras), host=info.host, pid=info.pid, last_seen=now, last_sent=now,
         )
         old = self._nodes.get(identity)
         if old is not None:
@@ -111,14 +106,14 @@ class NodeRegistry:
         """Whether any registered node (draining ones too: they come back) serves model in mode."""
         return any(mode in node.models.get(model, ()) for node in self._nodes.values())
 
-    def served_models(self) -> dict[str, dict[str, Any]]:
+    def served_models(self) -> dict[str, ServedModel]:
         """Per model id: union of modes and which nodes serve / have it loaded."""
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, ServedModel] = {}
         for node in self._nodes.values():
             for model, modes in node.models.items():
-                entry = out.setdefault(model, {"modes": [], "nodes": [], "loaded_on": []})
-                entry["modes"] = sorted(set(entry["modes"]) | set(modes))
-                entry["nodes"].append(node.node_id)
+                entry = out.setdefault(model, ServedModel([], [], []))
+                entry.modes = sorted(set(entry.modes) | set(modes))
+                entry.nodes.append(node.node_id)
                 if model in node.loaded:
-                    entry["loaded_on"].append(node.node_id)
+                    entry.loaded_on.append(node.node_id)
         return out

@@ -96,14 +96,6 @@ class TaskQueue:
         warm = [h for h in heads if h.model in loaded_set and h.priority == best.priority]
         return min(warm) if warm else best
 
-    def pop_for(self, models: Iterable[str], loaded: Iterable[str] = (),
-                now: float = 0.0) -> Entry | None:
-        """Remove and return the next task for a node, or None if it can serve none."""
-        entry = self.peek_for(models, loaded, now)
-        if entry is not None:
-            self.remove(entry.task_id)
-        return entry
-
     def position(self, task_id: str) -> int | None:
         """0-based number of queued tasks ahead of `task_id` in global priority order."""
         own = self._live.get(task_id)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import heapq
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from broker.protocol import E_EXPIRED as EXPIRED, FINAL_STATES, QUEUED, RUNNING
 from broker.queue import TaskQueue
+from genserve.errors import EXPIRED
+from genserve.spec import GenerationParams
+from genserve.wire import FINAL_STATES, QUEUED, RUNNING, Job, Progress, ResultMeta, TaskView
 
 if TYPE_CHECKING:
     from broker.journal import Journal
@@ -25,7 +27,7 @@ class Task:
     mode: str
     priority: int
     seq: int
-    params: dict[str, Any]
+    params: GenerationParams
     owner: str = ""
     image_names: list[str] = field(default_factory=list)
     inputs: list[bytes] = field(default_factory=list)
@@ -41,7 +43,7 @@ class Task:
     total: int = 0
     error_code: str | None = None
     error: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ResultMeta | None = None
     result_expired: bool = False  # completed, but its image was evicted to respect the disk budget
     idem_key: str | None = None  # the client's Idempotency-Key, unique per owner
     idem_hash: str | None = None  # fingerprint of the request that first used it
@@ -52,45 +54,29 @@ class Task:
         """True once the task is completed, failed or cancelled."""
         return self.state in FINAL_STATES
 
-    def job_header(self) -> dict[str, Any]:
-        """The JOB header a node receives for this task."""
-        return {"task_id": self.task_id, "model_id": self.model, "mode": self.mode,
-                "params": self.params, "images": self.image_names, "attempt": self.attempts}
+    def job(self) -> Job:
+        """The JOB a node receives for this task."""
+        return Job(self.task_id, self.model, self.mode, self.params, self.image_names, self.attempts)
 
-    def describe(self, position: int | None = None) -> dict[str, Any]:
-        """Plain-dict status for STATUS / FETCH replies."""
-        out: dict[str, Any] = {
-            "task_id": self.task_id, "status": self.state, "model_id": self.model,
-            "mode": self.mode, "priority": self.priority, "owner": self.owner,
-            "created_at": self.created, "started_at": self.started,
-            "finished_at": self.finished, "attempts": self.attempts, "node_id": self.node_id,
-            "params": self.params,
-        }
-        if position is not None:
-            out["queue_position"] = position
-        if self.total:
-            out["progress"] = {"step": self.step, "total": self.total}
-        if self.error_code:
-            out["error_code"] = self.error_code
-            out["error"] = self.error
-        if self.meta:
-            out["meta"] = self.meta
-        if self.result_expired:
-            out["result_expired"] = True
-        return out
+    def view(self, position: int | None = None) -> TaskView:
+        """The task as STATUS, FETCH, CANCEL_TASK and DONE report it."""
+        return TaskView(
+            task_id=self.task_id, status=self.state, model_id=self.model, mode=self.mode,
+            priority=self.priority, owner=self.owner, params=self.params, created_at=self.created,
+            attempts=self.attempts, started_at=self.started, finished_at=self.finished,
+            node_id=self.node_id, queue_position=position,
+            progress=Progress(self.step, self.total) if self.total else None,
+            error_code=self.error_code, error=self.error if self.error_code else None, meta=self.meta,
+            result_expired=self.result_expired)
 
 
-def result_reserve(params: dict[str, Any]) -> int:
+def result_reserve(params: GenerationParams) -> int:
     """Disk held for a task's future result: an upper bound of an 8-bit RGB PNG of its size.
 
     Raw rows with their filter bytes, deflate's worst-case growth (stored blocks) and
     the PNG chunks; real images compress well below it.
     """
-    try:
-        width, height = int(params.get("width", 1024)), int(params.get("height", 1024))
-    except (TypeError, ValueError):
-        width = height = 1024
-    raw = max(height, 1) * (3 * max(width, 1) + 1)
+    raw = max(params.height, 1) * (3 * max(params.width, 1) + 1)
     return raw + raw // 1000 + 1024
 
 

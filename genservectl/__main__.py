@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 import zmq
 
-from broker import protocol as p
+from genserve import wire as w
+from genserve.catalog import MODEL_IDS
 from genservectl.keys import crypto_key
 from genservectl.keys import keys as keys_group
 
 
-def broker_request(endpoint: str, command: bytes, header: dict[str, Any] | None = None,
-                   timeout: float = 2.0, curve: tuple[str | None, str | None] = (None, None)) -> p.Message:
+def broker_request(endpoint: str, header: Any, timeout: float = 2.0,
+                   curve: tuple[str | None, str | None] = (None, None)) -> w.Message:
     """One request/reply with the broker's frontend; raises click.ClickException on failure."""
-    from broker.curve import setup_client
+    from genserve.curve import setup_client
 
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -27,14 +29,16 @@ def broker_request(endpoint: str, command: bytes, header: dict[str, Any] | None 
     try:
         setup_client(sock, Path(curve[0]) if curve[0] else None, Path(curve[1]) if curve[1] else None)
         sock.connect(endpoint)
-        sock.send_multipart(p.encode(command, {**(header or {}), "req": 1}))
+        sock.send_multipart(w.encode(header))
         if not sock.poll(int(timeout * 1000)):
             raise click.ClickException(f"the broker at {endpoint} did not answer within {timeout:g}s")
-        msg = p.decode(sock.recv_multipart())
+        msg = w.decode(sock.recv_multipart())
+    except w.ProtocolError as exc:
+        raise click.ClickException(f"the broker at {endpoint} answered something else: {exc}") from None
     finally:
         sock.close(linger=0)
-    if msg.command == p.FAIL:
-        raise click.ClickException(f"broker refused: {msg.header.get('message')}")
+    if msg.command == w.FAIL:
+        raise click.ClickException(f"broker refused: {msg.header.message}")
     return msg
 
 
@@ -67,23 +71,25 @@ def models() -> None:
 @models.command("build-tiny")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="weights are deterministic for a seed")
-@click.option("--model", "model_ids", multiple=True, type=click.Choice(p.MODEL_IDS),
+@click.option("--model", "model_ids", multiple=True, type=click.Choice(MODEL_IDS),
               help="only these model ids (default: all six)")
 @click.option("--no-loras", is_flag=True, help="skip the sample LoRAs")
 def build_tiny(directory: Path, seed: int, model_ids: tuple[str, ...], no_loras: bool) -> None:
-    """Write tiny random-weight diffusers folders (real classes) for the demo and tests."""
-    from gpu_node.tiny import build_all
+    """Write tiny random-weight diffusers folders (real classes) for the demo and tests.
 
-    started = time.perf_counter()
-    written = build_all(directory, seed, model_ids or p.MODEL_IDS, loras=not no_loras)
-    for path in written:
-        click.echo(str(path))
-    click.echo(f"built {len(written)} items in {time.perf_counter() - started:.1f}s", err=True)
+    Building needs torch, so the node's own entry (`genserve-build-tiny`) does the work.
+    """
+    args = [str(Path(sys.executable).parent / "genserve-build-tiny"), str(directory), "--seed", str(seed)]
+    for model_id in model_ids:
+        args += ["--model", model_id]
+    if no_loras:
+        args.append("--no-loras")
+    sys.exit(subprocess.run(args).returncode)
 
 
-def _print_nodes(info: dict[str, Any]) -> None:
-    nodes = info["nodes"]
-    click.echo(f"queue: {info['queue']['length']} waiting  tasks: {info['tasks']}")
+def _print_nodes(info: w.InfoBody) -> None:
+    nodes = msgspec.to_builtins(info.nodes)
+    click.echo(f"queue: {info.queue.length} waiting  tasks: {info.tasks}")
     if not nodes:
         click.echo("no nodes registered")
         return
@@ -103,10 +109,9 @@ def _print_nodes(info: dict[str, Any]) -> None:
 @with_curve
 def status(broker: str, as_json: bool, curve_secret: str | None, curve_server: str | None) -> None:
     """Queue and nodes as the broker sees them (exit 1 if it does not answer)."""
-    info = broker_request(broker, p.INFO, curve=(curve_secret, curve_server)).header
-    info.pop("req", None)
+    info = broker_request(broker, w.InfoRequest(1), curve=(curve_secret, curve_server)).header.body
     if as_json:
-        click.echo(json.dumps(info, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(msgspec.to_builtins(info), indent=2, ensure_ascii=False))
     else:
         _print_nodes(info)
 
@@ -117,16 +122,16 @@ def status(broker: str, as_json: bool, curve_secret: str | None, curve_server: s
 @with_curve
 def nodes(broker: str, as_json: bool, curve_secret: str | None, curve_server: str | None) -> None:
     """Registered nodes: address, device, memory, loaded models, task, heartbeat."""
-    info = broker_request(broker, p.INFO, curve=(curve_secret, curve_server)).header
+    info = broker_request(broker, w.InfoRequest(1), curve=(curve_secret, curve_server)).header.body
     if as_json:
-        click.echo(json.dumps(info["nodes"], indent=2, ensure_ascii=False))
+        click.echo(json.dumps(msgspec.to_builtins(info.nodes), indent=2, ensure_ascii=False))
     else:
         _print_nodes(info)
 
 
 def _admin(action: str, broker: str, node: str, curve: tuple[str | None, str | None]) -> None:
-    msg = broker_request(broker, p.ADMIN, {"action": action, "node": node}, curve=curve)
-    click.echo(f"{msg.header['node']['node_id']}: {msg.header['node']['state']}")
+    view = broker_request(broker, w.Admin(1, action, node), curve=curve).header.body.node
+    click.echo(f"{view.node_id}: {view.state}")
 
 
 @cli.command("drain")
@@ -152,7 +157,7 @@ def undrain(node: str, broker: str, curve_secret: str | None, curve_server: str 
 @click.argument("name")
 def curve_keypair(directory: Path, name: str) -> None:
     """Create NAME.key (public, copy to the broker's authorised dir) and NAME.key_secret."""
-    from broker.curve import create_keypair
+    from genserve.curve import create_keypair
 
     public, secret = create_keypair(directory, name)
     click.echo(f"public: {public}\nsecret: {secret} (mode 0600; keep it on this machine)")

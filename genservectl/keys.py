@@ -12,7 +12,7 @@ from typing import Any
 import click
 from cryptography.fernet import Fernet
 
-from http_front.keys import DEFAULT_KEY
+from genserve.keyfile import DEFAULT_KEY
 
 DEFAULT_URL = "http://127.0.0.1:12411"
 
@@ -127,17 +127,24 @@ default_key_option = click.option("--default-api-key", envvar="DEFAULT_API_KEY",
 @keys.command("check")
 @click.option("--key-file", envvar="API_KEYS_FILE", default="api_keys.enc", show_default=True,
               type=click.Path(path_type=Path))
+@click.option("--allow-missing", is_flag=True, help="a key file that does not exist yet is not an error")
 @encryption_key_option
 @default_key_option
-def check(key_file: Path, encryption_key: str | None, default_api_key: str) -> None:
-    """Open the key file with the configured encryption key and report (changes nothing)."""
-    from http_front.keyfile import KeyFileError, make_fernet
+def check(key_file: Path, allow_missing: bool, encryption_key: str | None, default_api_key: str) -> None:
+    """Check the encryption key, then open the key file with it and report (changes nothing)."""
+    from genserve.keyfile import KeyFile, KeyFileError, make_fernet
 
     try:
         fernet = make_fernet(encryption_key or None, default_api_key)
+        probe = b"genserve-encryption-self-check"
+        if fernet.decrypt(fernet.encrypt(probe)) != probe:
+            raise click.ClickException("the encryption key does not round-trip a token")
+        click.echo("encryption key: ok (Fernet round trip)")
         if not key_file.exists():
+            if allow_missing:
+                click.echo(f"{key_file}: not created yet (the first generate-key creates it)")
+                return
             raise click.ClickException(f"{key_file} does not exist")
-        from http_front.keyfile import KeyFile
 
         records, legacy = KeyFile(key_file, fernet).inspect()
     except KeyFileError as exc:
@@ -156,7 +163,7 @@ def check(key_file: Path, encryption_key: str | None, default_api_key: str) -> N
 @default_key_option
 def crypto_key(method: str, password: str | None, default_api_key: str) -> None:
     """Print an `export API_KEYS_ENCRYPTION_KEY=...` line for the key file."""
-    from http_front.keyfile import derive_fernet_key
+    from genserve.keyfile import derive_fernet_key
 
     if method == "random":
         key = Fernet.generate_key().decode("ascii")

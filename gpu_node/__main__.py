@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 from gpu_node.catalog import resolve_model_paths, servable_modes
 from gpu_node.config import NodeConfig
@@ -79,7 +78,7 @@ def build(config: NodeConfig):
 
     from gpu_node.generate import Generator
     from gpu_node.loras import LoraLibrary, scan
-    from gpu_node.node import Node
+    from gpu_node.node import Capabilities, Node
     from gpu_node.pipeline_cache import PipelineCache
 
     cuda = config.device.startswith("cuda")
@@ -100,11 +99,9 @@ def build(config: NodeConfig):
             return int(torch.cuda.mem_get_info(torch.device(config.device))[0])
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
-    def capabilities(full: bool) -> dict[str, Any]:
-        live = {"loaded": list(cache.loaded), "memory_free": memory_free()}
-        if not full:
-            return live
-        return {**live, "models": modes, "memory_total": int(total), "loras": scan(config.lora_dir)}
+    def capabilities(full: bool) -> Capabilities:
+        return Capabilities(modes, int(total), memory_free(), list(cache.loaded),
+                            scan(config.lora_dir) if full else None)
 
     for model_id in config.preload:
         if model_id == "flux1-redux-dev":

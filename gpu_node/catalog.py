@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from broker.protocol import MODEL_IDS, MODEL_MODES
+from genserve.catalog import MODEL_IDS, MODEL_MODES
 
 
 @dataclass(frozen=True)

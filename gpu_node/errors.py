@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from genserve import errors as e
+
 
 class JobError(ValueError):
     """A job the node refuses or cannot run; the message goes back to the client."""
 
-    code = "bad_request"
+    code = e.BAD_REQUEST
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -17,7 +19,7 @@ class JobError(ValueError):
 class LoraError(JobError):
     """A LoRA that cannot be used for this job (unknown name, unreadable or mismatched file)."""
 
-    code = "lora_error"
+    code = e.LORA
 
 
 class Cancelled(Exception):

@@ -11,14 +11,15 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from broker.protocol import CONTROL_TYPES, MODEL_MODES
+from genserve.catalog import CONTROL_TYPES, MODEL_MODES, REQUIRED_IMAGES
+from genserve.spec import GenerationParams
+from genserve.wire import ResultMeta
 from gpu_node.errors import Cancelled, JobError
 from gpu_node.loras import LoraLibrary
 from gpu_node.pipeline_cache import PipelineCache
 
 log = logging.getLogger(__name__)
 
-FILL_DEFAULT_GUIDANCE = 30.0  # BFL's recommendation for FLUX.1-Fill when the client gives none
 MAX_DECODE_PIXELS = 4096 * 4096  # the front refuses larger inputs; this guards direct broker clients
 
 
@@ -29,7 +30,7 @@ class Job:
     task_id: str
     model_id: str
     mode: str
-    params: dict[str, Any]
+    params: GenerationParams
     images: dict[str, bytes] = field(default_factory=dict)
 
 
@@ -62,7 +63,7 @@ class Generator:
         self.max_sequence_length = max_sequence_length
 
     def run(self, job: Job, on_step: Callable[[int, int], None],
-            should_stop: Callable[[], bool]) -> tuple[bytes, dict[str, Any]]:
+            should_stop: Callable[[], bool]) -> tuple[bytes, ResultMeta]:
         """Generate one image; returns (PNG bytes, metadata)."""
         started = time.perf_counter()
         args = self._validate(job)
@@ -79,42 +80,38 @@ class Generator:
             image = pipe(**kwargs).images[0]
         png = encode_png(image, self.png_level)
         elapsed = time.perf_counter() - started
-        meta = {"generation_time": round(elapsed, 4), "width": image.width, "height": image.height,
-                "seed": args["seed"], "cfg": kwargs.get("guidance_scale"), "steps": args["steps"],
-                "device": self.cache.device}
+        meta = ResultMeta(generation_time=round(elapsed, 4), width=image.width, height=image.height,
+                          seed=args["seed"], steps=args["steps"], device=self.cache.device,
+                          cfg=kwargs.get("guidance_scale"), format="png")
         return png, meta
 
     def _validate(self, job: Job) -> dict[str, Any]:
+        """The front validated the request; here only what the pipeline call itself needs."""
         p = job.params
         if job.mode not in MODEL_MODES.get(job.model_id, ()):
             raise JobError(f"{job.model_id} does not support mode {job.mode}")
-        control = p.get("controlnet_type")
-        if job.mode == "controlnet" and control and control != CONTROL_TYPES[job.model_id]:
-            raise JobError(f"{job.model_id} is a {CONTROL_TYPES[job.model_id]} model, not {control}")
-        width, height = int(p["width"]), int(p["height"])
+        if job.mode == "controlnet" and p.controlnet_type and p.controlnet_type != CONTROL_TYPES[job.model_id]:
+            raise JobError(f"{job.model_id} is a {CONTROL_TYPES[job.model_id]} model, not {p.controlnet_type}")
+        width, height = p.width, p.height
         if width % 16 or height % 16 or not (16 <= width <= 2048 and 16 <= height <= 2048):
             raise JobError("width and height must be multiples of 16 in 16..2048")
-        images = {name: decode_image(data, name, "L" if name == "mask_image" else "RGB")
-                  for name, data in job.images.items()}
-        needed = {"img2img": ["input_image"], "fill": ["input_image", "mask_image"],
-                  "controlnet": ["control_image"], "redux": ["input_image"]}.get(job.mode, [])
-        missing = [n for n in needed if n not in images]
+        missing = [n for n in REQUIRED_IMAGES[job.mode] if n not in job.images]
         if missing:
             raise JobError(f"mode {job.mode} needs {', '.join(missing)}")
+        images = {name: decode_image(data, name, "L" if name == "mask_image" else "RGB")
+                  for name, data in job.images.items()}
         # Inputs are resized to the output size (the guide sends 1x1 images).
         images = {n: im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS)
                   for n, im in images.items()}
-        return {"width": width, "height": height, "steps": int(p["num_inference_steps"]),
-                "seed": int(p["seed"]), "cfg": p.get("cfg"), "prompt": str(p.get("prompt", "")),
-                "strength": float(p.get("strength", 0.8)), "images": images,
-                "loras": list(p.get("loras") or [])}
+        return {"width": width, "height": height, "steps": p.num_inference_steps, "seed": p.seed, "cfg": p.cfg,
+                "prompt": p.prompt, "strength": p.strength, "images": images, "loras": list(p.loras)}
 
     def _prepare(self, job: Job, a: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         images = a["images"]
         kwargs: dict[str, Any] = {
             "height": a["height"], "width": a["width"], "num_inference_steps": a["steps"],
             "generator": torch.Generator(device="cpu").manual_seed(a["seed"]),
-            "guidance_scale": float(a["cfg"]) if a["cfg"] is not None else 3.5,
+            "guidance_scale": a["cfg"],
         }
         text = {"prompt": a["prompt"], "max_sequence_length": self.max_sequence_length}
         if job.model_id == "flux1-fill-dev":
@@ -123,8 +120,6 @@ class Generator:
             blank = Image.new("RGB", (a["width"], a["height"]), 0)
             kwargs.update(text, image=images.get("input_image", blank),
                           mask_image=images.get("mask_image", full))
-            if a["cfg"] is None:
-                kwargs["guidance_scale"] = FILL_DEFAULT_GUIDANCE
             if job.mode == "img2img":
                 kwargs["strength"] = a["strength"]
             return pipe, kwargs

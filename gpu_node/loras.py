@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 from safetensors.torch import load_file
 
+from genserve.spec import LoraRef
+from genserve.wire import LoraInfo
 from gpu_node.errors import LoraError
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ def inside(base: Path, path: Path) -> Path | None:
     return resolved if is_file and base in resolved.parents else None
 
 
-def scan(base: Path | None) -> list[dict[str, Any]]:
+def scan(base: Path | None) -> list[LoraInfo]:
     """Every *.safetensors under `base`, by relative name, sorted (never absolute paths)."""
     if base is None or not base.is_dir():
         return []
@@ -52,11 +54,8 @@ def scan(base: Path | None) -> list[dict[str, Any]]:
         except OSError:
             continue  # removed meanwhile
         rel = path.relative_to(base)
-        out.append({
-            "name": rel.as_posix(),
-            "size_mb": round(size / (1024 * 1024), 3),
-            "category": rel.parts[0] if len(rel.parts) > 1 else "root",
-        })
+        out.append(LoraInfo(rel.as_posix(), round(size / (1024 * 1024), 3),
+                            rel.parts[0] if len(rel.parts) > 1 else "root"))
     return out
 
 
@@ -68,10 +67,6 @@ class LoraLibrary:
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
         self.disk_reads = 0
-
-    def names(self) -> list[str]:
-        """Relative names of the LoRAs available now."""
-        return [entry["name"] for entry in scan(self.base)]
 
     def resolve(self, name: str) -> str:
         """Canonical relative name for `name` (extension optional); LoraError if unknown."""
@@ -107,15 +102,15 @@ class LoraLibrary:
         return list(self._cache)
 
     @contextlib.contextmanager
-    def applied(self, pipe: Any, specs: list[dict[str, Any]]) -> Iterator[list[str]]:
-        """Load `specs` ([{name, weight}]) as adapters on `pipe` for the duration of a job."""
+    def applied(self, pipe: Any, specs: list[LoraRef]) -> Iterator[list[str]]:
+        """Load `specs` as adapters on `pipe` for the duration of a job."""
         if not specs:
             yield []
             return
         adapters, weights = [], []
         try:
             for i, spec in enumerate(specs):
-                state = self.state_dict(str(spec["name"]))
+                state = self.state_dict(spec.name)
                 adapter = f"job{i}"
                 try:
                     # dict(): diffusers pops keys from the dict it is given.
@@ -123,7 +118,7 @@ class LoraLibrary:
                 except Exception as exc:
                     raise LoraError(f"LoRA {spec['name']!r} does not fit this model: {exc}") from exc
                 adapters.append(adapter)
-                weights.append(float(spec.get("weight", 1.0)))
+                weights.append(spec.weight)
             pipe.set_adapters(adapters, adapter_weights=weights)
             yield adapters
         finally:

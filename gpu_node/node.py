@@ -16,12 +16,15 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import msgspec
 import zmq
 
-from broker import protocol as p
-from broker.curve import setup_client
+from genserve import errors as e
+from genserve import wire as w
+from genserve.curve import setup_client
 from gpu_node.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -33,15 +36,25 @@ FINAL_LINGER_MS = 500  # lets the last RESULT/ERROR/DISCONNECT leave before the 
 MAX_UNACKED = 16  # finished reports kept for the broker; beyond this the oldest is dropped
 
 
+@dataclass
+class Capabilities:
+    """What a node reports about itself; `loras` is None when not rescanned this time."""
+
+    models: dict[str, list[str]]
+    memory_total: int
+    memory_free: int
+    loaded: list[str]
+    loras: list[w.LoraInfo] | None = None
+
+
 class Node:
     """Socket side of a node; `runner(job, on_step, should_stop)` does the work.
 
-    `capabilities(full)` describes the node: everything for READY when `full`,
-    only the cheap live fields (loaded models, free memory) for heartbeats.
+    `capabilities(full)` describes the node; `full` also rescans the LoRA folder.
     """
 
-    def __init__(self, config: NodeConfig, runner: Callable[..., tuple[bytes, dict]],
-                 capabilities: Callable[[bool], dict[str, Any]], context: zmq.Context | None = None) -> None:
+    def __init__(self, config: NodeConfig, runner: Callable[..., tuple[bytes, w.ResultMeta]],
+                 capabilities: Callable[[bool], Capabilities], context: zmq.Context | None = None) -> None:
         self.config = config
         self.runner = runner
         self.capabilities = capabilities
@@ -54,9 +67,8 @@ class Node:
         # every registration, so work finished while the broker was away is never redone.
         self._unacked: OrderedDict[str, list[bytes]] = OrderedDict()
         self.current: str | None = None
-        self.step = 0  # last denoising step of the current job (written by the worker)
-        self.cancel_step: dict[str, int] = {}  # task -> step at which its CANCEL arrived
-        self.stopped: dict[str, tuple[int, int]] = {}  # task -> (cancel step, step it stopped at)
+        self._step = 0  # last denoising step of the current job (written by the worker)
+        self._cancel_step: int | None = None  # the step at which the current job's CANCEL arrived
         self._endpoint = WORKER_ENDPOINT.format(uuid.uuid4().hex)
         self._pair = self.context.socket(zmq.PAIR)
         self._pair.setsockopt(zmq.LINGER, 0)
@@ -83,15 +95,17 @@ class Node:
     def _register(self) -> None:
         self._registered_at = time.monotonic()
         keeps = self.current if self.current not in self._abandoned else None
-        self._send(p.READY, {**self.capabilities(True), "node_id": self.node_id, "device": self.config.device,
-                             "host": socket.gethostname(), "pid": os.getpid(), "busy_task": keeps,
-                             "busy": self.current is not None})
+        caps = self.capabilities(True)
+        self._send(w.Ready(node_id=self.node_id, device=self.config.device, host=socket.gethostname(),
+                           pid=os.getpid(), models=caps.models, memory_total=caps.memory_total,
+                           memory_free=caps.memory_free, loaded=caps.loaded, loras=caps.loras or [],
+                           busy_task=keeps, busy=self.current is not None))
         for task_id, frames in self._unacked.items():
             log.info("re-sending the unacknowledged report of task %s", task_id)
             self._send_frames(frames)
 
-    def _send(self, command: bytes, header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = ()) -> None:
-        self._send_frames(p.encode(command, header, blobs))
+    def _send(self, header: Any, blobs: list[bytes] | tuple = ()) -> None:
+        self._send_frames(w.encode(header, blobs))
 
     def _send_frames(self, frames: list[bytes]) -> None:
         assert self.dealer is not None
@@ -135,15 +149,15 @@ class Node:
                 self._connect()
                 poller.register(self.dealer, zmq.POLLIN)
             elif now - self._last_sent >= interval:
-                self._send(p.HEARTBEAT, self._heartbeat())
+                self._send(self._heartbeat())
         self._shutdown()
 
-    def _heartbeat(self) -> dict[str, Any]:
+    def _heartbeat(self, leaving: bool = False) -> w.Heartbeat:
         self._beats += 1
         # Every FULL_EVERY-th heartbeat re-reports LoRAs, so files added later become visible.
         live = self.capabilities(self._beats % FULL_EVERY == 0)
-        return {"loaded": live["loaded"], "memory_free": live["memory_free"], "loras": live.get("loras"),
-                "idle": self.current is None, "task_id": self.current}
+        return w.Heartbeat(loaded=live.loaded, memory_free=live.memory_free, loras=live.loras,
+                           idle=self.current is None, task_id=self.current, leaving=leaving)
 
     def _drain_broker(self) -> None:
         assert self.dealer is not None
@@ -154,40 +168,36 @@ class Node:
                 return
             self._last_recv = time.monotonic()
             try:
-                msg = p.decode(frames)
-            except p.ProtocolError as exc:
+                msg = w.decode(frames)
+            except w.ProtocolError as exc:
                 log.warning("bad broker message: %s", exc)
                 continue
-            if msg.command == p.JOB:
+            if msg.command == w.JOB:
                 self._on_job(msg)
-            elif msg.command == p.RESULT_ACK:
-                self._unacked.pop(str(msg.header.get("task_id")), None)
-            elif msg.command == p.CANCEL:
-                task_id = str(msg.header.get("task_id"))
-                self._cancelled.add(task_id)  # first, so the worker stops at most one step later
-                if task_id == self.current:
-                    self.cancel_step[task_id] = self.step
-                log.info("cancel %s (%s) at step %d", task_id, msg.header.get("reason"), self.step)
-            elif msg.command == p.DISCONNECT:
+            elif msg.command == w.RESULT_ACK:
+                self._unacked.pop(msg.header.task_id, None)
+            elif msg.command == w.CANCEL and msg.header.task_id == self.current:
+                self._cancelled.add(msg.header.task_id)  # first, so the worker stops at most one step later
+                self._cancel_step = self._step
+                log.info("cancel %s (%s) at step %d", msg.header.task_id, msg.header.reason, self._step)
+            elif msg.command == w.DISCONNECT:
                 # After a broker restart every message we sent meanwhile earns one of these:
                 # register once, not once per message.
                 if time.monotonic() - self._registered_at >= self.config.heartbeat_interval:
-                    log.info("broker asked to re-register: %s", msg.header.get("reason"))
+                    log.info("broker asked to re-register: %s", msg.header.reason)
                     self._register()
 
-    def _on_job(self, msg: p.Message) -> None:
-        task_id = str(msg.header["task_id"])
+    def _on_job(self, msg: w.Message) -> None:
+        task_id = msg.header.task_id
         if self.current is not None or self._stop.is_set():
-            self._send(p.ERROR, {"task_id": task_id, "code": p.E_NODE_BUSY,
-                                 "message": "node is busy" if self.current else "node is stopping"})
+            self._send(w.Error(task_id, e.NODE_BUSY, "node is busy" if self.current else "node is stopping"))
             return
-        self.current = task_id
-        self._cancelled.discard(task_id)
+        self.current, self._cancel_step = task_id, None
         try:
-            self._pair.send_multipart(p.encode(p.JOB, msg.header, msg.blobs), copy=False)
+            self._pair.send_multipart(w.encode(msg.header, msg.blobs), copy=False)
         except zmq.Again:  # the worker is gone (stopping): let the broker place the task elsewhere
             self.current = None
-            self._send(p.ERROR, {"task_id": task_id, "code": p.E_NODE_BUSY, "message": "worker unavailable"})
+            self._send(w.Error(task_id, e.NODE_BUSY, "worker unavailable"))
 
     def _drain_worker(self) -> None:
         while True:
@@ -195,16 +205,19 @@ class Node:
                 frames = self._pair.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            msg = p.decode(frames)
-            if msg.command in (p.RESULT, p.ERROR):
+            msg = w.decode(frames)
+            if msg.command in (w.RESULT, w.ERROR):
+                task_id = msg.header.task_id
                 self.current = None
+                self._cancelled.discard(task_id)
+                self._abandoned.discard(task_id)
                 # The job may have loaded a model: tell the broker now, not at the next heartbeat.
-                msg.header["loaded"] = self.capabilities(False)["loaded"]
-                frames = p.encode(msg.command, msg.header, msg.blobs)
-                self._keep(str(msg.header["task_id"]), frames)
+                report = msgspec.structs.replace(msg.header, loaded=self.capabilities(False).loaded)
+                frames = w.encode(report, msg.blobs)
+                self._keep(task_id, frames)
                 self._send_frames(frames)
             else:
-                self._send(msg.command, msg.header, msg.blobs)
+                self._send_frames(frames)
 
     def _keep(self, task_id: str, frames: list[bytes]) -> None:
         self._unacked[task_id] = frames
@@ -216,7 +229,7 @@ class Node:
         """Let the running job stop at its next step, report it, leave the broker; every wait bounded."""
         deadline = time.monotonic() + self.config.shutdown_grace
         if self.dealer is not None:
-            self._send(p.HEARTBEAT, {**self._heartbeat(), "leaving": True})  # no new JOB, please
+            self._send(self._heartbeat(leaving=True))  # no new JOB, please
         if self.current is not None:
             log.info("stopping: task %s will be re-queued after its current step", self.current)
         while self._worker.is_alive() and time.monotonic() < deadline:
@@ -229,7 +242,7 @@ class Node:
             log.warning("the worker did not stop within %.1fs; leaving anyway", self.config.shutdown_grace)
         if self.dealer is not None:
             # DISCONNECT makes the broker re-queue at once whatever it still thinks we run.
-            self._send(p.DISCONNECT, {"reason": "shutting down"})
+            self._send(w.Disconnect("shutting down"))
             self.dealer.close(linger=FINAL_LINGER_MS)
             self.dealer = None
         self._pair.close(linger=0)
@@ -245,37 +258,35 @@ class Node:
             while not self._stop.is_set():
                 if not pair.poll(100):
                     continue
-                msg = p.decode(pair.recv_multipart())
+                msg = w.decode(pair.recv_multipart())
                 try:
-                    pair.send_multipart(self._run_job(msg, pair), copy=False)
+                    pair.send_multipart(self._run_job(msg.header, msg.blobs, pair), copy=False)
                 except zmq.Again:
                     log.warning("could not hand the report of task %s back; the broker re-queues it",
-                                msg.header.get("task_id"))
+                                msg.header.task_id)
         finally:
             pair.close(linger=0)
 
-    def _run_job(self, msg: p.Message, pair: zmq.Socket) -> list[bytes]:
+    def _run_job(self, h: w.Job, blobs: list[bytes], pair: zmq.Socket) -> list[bytes]:
         """Run one JOB on the worker thread; returns the RESULT or ERROR frames for the broker."""
         from gpu_node.errors import Cancelled, JobError
         from gpu_node.generate import Job
 
-        h = msg.header
-        task_id = h["task_id"]
-        job = Job(task_id, h["model_id"], h["mode"], h["params"], dict(zip(h.get("images", []), msg.blobs)))
-        self.step = 0
+        task_id = h.task_id
+        job = Job(task_id, h.model_id, h.mode, h.params, dict(zip(h.images, blobs)))
+        self._step = 0
         last_progress = time.monotonic()
 
         def on_step(step: int, total: int) -> None:
             nonlocal last_progress
-            self.step = step
+            self._step = step
             # Rate-limited: on a loaded CPU or a fast GPU, a message per step
             # wakes two other threads per step and slows the denoising loop.
             now = time.monotonic()
             if now - last_progress >= self.config.progress_interval:
                 last_progress = now
                 try:
-                    pair.send_multipart(p.encode(p.PROGRESS, {"task_id": task_id, "step": step, "total": total}),
-                                        zmq.NOBLOCK)
+                    pair.send_multipart(w.encode(w.ProgressReport(task_id, step, total)), zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # progress is advisory; the next one will do
 
@@ -285,17 +296,15 @@ class Node:
         try:
             png, meta = self.runner(job, on_step, should_stop)
         except Cancelled:
-            at = self.cancel_step.pop(task_id, self.step)
-            self.stopped[task_id] = (at, self.step)
-            log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self.step, at)
+            at = self._cancel_step if self._cancel_step is not None else self._step
+            log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self._step, at)
             # Only the broker's own CANCEL ends a task; stopping or losing the broker re-queues it.
-            code = p.E_CANCELLED if task_id in self._cancelled else p.E_ABANDONED
-            return p.encode(p.ERROR, {"task_id": task_id, "code": code, "message": f"stopped at step {self.step}"})
+            code = e.CANCELLED if task_id in self._cancelled else e.ABANDONED
+            return w.encode(w.Error(task_id, code, f"stopped at step {self._step}"))
         except JobError as exc:
-            return p.encode(p.ERROR, {"task_id": task_id, "code": exc.code, "message": str(exc)})
+            return w.encode(w.Error(task_id, exc.code, str(exc)))
         except Exception as exc:  # any failure fails this job only; the node keeps serving
             log.exception("task %s failed", task_id)
-            return p.encode(p.ERROR, {"task_id": task_id, "code": p.E_GENERATION,
-                                      "message": f"{type(exc).__name__}: {exc}"})
-        log.info("task %s done in %.3fs (seed %s)", task_id, meta.get("generation_time", 0.0), meta.get("seed"))
-        return p.encode(p.RESULT, {"task_id": task_id, "meta": meta}, [png])
+            return w.encode(w.Error(task_id, e.GENERATION, f"{type(exc).__name__}: {exc}"))
+        log.info("task %s done in %.3fs (seed %s)", task_id, meta.generation_time, meta.seed)
+        return w.encode(w.Result(task_id, meta), [png])

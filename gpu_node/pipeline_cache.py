@@ -171,8 +171,16 @@ class PipelineCache:
         cls = getattr(diffusers, CATALOG[model_id].pipeline)
         log.info("loading %s from %s (reusing %s)", model_id, source, sorted(shared) or "nothing")
         pipe = cls.from_pretrained(source, dtype=self.dtype, **shared).to(self.device)
-        pipe.set_progress_bar_config(disable=True)
         self.loads += 1
+        return self._register(model_id, pipe, prints)
+
+    def add(self, model_id: str, pipe: Any) -> None:
+        """Serve `model_id` with a pipeline built in memory (benchmarks, random weights; no folder)."""
+        self.paths.setdefault(model_id, "<in memory>")
+        self._register(model_id, pipe, {})
+
+    def _register(self, model_id: str, pipe: Any, prints: dict[str, str]) -> _Entry:
+        pipe.set_progress_bar_config(disable=True)
         used = []
         for name, comp in pipe.components.items():
             if not isinstance(comp, torch.nn.Module):

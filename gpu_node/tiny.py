@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import diffusers
@@ -36,7 +37,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from broker.protocol import MODEL_IDS
+from genserve.catalog import MODEL_IDS
 
 log = logging.getLogger(__name__)
 diffusers.utils.logging.disable_progress_bar()
@@ -61,7 +62,7 @@ def _byte_symbols() -> list[str]:
     return [out[b] for b in range(256)]
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
+def clip_tokenizer() -> CLIPTokenizer:
     symbols = _byte_symbols()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for s in symbols:
@@ -74,7 +75,7 @@ def _clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _t5_tokenizer() -> T5TokenizerFast:
+def t5_tokenizer() -> T5TokenizerFast:
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [("\u2581" + c, -3.0) for c in chars]
@@ -99,7 +100,7 @@ def _text_encoders(vocab_clip: int, vocab_t5: int) -> tuple[CLIPTextModel, T5Enc
     return clip, t5
 
 
-def _vae() -> AutoencoderKL:
+def vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
@@ -123,7 +124,7 @@ def _transformer(kind: str) -> FluxTransformer2DModel:
     return model
 
 
-def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+def scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
@@ -151,9 +152,9 @@ def build_pipeline(model_id: str, seed: int = 0):
         torch.manual_seed(seed + 1 + MODEL_IDS.index(model_id))
         return _redux()
     torch.manual_seed(seed)
-    tok, tok2 = _clip_tokenizer(), _t5_tokenizer()
+    tok, tok2 = clip_tokenizer(), t5_tokenizer()
     clip, t5 = _text_encoders(len(tok), len(tok2))
-    parts = dict(scheduler=_scheduler(), vae=_vae(), text_encoder=clip, tokenizer=tok,
+    parts = dict(scheduler=scheduler(), vae=vae(), text_encoder=clip, tokenizer=tok,
                  text_encoder_2=t5, tokenizer_2=tok2)
     torch.manual_seed(seed + 1 + MODEL_IDS.index(model_id))
     if model_id == "flux1-dev":
@@ -206,3 +207,26 @@ def build_all(target: Path, seed: int = 0, model_ids: tuple[str, ...] = MODEL_ID
             build_lora(base, path, seed + 100 + index)
             written.append(path)
     return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`genserve-build-tiny DIR`: write the tiny demo models (and sample LoRAs) into DIR."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(prog="genserve-build-tiny", description=main.__doc__)
+    ap.add_argument("directory", type=Path)
+    ap.add_argument("--seed", type=int, default=0, help="weights are deterministic for a seed")
+    ap.add_argument("--model", dest="model_ids", action="append", choices=MODEL_IDS,
+                    help="only these model ids (default: all six)")
+    ap.add_argument("--no-loras", action="store_true", help="skip the sample LoRAs")
+    a = ap.parse_args(argv)
+    started = time.perf_counter()
+    written = build_all(a.directory, a.seed, tuple(a.model_ids or MODEL_IDS), loras=not a.no_loras)
+    for path in written:
+        print(path)
+    print(f"built {len(written)} items in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,10 @@ from http_front.config import FrontConfig
 from http_front.errors import ApiError
 from http_front.keys import KeyStore
 from http_front.leases import LeasedLimiter, broker_lease
+from http_front.openapi import build_document
 from http_front.ratelimit import SlidingWindowLimiter
 from http_front.resources import keys_admin
+from http_front.resources.docs import DocsPage, OpenApiDocument
 from http_front.resources.generate import Generate, GenerateUpload
 from http_front.resources.info import Health, Loras, Models, Root, Status
 from http_front.resources.tasks import Task
@@ -66,4 +68,8 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
     app.add_route("/generate/upload", GenerateUpload(services, waits))
     app.add_route("/task/{task_id}", Task(services))
     keys_admin.install(app, keys)
+    document = OpenApiDocument()  # public, like /docs: see http_front.auth
+    app.add_route("/openapi.json", document)
+    app.add_route("/docs", DocsPage())
+    document.set_document(build_document(app, config, services.version))
     return app

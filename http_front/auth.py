@@ -3,7 +3,9 @@
 Each resource declares ``auth = {"GET": ("readonly",), ...}``: the permissions
 any one of which grants the method. ``admin`` and ``all`` grant everything
 (guide table 0.2). A resource without ``auth`` for a method is refused (403),
-so a forgotten declaration fails closed.
+so a forgotten declaration fails closed. Only a resource that declares
+``public = True`` (the API description: /openapi.json, /docs) is served
+without a key, and without counting against any rate limit.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def is_loopback(address: str | None) -> bool:
         return False
 
 
+def is_public(resource: object) -> bool:
+    """Whether a resource is served without a key: only if it says so with ``public = True``."""
+    return getattr(resource, "public", False) is True
+
+
 def allowed(principal: Principal, needed: tuple[str, ...]) -> bool:
     """Whether the principal holds any of the needed permissions (or a super permission)."""
     perms = set(principal.permissions)
@@ -75,8 +82,8 @@ class AuthMiddleware:
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          params: dict) -> None:
         """Runs after routing, before the responder."""
-        if resource is None:
-            return
+        if resource is None or is_public(resource) or not hasattr(resource, f"on_{req.method.lower()}"):
+            return  # public, or Falcon answers 405 (a method no key could use reveals nothing)
         client = req.remote_addr or "?"
         raw = extract_key(req)
         if self.failures.count(client) >= self.failures.limit and \

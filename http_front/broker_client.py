@@ -22,8 +22,10 @@ from typing import Any
 
 import zmq
 
-from broker import protocol as p
-from broker.curve import setup_client
+import msgspec
+
+from genserve import wire as w
+from genserve.curve import setup_client
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class BrokerClient:
         self._pending: dict[int, Future] = {}
         self._waiters: dict[str, list[Future]] = {}
         # DONE pushes that arrived before their waiter registered (tiny tasks are that fast).
-        self._recent: OrderedDict[str, p.Message] = OrderedDict()
+        self._recent: OrderedDict[str, w.Message] = OrderedDict()
         # SUBMITs whose caller already answered "failed": if their ACK still comes, cancel the task.
         self._orphans: OrderedDict[int, None] = OrderedDict()
         self._clock_offset: float | None = None  # broker clock minus ours, from its replies
@@ -84,24 +86,28 @@ class BrokerClient:
 
     # ---- API used by request threads --------------------------------------
 
-    def request(self, command: bytes, header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = (),
-                timeout: float | None = None) -> p.Message:
-        """Send one request and wait for its ACK/REPLY; raises BrokerError or BrokerUnavailable."""
+    def request(self, header: Any, blobs: list[bytes] | tuple = (), timeout: float | None = None) -> w.Message:
+        """Send one request (its `req` is set here) and wait for its ACK/REPLY.
+
+        Raises BrokerError (FAIL) or BrokerUnavailable (no answer within `timeout`).
+        """
         req = next(self._ids)
         future: Future = Future()
         timeout = timeout if timeout is not None else self.timeout
-        header = {**(header or {}), "req": req}
-        if command == p.SUBMIT and self._clock_offset is not None:
+        is_submit = isinstance(header, w.Submit)
+        if is_submit and self._clock_offset is not None:
             # In the broker's clock: a SUBMIT delivered after we gave up must not be queued.
-            header["deadline"] = time.time() + self._clock_offset + timeout
+            header = msgspec.structs.replace(header, req=req, deadline=time.time() + self._clock_offset + timeout)
+        else:
+            header = msgspec.structs.replace(header, req=req)
         with self._lock:
             self._pending[req] = future
-        self._outbox.put((req, p.encode(command, header, blobs)))
+        self._outbox.put((req, w.encode(header, blobs)))
         self._wake()
         try:
-            msg: p.Message = future.result(timeout)
+            msg: w.Message = future.result(timeout)
         except FutureTimeout:
-            if command == p.SUBMIT:
+            if is_submit:
                 with self._lock:
                     self._orphans[req] = None
                     while len(self._orphans) > MAX_ORPHANS:
@@ -110,10 +116,10 @@ class BrokerClient:
         finally:
             with self._lock:
                 self._pending.pop(req, None)
-        if msg.command == p.FAIL:
-            h = msg.header
-            raise BrokerError(str(h.get("code")), str(h.get("message")),
-                              {k: v for k, v in h.items() if k not in ("code", "message", "req")})
+        if msg.command == w.FAIL:
+            h: w.Fail = msg.header
+            extra = {k: v for k, v in (("served", h.served), ("supported", h.supported)) if v is not None}
+            raise BrokerError(h.code, h.message, extra)
         return msg
 
     def watch(self, task_id: str) -> Future:
@@ -178,12 +184,12 @@ class BrokerClient:
             except zmq.Again:
                 return
             try:
-                msg = p.decode(frames)
-            except p.ProtocolError as exc:
+                msg = w.decode(frames)
+            except w.ProtocolError as exc:
                 log.warning("bad broker reply: %s", exc)
                 continue
-            if msg.command == p.DONE:
-                task_id = msg.header["task"]["task_id"]
+            if msg.command == w.DONE:
+                task_id = msg.header.task.task_id
                 with self._lock:
                     waiters = self._waiters.pop(task_id, [])
                     if not waiters:
@@ -194,18 +200,17 @@ class BrokerClient:
                     if not future.done():
                         future.set_result(msg)
                 continue
-            if "now" in msg.header:
-                self._clock_offset = float(msg.header["now"]) - time.time()
-            req = msg.header.get("req")
+            self._clock_offset = msg.header.now - time.time()
+            req = msg.header.req
             with self._lock:
                 future = self._pending.get(req)
                 orphan = self._orphans.pop(req, 0) is None
             if future is not None and not future.done():
                 future.set_result(msg)
-            elif orphan and msg.command == p.ACK:
-                task_id = msg.header.get("task_id")
+            elif orphan and msg.command == w.ACK:
+                task_id = msg.header.task_id
                 log.warning("task %s was accepted after its client was told it failed: cancelling it", task_id)
-                self._outbox.put((0, p.encode(p.CANCEL_TASK, {"task_id": task_id, "orphaned": True, "req": 0})))
+                self._outbox.put((0, w.encode(w.CancelTask(0, task_id, orphaned=True))))
                 self._wake()
 
     def _flush(self, sock: zmq.Socket) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import falcon
 
-from broker import protocol as p
+from genserve import errors as e
 from http_front.broker_client import BrokerError, BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -36,25 +36,25 @@ class AuthError(Exception):
 
 # Broker error code -> (HTTP status, short error).
 BROKER_STATUS: dict[str, tuple[int, str]] = {
-    p.E_BAD_REQUEST: (422, "invalid request"),
-    p.E_UNKNOWN_MODEL: (400, "unknown model_id"),
-    p.E_UNSUPPORTED_MODE: (422, "mode not supported by this model"),
-    p.E_NO_NODE: (503, "no node serves this model"),
-    p.E_NOT_FOUND: (404, "task not found"),
-    p.E_QUEUE_FULL: (429, "too many queued tasks"),
-    p.E_DISK_FULL: (503, "result storage is full"),
-    p.E_TIMEOUT: (504, "task timed out"),
-    p.E_CANCELLED: (409, "task was cancelled"),
-    p.E_NODE_LOST: (503, "the node running the task was lost"),
-    p.E_GENERATION: (500, "generation failed"),
-    "lora_error": (422, "LoRA cannot be applied"),
-    p.E_IDEMPOTENCY: (422, "Idempotency-Key reused"),
-    p.E_EXPIRED: (503, "the broker received the request too late"),
+    e.BAD_REQUEST: (422, "invalid request"),
+    e.UNKNOWN_MODEL: (400, "unknown model_id"),
+    e.UNSUPPORTED_MODE: (422, "mode not supported by this model"),
+    e.NO_NODE: (503, "no node serves this model"),
+    e.NOT_FOUND: (404, "task not found"),
+    e.QUEUE_FULL: (429, "too many queued tasks"),
+    e.DISK_FULL: (503, "result storage is full"),
+    e.TIMEOUT: (504, "task timed out"),
+    e.CANCELLED: (409, "task was cancelled"),
+    e.NODE_LOST: (503, "the node running the task was lost"),
+    e.GENERATION: (500, "generation failed"),
+    e.LORA: (422, "LoRA cannot be applied"),
+    e.IDEMPOTENCY: (422, "Idempotency-Key reused"),
+    e.EXPIRED: (503, "the broker received the request too late"),
 }
 
 # Broker error code -> Retry-After seconds (a full queue drains as nodes finish jobs).
 # Seconds a client should wait before retrying; disk space comes back as results become evictable.
-RETRY_AFTER: dict[str, int] = {p.E_QUEUE_FULL: 5, p.E_DISK_FULL: 10, p.E_EXPIRED: 2}
+RETRY_AFTER: dict[str, int] = {e.QUEUE_FULL: 5, e.DISK_FULL: 10, e.EXPIRED: 2}
 
 
 def from_task_error(code: str, message: str) -> ApiError:

@@ -1,4 +1,4 @@
-"""API keys: records, parsing of API_KEY_N, and the in-memory key store.
+"""API keys: parsing of API_KEY_N, principals, and the in-memory key store.
 
 Keys are held only as SHA-256 hashes. Lookup is by hash: comparing digests of
 a secret reveals nothing useful about the secret through timing, and the final
@@ -7,88 +7,18 @@ equality check uses ``hmac.compare_digest``.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
-import secrets
 import threading
 import time
-import unicodedata
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
+from genserve.keyfile import (  # noqa: F401  (re-exported: the front's key API in one place)
+    DEFAULT_KEY, MAX_NAME_LENGTH, MIN_KEY_LENGTH, OWNER_HEX, PERMISSIONS, InvalidKeySpec, KeyRecord, check_name,
+    hash_key, key_id_of, new_key, owner_of, parse_permissions, preview_of)
+
 log = logging.getLogger(__name__)
-
-PERMISSIONS = ("generation", "readonly", "admin", "all")
-DEFAULT_KEY = "genserve-default-key-2024"
-MIN_KEY_LENGTH = 20
-OWNER_HEX = 32
-MAX_NAME_LENGTH = 100
-# Control, format, surrogate, private-use and line/paragraph separator characters.
-_BAD_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
-
-
-class InvalidKeySpec(ValueError):
-    """A key definition or administration request that cannot be honoured."""
-
-
-def hash_key(raw: str) -> str:
-    """Hex SHA-256 of a key."""
-    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
-
-
-def owner_of(raw: str) -> str:
-    """The identity used for task ownership and rate limits: 128 bits of the key's SHA-256.
-
-    Unlike the display ``key_id`` (first 8 + last 4 characters), two different keys
-    never share it in practice, so it is safe to authorise with.
-    """
-    return hash_key(raw)[:OWNER_HEX]
-
-
-def key_id_of(raw: str) -> str:
-    """The legacy key id (first 8 characters, '-', last 4); short keys get a hash-based id instead."""
-    if len(raw) >= 24:
-        return f"{raw[:8]}-{raw[-4:]}"
-    return "h-" + hash_key(raw)[:12]
-
-
-def preview_of(raw: str) -> str:
-    """'first8...last4' for long keys; short keys show at most a quarter of themselves."""
-    if len(raw) >= 24:
-        return f"{raw[:8]}...{raw[-4:]}"
-    shown = max(1, len(raw) // 4)
-    return f"{raw[:shown]}...({len(raw)} chars)"
-
-
-def new_key() -> str:
-    """A fresh key: 32 random bytes from `secrets` (256 bits), URL-safe."""
-    return "gs-" + secrets.token_urlsafe(32)
-
-
-def parse_permissions(text: str | Iterable[str] | None, empty_means_all: bool = True) -> tuple[str, ...]:
-    """Comma list (or iterable) of permissions, trimmed; empty means all (API_KEY_N) unless told otherwise."""
-    items = text.split(",") if isinstance(text, str) else list(text or [])
-    perms = tuple(dict.fromkeys(p.strip() for p in items if p and p.strip()))
-    unknown = [p for p in perms if p not in PERMISSIONS]
-    if unknown:
-        raise InvalidKeySpec(f"unknown permission(s) {unknown}; valid: {list(PERMISSIONS)}")
-    if not perms and not empty_means_all:
-        raise InvalidKeySpec(f"at least one permission is required; valid: {list(PERMISSIONS)}")
-    return perms or ("all",)
-
-
-def check_name(name: str) -> str:
-    """A key name, trimmed; InvalidKeySpec unless 1-100 printable characters without ':'."""
-    name = name.strip()
-    if not name or len(name) > MAX_NAME_LENGTH:
-        raise InvalidKeySpec(f"must be 1-{MAX_NAME_LENGTH} characters")
-    if any(unicodedata.category(c) in _BAD_NAME_CATEGORIES for c in name):
-        raise InvalidKeySpec("must not contain control characters (NUL, newline, ...)")
-    if ":" in name:
-        raise InvalidKeySpec("must not contain ':' (config_string is key:name:permissions)")
-    return name
-
 
 def weak_keys(records: Iterable[tuple[str, str, tuple[str, ...]]]) -> list[str]:
     """Names of keys short enough to guess, from (key, name, permissions) as parse_env_keys returns them."""
@@ -104,45 +34,6 @@ class Principal:
     permissions: tuple[str, ...]
     source: str
     owner: str  # unique per key: task ownership and rate limits
-
-
-@dataclass
-class KeyRecord:
-    """One key as stored: hash and preview, never the key itself."""
-
-    key_hash: str
-    key_id: str
-    key_preview: str
-    name: str
-    permissions: tuple[str, ...]
-    source: str  # environment | file | default
-    created_at: float = field(default_factory=time.time)
-    last_used: float | None = None
-    usage_count: int = 0
-
-    @classmethod
-    def from_raw(cls, raw: str, name: str, permissions: tuple[str, ...], source: str) -> "KeyRecord":
-        """Build a record from a clear key (which is then forgotten)."""
-        return cls(hash_key(raw), key_id_of(raw), preview_of(raw), name, permissions, source)
-
-    @property
-    def owner(self) -> str:
-        """The key's unique identity (see owner_of)."""
-        return self.key_hash[:OWNER_HEX]
-
-    def listing(self) -> dict[str, Any]:
-        """The public view used by GET /auth/keys."""
-        out = asdict(self)
-        del out["key_hash"]
-        out["permissions"] = list(self.permissions)
-        out["can_delete"] = self.source == "file"
-        return out
-
-    def to_file(self) -> dict[str, Any]:
-        """The form stored in the key file."""
-        out = asdict(self)
-        out["permissions"] = list(self.permissions)
-        return out
 
 
 def parse_env_keys(env: Mapping[str, str]) -> list[tuple[str, str, tuple[str, ...]]]:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from broker import protocol as p
+from genserve import wire as w
 from http_front.ratelimit import SlidingWindowLimiter
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,8 @@ LEASE_TIMEOUT = 0.5  # seconds; past it the request is limited locally
 def broker_lease(broker: Any) -> Lease:
     """A Lease that asks the broker (LEASE) through the front's BrokerClient."""
     def lease(key: str, want: int, limit: int, window: float, returned: int) -> tuple[int, float]:
-        h = broker.request(p.LEASE, {"key": key, "want": want, "limit": limit, "window": window,
-                                     "returned": returned}, timeout=LEASE_TIMEOUT).header
-        return int(h["granted"]), float(h["retry_after"])
+        body = broker.request(w.Lease(0, key, want, limit, window, returned), timeout=LEASE_TIMEOUT).header.body
+        return body.granted, body.retry_after
     return lease
 
 

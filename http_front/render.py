@@ -9,7 +9,9 @@ from typing import Any
 
 import falcon
 
-from broker.protocol import CANCELLED, COMPLETED, FAILED
+import msgspec
+
+from genserve.wire import CANCELLED, COMPLETED, FAILED, TaskView
 from http_front.keys import Principal
 
 
@@ -23,50 +25,53 @@ def auth_info(principal: Principal) -> dict[str, Any]:
     return {"user": principal.name, "permissions": list(principal.permissions)}
 
 
-def render_task(task: dict[str, Any], png: bytes | None, principal: Principal) -> dict[str, Any]:
+def render_task(task: TaskView, png: bytes | None, principal: Principal) -> dict[str, Any]:
     """Body for /generate and /task/{id}: status, progress, and the image once completed."""
-    params = task.get("params", {})
-    meta = task.get("meta", {})
-    status = task["status"]
+    params, meta = task.params, task.meta
     body: dict[str, Any] = {
-        "success": status not in (FAILED, CANCELLED),
-        "task_id": task["task_id"],
-        "status": status,
-        "model_id": task["model_id"],
-        "mode": task["mode"],
-        "controlnet_type": params.get("controlnet_type") if task["mode"] == "controlnet" else None,
-        "priority": task.get("priority", 0),
-        "error": task.get("error"),
-        "node_id": task.get("node_id"),
-        "attempts": task.get("attempts", 0),
-        "created_at": task.get("created_at"),
-        "started_at": task.get("started_at"),
-        "finished_at": task.get("finished_at"),
+        "success": task.status not in (FAILED, CANCELLED),
+        "task_id": task.task_id,
+        "status": task.status,
+        "model_id": task.model_id,
+        "mode": task.mode,
+        "controlnet_type": params.controlnet_type if task.mode == "controlnet" else None,
+        "priority": task.priority,
+        "error": task.error,
+        "node_id": task.node_id,
+        "attempts": task.attempts,
+        "created_at": task.created_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
         "auth_info": auth_info(principal),
     }
-    if "queue_position" in task:
-        body["queue_position"] = task["queue_position"]
-    if "progress" in task:
-        body["progress"] = task["progress"]
-    if status == COMPLETED and png is not None:
-        body["image"] = body["image_base64"] = IMAGE_PLACEHOLDER
+    if task.queue_position is not None:
+        body["queue_position"] = task.queue_position
+    if task.progress is not None:
+        body["progress"] = msgspec.to_builtins(task.progress)
+    if task.status == COMPLETED:
+        if png is not None:
+            body["image"] = body["image_base64"] = IMAGE_PLACEHOLDER
+        elif task.result_expired:
+            body["result_expired"] = True
+            body["detail"] = "the image was removed to respect the server's disk budget"
         body["metadata"] = {
-            "prompt": params.get("prompt", ""), "model_id": task["model_id"], "mode": task["mode"],
-            "generation_time": meta.get("generation_time"), "seed": params.get("seed"),
-            "cfg": meta.get("cfg", params.get("cfg")), "steps": params.get("num_inference_steps"),
-            "width": meta.get("width"), "height": meta.get("height"),
-            "loras": params.get("loras", []),
+            "prompt": params.prompt, "model_id": task.model_id, "mode": task.mode,
+            "generation_time": meta.generation_time if meta else None, "seed": params.seed,
+            "cfg": meta.cfg if meta and meta.cfg is not None else params.cfg,
+            "steps": params.num_inference_steps,
+            "width": meta.width if meta else params.width, "height": meta.height if meta else params.height,
+            "loras": msgspec.to_builtins(params.loras),
         }
-        started, finished = task.get("started_at"), task.get("finished_at")
-        body["elapsed_time"] = round(finished - task["created_at"], 4) if finished else None
-        body["gpu_id"] = meta.get("device")
-        body["queue_time"] = round(started - task["created_at"], 4) if started else None
-    if task.get("error_code"):
-        body["error_code"] = task["error_code"]
+        started, finished = task.started_at, task.finished_at
+        body["elapsed_time"] = round(finished - task.created_at, 4) if finished else None
+        body["gpu_id"] = meta.device if meta else None
+        body["queue_time"] = round(started - task.created_at, 4) if started else None
+    if task.error_code:
+        body["error_code"] = task.error_code
     return body
 
 
-def send_task(resp: falcon.Response, task: dict[str, Any], png: bytes | None, principal: Principal) -> None:
+def send_task(resp: falcon.Response, task: TaskView, png: bytes | None, principal: Principal) -> None:
     """Write a task body; the PNG goes in as base64 without passing through the JSON encoder.
 
     The image travels twice (the guide's `image` data URI and the legacy `image_base64`),

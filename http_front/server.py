@@ -156,7 +156,7 @@ class FrontServer:
     def run(self) -> None:
         """Serve until close() or an interrupt; closes every socket before returning."""
         for host, port in self.addresses:
-            log.info("listening on http://%s:%d", host, port)
+            log.info("listening on http://%s:%s", host, port)
         try:
             while not self._stop.is_set():
                 wasyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self.map, use_poll=True, count=1)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import protocol as p
+from genserve import wire as w
 from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
 from http_front.validation import RequestValidator
@@ -21,25 +21,36 @@ class Services:
     config: FrontConfig
     validator: RequestValidator
     version: str = "0.1.0"
-    _info: tuple[float, dict[str, Any]] | None = field(default=None, repr=False)
+    _info: tuple[float, w.InfoBody] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def info(self, max_age: float = 1.0, timeout: float | None = None) -> dict[str, Any]:
-        """The broker's INFO reply, cached for `max_age` seconds."""
+    def info(self, max_age: float = 1.0, timeout: float | None = None) -> w.InfoBody:
+        """The broker's INFO snapshot, cached for `max_age` seconds."""
         with self._lock:
             cached = self._info
         if cached is not None and time.monotonic() - cached[0] <= max_age:
             return cached[1]
-        header = self.broker.request(p.INFO, timeout=timeout).header
+        body = self.broker.request(w.InfoRequest(0), timeout=timeout).header.body
         with self._lock:
-            self._info = (time.monotonic(), header)
-        return header
+            self._info = (time.monotonic(), body)
+        return body
 
-    def loras(self) -> list[dict[str, Any]]:
-        """LoRA entries reported by live nodes, merged by name and sorted."""
-        merged: dict[str, dict[str, Any]] = {}
-        for node in self.info()["nodes"]:
-            for entry in node.get("loras", []):
-                if isinstance(entry, dict) and "name" in entry:
-                    merged.setdefault(entry["name"], entry)
+    def task(self, task_id: str, fetch: bool = False) -> tuple[w.TaskView, bytes | None]:
+        """One task from the broker, and its image when `fetch` and it has one."""
+        msg = self.broker.request(w.Fetch(0, task_id) if fetch else w.Status(0, task_id))
+        return msg.header.body.task, (msg.blobs[0] if msg.blobs else None)
+
+    def loras(self) -> list[w.LoraInfo]:
+        """LoRA files reported by live nodes, merged by name and sorted."""
+        merged: dict[str, w.LoraInfo] = {}
+        for node in self.info().nodes:
+            for entry in node.loras:
+                merged.setdefault(entry.name, entry)
         return [merged[name] for name in sorted(merged)]
+
+
+def builtins(value: Any) -> Any:
+    """A typed broker value as plain JSON-ready data."""
+    import msgspec
+
+    return msgspec.to_builtins(value)

@@ -1,11 +1,16 @@
-"""Validation of generation requests (JSON and form-data) against one JSON Schema.
+"""Validation of generation requests (JSON and form-data) into one typed TaskSpec.
 
-Size policy: width and height are rounded *down* to a multiple of 16 (the
-earlier implementation passed sizes to diffusers, which does the same, so old
-scripts keep working); the size actually produced is in ``metadata``. For
-img2img / fill / redux without an explicit size, the input image's size is
-used, scaled down to fit MAX_IMAGE_SIZE. Input, mask and control images are
-resized to the output size on the node, so a 1x1 mask works as the guide shows.
+A body is first checked for what no type can express (NaN/Infinity, lone surrogates, deep
+nesting), then converted by msgspec into the request type of http_front.schemas, whose
+constraints /openapi.json publishes; then the rules that span fields apply (the images a
+mode needs, the model a mode implies, sizes), and every default is filled in.
+
+Size policy: width and height are rounded *down* to a multiple of 16 (the earlier
+implementation passed sizes to diffusers, which does the same, so old scripts keep
+working); the size actually produced is in ``metadata``. For img2img / fill / redux
+without an explicit size, the input image's size is used, scaled down to fit
+MAX_IMAGE_SIZE. Input, mask and control images are resized to the output size on the
+node, so a 1x1 mask works as the guide shows.
 """
 
 from __future__ import annotations
@@ -13,28 +18,36 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jsonschema import Draft202012Validator
+import msgspec
+from msgspec import UNSET
 
-from broker.protocol import CONTROL_TYPES, IMAGE_FIELDS, MODEL_MODES, MODES
+from genserve import catalog
+from genserve.spec import GenerationParams, LoraRef, TaskSpec
 from http_front.errors import ApiError
-from http_front.images import inspect
+from http_front.images import from_base64, inspect
+from http_front.schemas import generate_body_type
 
-IMAGE_MODES = {"img2img": "input_image", "fill": "input_image", "redux": "input_image"}
-REQUIRED_IMAGES = {"img2img": ("input_image",), "fill": ("input_image", "mask_image"),
-                   "controlnet": ("control_image",), "redux": ("input_image",)}
 MAX_DEPTH = 16  # a valid request nests 3 levels (body, loras, one LoRA)
 MAX_DETAIL = 300
+MAX_FORM_FIELD = 1024 * 1024  # bytes of one text field of a form (a prompt is at most a few KB)
+LORA_SUFFIX = ".safetensors"
 # Form numbers: plain ASCII decimals only (int()/float() also take "1_0", Arabic-Indic digits, "nan").
 _FORM_INT = re.compile(r"[+-]?[0-9]+")
 _FORM_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _FORM_SPACE = " \t\r\n"
+_FORM_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+# msgspec's messages end with " - at `$.loras[0].weight`"; missing fields are named in backquotes.
+_AT = re.compile(r"^(?P<problem>.*?)(?: - at (?:`key` in )?`\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")
+_INDEX = re.compile(r"\[(\d+)\]")
 
 
 def check_values(value: Any) -> None:
-    """Refuse what JSON Schema lets through: NaN/Infinity, lone surrogates, deep nesting (422).
+    """Refuse what a type cannot: NaN/Infinity, lone surrogates, deep nesting (422).
 
     Iterative, so that no body can exhaust the stack here. Paths are kept as (key, parent)
     links and spelled out only for the error, so wide bodies with long keys cost no copies.
@@ -68,68 +81,75 @@ def _refuse(path: Any, problem: str) -> None:
     while path is not None:
         parts.append(str(path[0]))
         path = path[1]
-    where = ".".join(reversed(parts)) or "body"
+    raise invalid(".".join(reversed(parts)), problem)
+
+
+def invalid(where: str, problem: str) -> ApiError:
+    """The 422 for one field (`where` a dotted path, "" for the body); client text is bounded."""
+    where = where or "body"
     if len(where) > 100:  # paths hold client keys: bound the echo
         where = where[:100] + "..."
-    raise ApiError(422, "validation error", f"{where}: {problem}", field=where)
+    if len(problem) > MAX_DETAIL:
+        problem = problem[:MAX_DETAIL] + "..."
+    return ApiError(422, "validation error", f"{where}: {problem}", field=where)
 
 
-def build_schema(max_prompt: int, max_size: int) -> dict[str, Any]:
-    """The /generate request schema (also published in openapi.yaml)."""
-    return {
-        "type": "object",
-        "properties": {
-            "prompt": {"type": "string", "maxLength": max_prompt},
-            "model_id": {"type": "string", "minLength": 1, "maxLength": 64},
-            "mode": {"enum": list(MODES)},
-            "height": {"type": "integer", "minimum": 16, "maximum": max_size},
-            "width": {"type": "integer", "minimum": 16, "maximum": max_size},
-            "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": 100},
-            "cfg": {"type": "number", "minimum": 0, "maximum": 50},
-            "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-            "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
-            "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "controlnet_type": {"enum": sorted(set(CONTROL_TYPES.values()))},
-            "loras": {"type": "array", "maxItems": 8, "items": {
-                "type": "object", "required": ["name"],
-                "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 512},
-                               "weight": {"type": "number", "minimum": 0, "maximum": 2}}}},
-            "async": {"type": "boolean"},
-            **{name: {"type": "string"} for name in IMAGE_FIELDS},
-        },
-    }
+def from_msgspec(exc: msgspec.ValidationError) -> ApiError:
+    """A msgspec ValidationError as the 422 naming its field (`loras.0.weight`)."""
+    match = _AT.match(str(exc))
+    problem, path = (match.group("problem"), match.group("path") or "") if match else (str(exc), "")
+    parts = [p for p in _INDEX.sub(r".\1", path).split(".") if p]
+    missing = _MISSING.match(problem)
+    if missing:
+        parts.append(missing.group("name"))
+        problem = "field required"
+    return invalid(".".join(parts), problem.replace("`", ""))
 
 
-@dataclass
+def form_text(name: str, data: bytes) -> str:
+    """A form field's bytes as text: UTF-8, at most MAX_FORM_FIELD bytes, or a 422 naming it."""
+    if len(data) > MAX_FORM_FIELD:
+        raise invalid(name, f"longer than {MAX_FORM_FIELD // 1024} KB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(name, "not UTF-8 text") from None
+
+
+def _form_kind(kind: Any) -> str:
+    """The JSON type a form field's text converts to: integer, number, boolean, array or string."""
+    if isinstance(kind, msgspec.inspect.Metadata):  # Annotated with a description or examples
+        return _form_kind(kind.type)
+    if isinstance(kind, msgspec.inspect.UnionType):
+        kinds = [k for k in kind.types if not isinstance(k, (msgspec.inspect.UnsetType, msgspec.inspect.NoneType))]
+        return _form_kind(kinds[0]) if len(kinds) == 1 else "string"
+    return {msgspec.inspect.IntType: "integer", msgspec.inspect.FloatType: "number",
+            msgspec.inspect.BoolType: "boolean", msgspec.inspect.ListType: "array"}.get(type(kind), "string")
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
-    """A validated request: what the broker queues and the node runs."""
+    """A validated request: the task spec the broker queues and the node runs, and its images."""
 
-    model_id: str
-    mode: str
-    priority: int
-    params: dict[str, Any]
+    spec: TaskSpec
     images: dict[str, bytes] = field(default_factory=dict)
     is_async: bool = False
 
-    def task_spec(self) -> dict[str, Any]:
-        """The SUBMIT `task` header."""
-        return {"model_id": self.model_id, "mode": self.mode, "priority": self.priority, "params": self.params}
-
 
 class RequestValidator:
-    """Validates and normalises generation requests."""
+    """Turns JSON bodies and forms into GenerateRequests, or raises ApiError (400/413/422)."""
 
     def __init__(self, max_prompt: int = 1000, max_size: int = 2048) -> None:
         self.max_size = max_size
-        self.schema = build_schema(max_prompt, max_size)
-        self._validator = Draft202012Validator(self.schema)
+        self.body_type = generate_body_type(max_prompt, max_size)
+        info = msgspec.inspect.type_info(self.body_type)
+        self.form_kinds = {f.encode_name: _form_kind(f.type) for f in info.fields}
 
     def coerce_form(self, form: dict[str, str]) -> dict[str, Any]:
-        """Turn form-data strings into the JSON types the schema expects (bad ones stay strings)."""
+        """Turn form-data strings into the JSON types the body type expects (bad ones stay strings)."""
         out: dict[str, Any] = {}
-        props = self.schema["properties"]
         for name, value in form.items():
-            kind = props.get(name, {}).get("type")
+            kind = self.form_kinds.get(name)
             text = value.strip(_FORM_SPACE)
             try:
                 if kind == "integer" and _FORM_INT.fullmatch(text):
@@ -137,69 +157,98 @@ class RequestValidator:
                 elif kind == "number" and _FORM_NUMBER.fullmatch(text):
                     out[name] = float(text)  # may overflow to inf: check_values refuses it
                 elif kind == "boolean":
-                    out[name] = {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+                    out[name] = _FORM_BOOLS[text.lower()]
                 elif kind == "array":
                     out[name] = json.loads(text) if text else []
                 else:
                     out[name] = value
             except (ValueError, KeyError, RecursionError):
-                out[name] = value  # the schema reports the wrong type
+                out[name] = value  # the conversion reports the wrong type
         return out
 
-    def validate(self, body: Any, images: dict[str, bytes]) -> GenerateRequest:
-        """Check a decoded body plus its raw images; raises ApiError (400/413/422)."""
+    def validate(self, body: Any, images: Mapping[str, Any]) -> GenerateRequest:
+        """Check a decoded body (images taken out) and its images: bytes, or JSON values to decode.
+
+        Only the images the mode needs are decoded and inspected; the others are ignored.
+        """
         if not isinstance(body, dict):
-            raise ApiError(422, "validation error", "the request body must be a JSON object")
+            raise ApiError(422, "validation error", "the request body must be a JSON object", field="body")
         check_values(body)
-        errors = sorted(self._validator.iter_errors(body), key=lambda e: [str(x) for x in e.path])
-        if errors:
-            err = errors[0]
-            where = ".".join(str(x) for x in err.path) or "body"
-            message = err.message if len(err.message) <= MAX_DETAIL else err.message[:MAX_DETAIL] + "..."
-            raise ApiError(422, "validation error", f"{where}: {message}", field=where)
-        mode = body.get("mode", "text2img")
-        prompt = body.get("prompt")
-        if prompt is None and mode != "redux":
-            raise ApiError(422, "validation error", "prompt: field required", field="prompt")
-        if mode != "redux" and not prompt.strip():
-            raise ApiError(422, "validation error", "prompt: must not be empty", field="prompt")
-        model_id = body.get("model_id", "flux1-dev")
-        supported = MODEL_MODES.get(model_id)
+        try:
+            parsed = msgspec.convert(integral(body), self.body_type)
+        except msgspec.ValidationError as exc:
+            raise from_msgspec(exc) from None
+        return self._build(parsed, images)
+
+    def _build(self, b: Any, images: Mapping[str, Any]) -> GenerateRequest:
+        """Rules across fields, then every default; `b` is an instance of self.body_type."""
+        mode: str = b.mode
+        prompt = "" if b.prompt is UNSET else b.prompt
+        if mode != "redux":
+            if b.prompt is UNSET:
+                raise invalid("prompt", "field required")
+            if not prompt.strip():
+                raise invalid("prompt", "must not be empty")
+        control = None if b.controlnet_type is UNSET else b.controlnet_type
+        model_id = catalog.default_model(mode, control) if b.model_id is UNSET else b.model_id
+        # An id outside the catalog goes on to the broker, which answers 400 naming the served ones.
+        supported = catalog.MODEL_MODES.get(model_id)
         if supported is not None and mode not in supported:
             raise ApiError(422, "mode not supported by this model",
                            f"{model_id} does not support mode {mode!r}; it supports {list(supported)}",
                            field="mode", supported=list(supported))
-        missing = [n for n in REQUIRED_IMAGES.get(mode, ()) if n not in images]
-        if missing:
-            raise ApiError(422, "validation error", f"mode {mode} requires {', '.join(missing)}",
-                           field=missing[0])
-        sizes = {name: inspect(data, name) for name, data in images.items()}
-        width, height = self._output_size(body, mode, sizes)
-        control = body.get("controlnet_type")
-        if mode == "controlnet" and control and CONTROL_TYPES.get(model_id, control) != control:
+        own = catalog.CONTROL_TYPES.get(model_id)
+        if mode == "controlnet" and control and own and own != control:
             raise ApiError(422, "mode not supported by this model",
-                           f"{model_id} is a {CONTROL_TYPES[model_id]} model; controlnet_type {control!r}"
-                           f" needs {[m for m, t in CONTROL_TYPES.items() if t == control][0]}")
-        params = {
-            "prompt": prompt or "", "width": width, "height": height,
-            "num_inference_steps": int(body.get("num_inference_steps", 50)),
-            "seed": int(body.get("seed", 42)),
-            "cfg": float(body["cfg"]) if "cfg" in body else None,
-            "strength": float(body.get("strength", 0.8)),
-            "controlnet_type": control or CONTROL_TYPES.get(model_id),
-            "loras": [{"name": lora["name"], "weight": float(lora.get("weight", 1.0))}
-                      for lora in body.get("loras") or []],
-        }
-        used = {n: images[n] for n in images if n in REQUIRED_IMAGES.get(mode, ()) or
-                (mode == "img2img" and n == "input_image")}
-        return GenerateRequest(model_id, mode, int(body.get("priority", 0)), params, used,
-                               bool(body.get("async", False)))
+                           f"{model_id} is a {own} model; controlnet_type {control!r} needs "
+                           f"{catalog.CONTROL_MODELS[control]}", field="controlnet_type")
+        needed = catalog.REQUIRED_IMAGES[mode]
+        missing = [name for name in needed if name not in images]
+        if missing:
+            raise ApiError(400, "missing image", f"mode {mode} requires {', '.join(missing)}", field=missing[0])
+        used = {name: _image_bytes(images[name], name) for name in needed}  # any other image is ignored
+        sizes = {name: inspect(data, name) for name, data in used.items()}
+        width, height = self._output_size(b, mode, sizes)
+        params = GenerationParams(
+            prompt=prompt, width=width, height=height, num_inference_steps=b.num_inference_steps,
+            seed=b.seed, cfg=catalog.default_cfg(mode, model_id) if b.cfg is UNSET else float(b.cfg),
+            strength=float(b.strength), controlnet_type=(own or control) if mode == "controlnet" else None,
+            loras=[LoraRef(canonical_lora(lora.name), float(lora.weight)) for lora in b.loras])
+        spec = TaskSpec(model_id=model_id, mode=mode, priority=b.priority, params=params)
+        return GenerateRequest(spec, used, bool(b.is_async))
 
-    def _output_size(self, body: dict[str, Any], mode: str, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
-        if "width" in body or "height" in body or mode not in IMAGE_MODES:
-            width, height = int(body.get("width", 1024)), int(body.get("height", 1024))
+    def _output_size(self, b: Any, mode: str, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+        step = catalog.SIZE_STEP
+        source = catalog.SIZE_FROM_IMAGE.get(mode)
+        if b.width is not UNSET or b.height is not UNSET or source is None:
+            width = catalog.DEFAULT_WIDTH if b.width is UNSET else b.width
+            height = catalog.DEFAULT_HEIGHT if b.height is UNSET else b.height
         else:
-            width, height = sizes[IMAGE_MODES[mode]]
+            width, height = sizes[source]
             scale = min(1.0, self.max_size / max(width, height))
-            width, height = max(16, int(width * scale)), max(16, int(height * scale))
-        return width // 16 * 16, height // 16 * 16
+            width, height = max(step, int(width * scale)), max(step, int(height * scale))
+        return width // step * step, height // step * step
+
+
+def integral(value: Any) -> Any:
+    """`value` with integral floats as ints: in JSON 64.0 is the integer 64, as JSON Schema says.
+
+    Only for bodies check_values passed (finite numbers, at most MAX_DEPTH levels deep).
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: integral(sub) for key, sub in value.items()}
+    if isinstance(value, list):
+        return [integral(sub) for sub in value]
+    return value
+
+
+def _image_bytes(value: Any, name: str) -> bytes:
+    """An uploaded file's bytes, or a JSON value decoded from a data URI or base64 (400 if neither)."""
+    return value if isinstance(value, bytes) else from_base64(value, name)
+
+
+def canonical_lora(name: str) -> str:
+    """A LoRA name as the nodes list it: relative, ending in .safetensors."""
+    return name if name.endswith(LORA_SUFFIX) else name + LORA_SUFFIX

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import falcon
 
-from broker import protocol as p
+from genserve import wire as w
 from http_front.broker_client import BrokerClient, BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class SyncWaits:
 
 
 def wait_for_task(broker: BrokerClient, task_id: str, future: Future, timeout: float,
-                  hung_up: Callable[[], bool] | None = None) -> p.Message | None:
+                  hung_up: Callable[[], bool] | None = None) -> w.Message | None:
     """The task's DONE message, or None after `timeout`; raises ClientGone once `hung_up()` is true.
 
     Re-asks the broker every few seconds in case a push was lost (a restarted broker forgets
@@ -111,9 +111,10 @@ def wait_for_task(broker: BrokerClient, task_id: str, future: Future, timeout: f
                 continue
             recheck = time.monotonic() + RECHECK_INTERVAL
             try:  # re-register the watch (a restarted broker forgot it) and check state
-                msg = broker.request(p.STATUS, {"task_id": task_id, "watch": True})
-                if msg.header["task"]["status"] in p.FINAL_STATES:
-                    return broker.request(p.FETCH, {"task_id": task_id})
+                msg = broker.request(w.Status(0, task_id, watch=True))
+                if msg.header.body.task.status in w.FINAL_STATES:
+                    fetched = broker.request(w.Fetch(0, task_id))
+                    return w.Message(w.DONE, w.Done(fetched.header.body.task), fetched.blobs)
             except BrokerUnavailable:
                 continue
     finally:

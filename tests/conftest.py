@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -132,6 +133,16 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: s
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stopped_at(caplog: pytest.LogCaptureFixture, task_id: str) -> tuple[int, int] | None:
+    """(step a job stopped at, step at which it was told to stop), from the node's own log line."""
+    for record in caplog.records:
+        found = re.fullmatch(rf"task {task_id} stopped at step (\d+) \(cancel arrived at step (\d+)\)",
+                             record.getMessage())
+        if found:
+            return int(found[1]), int(found[2])
+    return None
 
 
 def wait_healthy(url: str, key: str = DEFAULT_KEY, timeout: float = 60.0, nodes: int = 1) -> None:

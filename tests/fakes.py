@@ -9,7 +9,11 @@ from typing import Any
 import zmq
 from PIL import Image
 
-from broker import protocol as p
+from genserve import wire as w
+from genserve.spec import GenerationParams
+
+
+META = w.ResultMeta(generation_time=0.01, width=16, height=16, seed=1, steps=2, device="fake")
 
 
 def png_bytes(color: tuple[int, int, int] = (10, 20, 30), size: tuple[int, int] = (16, 16)) -> bytes:
@@ -33,43 +37,49 @@ class FakeNode:
         self.sock.setsockopt(zmq.IDENTITY, identity or f"fake-{name}".encode())
         self.sock.connect(endpoint)
 
-    def send(self, command: bytes, header: dict[str, Any] | None = None, blobs: list[bytes] | tuple = ()) -> None:
-        """Send one message to the broker."""
-        self.sock.send_multipart(p.encode(command, header, blobs))
+    def send(self, header: Any, blobs: list[bytes] | tuple = ()) -> None:
+        """Send one typed message to the broker."""
+        self.sock.send_multipart(w.encode(header, blobs))
 
     def ready(self, busy_task: str | None = None, busy: bool = False) -> "FakeNode":
         """Register (READY with capabilities); `busy` without a task: still unwinding an abandoned job."""
-        self.send(p.READY, {"node_id": self.name, "device": "fake", "models": self.models,
-                            "loaded": self.loaded, "memory_total": 1 << 30, "memory_free": 1 << 29,
-                            "busy_task": busy_task, "busy": busy or busy_task is not None})
+        self.send(w.Ready(node_id=self.name, device="fake", host="fakehost", pid=1, models=self.models,
+                          loaded=self.loaded, memory_total=1 << 30, memory_free=1 << 29, busy_task=busy_task,
+                          busy=busy or busy_task is not None))
         return self
 
-    def recv(self, timeout: float = 2.0, skip_heartbeats: bool = True) -> p.Message | None:
+    def recv(self, timeout: float = 2.0, skip_heartbeats: bool = True) -> w.Message | None:
         """Next message from the broker (heartbeats skipped), or None on timeout."""
         deadline = time.monotonic() + timeout
         while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            msg = p.decode(self.sock.recv_multipart())
-            if skip_heartbeats and msg.command == p.HEARTBEAT:
+            msg = w.decode(self.sock.recv_multipart())
+            if skip_heartbeats and msg.command == w.HEARTBEAT:
                 continue
             return msg
         return None
 
-    def recv_job(self, timeout: float = 2.0) -> p.Message | None:
+    def recv_job(self, timeout: float = 2.0) -> w.Message | None:
         """Next JOB, or None."""
         msg = self.recv(timeout)
-        while msg is not None and msg.command != p.JOB:
+        while msg is not None and msg.command != w.JOB:
             msg = self.recv(timeout)
         return msg
 
     def heartbeat(self, idle: bool = True, **extra: Any) -> None:
         """Tell the broker we are alive (idle unless told otherwise)."""
-        self.send(p.HEARTBEAT, {"loaded": self.loaded, "idle": idle, **extra})
+        self.send(w.Heartbeat(loaded=self.loaded, idle=idle, **extra))
 
     def finish(self, task_id: str, png: bytes | None = None) -> None:
         """Report a successful result."""
-        self.send(p.RESULT, {"task_id": task_id, "meta": {"generation_time": 0.01, "device": "fake"}},
-                  [png or png_bytes()])
+        self.send(w.Result(task_id, META), [png or png_bytes()])
 
     def close(self) -> None:
         """Close the socket (linger 0)."""
         self.sock.close(linger=0)
+
+
+def params(**fields: Any) -> GenerationParams:
+    """Generation parameters with small defaults, for tests that build tasks by hand."""
+    base = {"prompt": "x", "width": 16, "height": 16, "num_inference_steps": 2, "seed": 1, "cfg": 3.5,
+            "strength": 0.8}
+    return GenerationParams(**{**base, **fields})

@@ -239,6 +239,16 @@ def check_root(run: Run) -> None:
     assert body["service"] == "GenServe" and body["status"] == "running" and "/generate" in body["endpoints"]
 
 
+def check_openapi(run: Run) -> None:
+    body = run.value
+    assert body["openapi"].startswith("3.1") and body["title"] == "GenServe API" and body["paths"] >= 16, body  # 16 paths, 17 operations
+
+
+def check_docs_page(run: Run) -> None:
+    csp, count = run.stdout.strip().splitlines()
+    assert "default-src 'none'" in csp and int(count) >= 1, run.stdout
+
+
 def check_auth_errors(run: Run) -> None:
     values = run.values
     assert values[1::2] == [401, 401, 403], run.stdout
@@ -458,6 +468,8 @@ CHECKS: dict[str, Callable[[Run], None]] = {
     "auth-errors": check_auth_errors,
     "retry-after": check_retry_after,
     "root": check_root,
+    "openapi": check_openapi,
+    "docs-page": check_docs_page,
     "health": check_health,
     "status": check_status,
     "models": check_models,

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import msgspec
 import pytest
 import zmq
 
-from broker import protocol as p
+from genserve import errors as e
+from genserve import wire as w
+from genserve.spec import GenerationParams, TaskSpec
 from http_front.broker_client import BrokerClient, BrokerError
 from http_front.waits import wait_for_task
 from tests.conftest import wait_until
 from tests.fakes import FakeNode, png_bytes
 
 
-def spec(model: str = "flux1-dev", mode: str = "text2img", priority: int = 0, **params: Any) -> dict[str, Any]:
-    return {"model_id": model, "mode": mode, "priority": priority,
-            "params": {"prompt": "x", "num_inference_steps": 4, **params}}
+def spec(model: str = "flux1-dev", mode: str = "text2img", priority: int = 0, **params: Any) -> TaskSpec:
+    fields = {"prompt": "x", "width": 16, "height": 16, "num_inference_steps": 4, "seed": 1, "cfg": 3.5,
+              "strength": 0.8, **params}
+    return TaskSpec(model, mode, priority, GenerationParams(**fields))
 
 
 @pytest.fixture
@@ -44,23 +48,23 @@ def parts(broker_factory, ctx):
     client.close()
 
 
-def submit(client: BrokerClient, task: dict[str, Any], watch: bool = False, owner: str = "k") -> str:
-    return client.request(p.SUBMIT, {"task": task, "owner": owner, "watch": watch}).header["task_id"]
+def submit(client: BrokerClient, task: TaskSpec, watch: bool = False, owner: str = "k") -> str:
+    return client.request(w.Submit(0, task, owner, watch=watch)).header.task_id
 
 
 def test_no_node_is_refused_at_once_and_unknown_model_names_served(parts) -> None:
     bt, client, node = parts
     with pytest.raises(BrokerError) as err:
         submit(client, spec())
-    assert err.value.code == p.E_NO_NODE
+    assert err.value.code == e.NO_NODE
     node("n1").ready()
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
     with pytest.raises(BrokerError) as err:
         submit(client, spec(model="sdxl"))
-    assert err.value.code == p.E_UNKNOWN_MODEL and err.value.extra["served"] == ["flux1-dev"]
+    assert err.value.code == e.UNKNOWN_MODEL and err.value.extra["served"] == ["flux1-dev"]
     with pytest.raises(BrokerError) as err:
         submit(client, spec(mode="fill"))
-    assert err.value.code == p.E_UNSUPPORTED_MODE
+    assert err.value.code == e.UNSUPPORTED_MODE
     assert len(bt.broker.tasks) == 0  # nothing was accepted
 
 
@@ -69,15 +73,15 @@ def test_priority_order_when_a_node_becomes_free(parts) -> None:
     n = node("n1").ready()
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
     blocker = submit(client, spec())
-    assert n.recv_job().header["task_id"] == blocker
+    assert n.recv_job().header.task_id == blocker
     ids = {prio: submit(client, spec(priority=prio)) for prio in (5, 0, 9, -3)}
     same = submit(client, spec(priority=0))
     n.finish(blocker)
     order = []
     for _ in range(5):
         job = n.recv_job()
-        order.append(job.header["task_id"])
-        n.finish(job.header["task_id"])
+        order.append(job.header.task_id)
+        n.finish(job.header.task_id)
     assert order == [ids[-3], ids[0], same, ids[5], ids[9]]
 
 
@@ -88,8 +92,8 @@ def test_only_capable_nodes_receive_a_task(parts) -> None:
     wait_until(lambda: len(bt.broker.nodes) == 2, 5)
     t_fill = submit(client, spec(model="flux1-fill-dev", mode="fill"))
     t_dev = submit(client, spec())
-    assert fill.recv_job().header["task_id"] == t_fill
-    assert dev.recv_job().header["task_id"] == t_dev
+    assert fill.recv_job().header.task_id == t_fill
+    assert dev.recv_job().header.task_id == t_dev
     assert dev.recv_job(timeout=0.3) is None and fill.recv_job(timeout=0.3) is None
 
 
@@ -101,14 +105,14 @@ def test_result_is_pushed_to_the_watching_front_and_fetchable(parts) -> None:
     task_id = submit(client, spec(), watch=True)
     future = client.watch(task_id)
     job = n.recv_job()
-    n.send(p.PROGRESS, {"task_id": task_id, "step": 2, "total": 4})
-    wait_until(lambda: client.request(p.STATUS, {"task_id": task_id}).header["task"].get("progress")
-               == {"step": 2, "total": 4}, 5)
-    n.finish(job.header["task_id"], png)
+    n.send(w.ProgressReport(task_id, 2, 4))
+    wait_until(lambda: client.request(w.Status(0, task_id)).header.body.task.progress
+               == w.Progress(2, 4), 5)
+    n.finish(job.header.task_id, png)
     done = wait_for_task(client, task_id, future, timeout=5)
-    assert done.header["task"]["status"] == p.COMPLETED and done.blobs == [png]
-    fetched = client.request(p.FETCH, {"task_id": task_id})
-    assert fetched.header["task"]["status"] == p.COMPLETED and fetched.blobs == [png]
+    assert done.header.task.status == w.COMPLETED and done.blobs == [png]
+    fetched = client.request(w.Fetch(0, task_id))
+    assert fetched.header.body.task.status == w.COMPLETED and fetched.blobs == [png]
 
 
 def test_images_travel_as_blobs_to_the_node(parts) -> None:
@@ -116,11 +120,11 @@ def test_images_travel_as_blobs_to_the_node(parts) -> None:
     n = node("n1").ready()
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
     img = png_bytes((9, 9, 9))
-    client.request(p.SUBMIT, {"task": spec(mode="img2img"), "images": ["input_image"]}, [img])
+    client.request(w.Submit(0, spec(mode="img2img"), "k", ["input_image"]), [img])
     job = n.recv_job()
-    assert job.header["images"] == ["input_image"] and job.blobs == [img]
+    assert job.header.images == ["input_image"] and job.blobs == [img]
     with pytest.raises(BrokerError):  # names and blobs must agree
-        client.request(p.SUBMIT, {"task": spec(mode="img2img"), "images": ["input_image", "mask_image"]}, [img])
+        client.request(w.Submit(0, spec(mode="img2img"), "k", ["input_image", "mask_image"]), [img])
 
 
 def test_malformed_front_message_gets_an_error_and_broker_keeps_serving(parts, ctx) -> None:
@@ -131,13 +135,18 @@ def test_malformed_front_message_gets_an_error_and_broker_keeps_serving(parts, c
     try:
         raw.send_multipart([b"junk"])
         assert raw.poll(2000)
-        assert p.decode(raw.recv_multipart()).command == p.FAIL
-        raw.send_multipart(p.encode(p.SUBMIT, {"req": 1, "task": "not a map"}))
+        assert w.decode(raw.recv_multipart()).command == w.FAIL
+        raw.send_multipart([w.VERSION, w.SUBMIT, msgspec.msgpack.encode({"req": 1, "task": "not a map"})])
         assert raw.poll(2000)
-        assert p.decode(raw.recv_multipart()).header["code"] == p.E_BAD_REQUEST
+        refused = w.decode(raw.recv_multipart()).header
+        assert refused.code == e.PROTOCOL and refused.req == 1 and "SUBMIT" in refused.message
+        raw.send_multipart([b"GS1", w.SUBMIT, msgspec.msgpack.encode({"req": 2})])  # another version
+        assert raw.poll(2000)
+        old = w.decode(raw.recv_multipart()).header
+        assert old.code == e.PROTOCOL and "GS1" in old.message and old.req == 2
     finally:
         raw.close(linger=0)
-    assert "nodes" in client.request(p.INFO).header
+    assert isinstance(client.request(w.InfoRequest(0)).header.body, w.InfoBody)
 
 
 def test_silent_node_expires_and_its_task_goes_to_another(parts) -> None:
@@ -145,7 +154,7 @@ def test_silent_node_expires_and_its_task_goes_to_another(parts) -> None:
     a = node("a").ready()
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
     task_id = submit(client, spec())
-    assert a.recv_job().header["task_id"] == task_id
+    assert a.recv_job().header.task_id == task_id
     b = node("b").ready()  # a now falls silent
     job = None
     for _ in range(40):
@@ -153,11 +162,11 @@ def test_silent_node_expires_and_its_task_goes_to_another(parts) -> None:
         job = b.recv_job(timeout=0.1)
         if job:
             break
-    assert job is not None and job.header["task_id"] == task_id and job.header["attempt"] == 2
+    assert job is not None and job.header.task_id == task_id and job.header.attempt == 2
     a.finish(task_id, png_bytes((255, 0, 0)))  # late result from the expired node: discarded
     b.finish(task_id, png_bytes((0, 255, 0)))
-    wait_until(lambda: client.request(p.STATUS, {"task_id": task_id}).header["task"]["status"] == p.COMPLETED, 5)
-    assert client.request(p.FETCH, {"task_id": task_id}).blobs == [png_bytes((0, 255, 0))]
+    wait_until(lambda: client.request(w.Status(0, task_id)).header.body.task.status == w.COMPLETED, 5)
+    assert client.request(w.Fetch(0, task_id)).blobs == [png_bytes((0, 255, 0))]
 
 
 def test_queued_and_completed_tasks_survive_a_broker_restart(broker_factory, ctx, tmp_path) -> None:
@@ -167,10 +176,10 @@ def test_queued_and_completed_tasks_survive_a_broker_restart(broker_factory, ctx
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
         first = submit(client, spec())
-        n.finish(n.recv_job().header["task_id"])
-        wait_until(lambda: bt.broker.tasks[first].state == p.COMPLETED, 5)
+        n.finish(n.recv_job().header.task_id)
+        wait_until(lambda: bt.broker.tasks[first].state == w.COMPLETED, 5)
         running = submit(client, spec())
-        assert n.recv_job().header["task_id"] == running
+        assert n.recv_job().header.task_id == running
         queued = submit(client, spec(priority=3))
     finally:
         n.close()
@@ -181,15 +190,15 @@ def test_queued_and_completed_tasks_survive_a_broker_restart(broker_factory, ctx
     client = BrokerClient(bt2.frontend, context=ctx).start()
     n2 = FakeNode(ctx, bt2.backend, "n2").ready()
     try:
-        assert client.request(p.STATUS, {"task_id": first}).header["task"]["status"] == p.COMPLETED
-        assert client.request(p.FETCH, {"task_id": first}).blobs == [png_bytes()]
+        assert client.request(w.Status(0, first)).header.body.task.status == w.COMPLETED
+        assert client.request(w.Fetch(0, first)).blobs == [png_bytes()]
         seen = []
         for _ in range(40):
             n2.heartbeat()
             job = n2.recv_job(timeout=0.1)
             if job is not None:
-                seen.append(job.header["task_id"])
-                n2.finish(job.header["task_id"])
+                seen.append(job.header.task_id)
+                n2.finish(job.header.task_id)
             if len(seen) == 2:
                 break
         # The running task is held for one node timeout (its node may still be computing it).
@@ -205,7 +214,7 @@ def test_a_node_with_the_model_loaded_is_preferred(parts) -> None:
     warm = node("warm", loaded=["flux1-dev"]).ready()
     wait_until(lambda: len(bt.broker.nodes) == 2, 5)
     task_id = submit(client, spec())
-    assert warm.recv_job().header["task_id"] == task_id
+    assert warm.recv_job().header.task_id == task_id
     assert cold.recv_job(timeout=0.3) is None
 
 
@@ -213,15 +222,15 @@ def test_drained_node_gets_no_new_task(parts) -> None:
     bt, client, node = parts
     a = node("a").ready()
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-    client.request(p.ADMIN, {"action": "drain", "node": "a"})
+    client.request(w.Admin(0, "drain", "a"))
     task_id = submit(client, spec())
     assert a.recv_job(timeout=0.3) is None
     a.heartbeat()  # stay alive like a real node
-    assert bt.broker.tasks[task_id].state == p.QUEUED
-    client.request(p.ADMIN, {"action": "undrain", "node": "a"})
-    assert a.recv_job().header["task_id"] == task_id
+    assert bt.broker.tasks[task_id].state == w.QUEUED
+    client.request(w.Admin(0, "undrain", "a"))
+    assert a.recv_job().header.task_id == task_id
     with pytest.raises(BrokerError):
-        client.request(p.ADMIN, {"action": "drain", "node": "nobody"})
+        client.request(w.Admin(0, "drain", "nobody"))
 
 
 def test_after_a_broker_restart_the_node_still_running_a_task_keeps_it(broker_factory, ctx) -> None:
@@ -231,7 +240,7 @@ def test_after_a_broker_restart_the_node_still_running_a_task_keeps_it(broker_fa
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
         task_id = submit(client, spec())
-        assert a.recv_job().header["task_id"] == task_id
+        assert a.recv_job().header.task_id == task_id
     finally:
         client.close()
     bt.close()
@@ -247,7 +256,7 @@ def test_after_a_broker_restart_the_node_still_running_a_task_keeps_it(broker_fa
             b.heartbeat()
             assert b.recv_job(timeout=0.1) is None
         a.finish(task_id)
-        wait_until(lambda: bt2.broker.tasks[task_id].state == p.COMPLETED, 5)
+        wait_until(lambda: bt2.broker.tasks[task_id].state == w.COMPLETED, 5)
         assert bt2.broker.tasks[task_id].attempts == 1
     finally:
         a.close()
@@ -266,11 +275,11 @@ def test_retries_are_bounded_then_the_task_fails_clearly(broker_factory, ctx) ->
             if task_id is None:
                 task_id = submit(client, spec())
             job = n.recv_job(timeout=5)
-            assert job.header["task_id"] == task_id and job.header["attempt"] == attempt + 1
+            assert job.header.task_id == task_id and job.header.attempt == attempt + 1
             n.close()  # dies silently
             wait_until(lambda: bt.broker.nodes.find(f"n{attempt}") is None, 5)
-        task = client.request(p.STATUS, {"task_id": task_id}).header["task"]
-        assert task["status"] == p.FAILED and task["error_code"] == p.E_NODE_LOST and "3 attempts" in task["error"]
+        task = client.request(w.Status(0, task_id)).header.body.task
+        assert task.status == w.FAILED and task.error_code == e.NODE_LOST and "3 attempts" in task.error
     finally:
         client.close()
 
@@ -280,10 +289,10 @@ def test_an_abandoned_job_goes_back_to_the_queue(parts) -> None:
     a = node("a").ready()
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
     task_id = submit(client, spec())
-    assert a.recv_job().header["task_id"] == task_id
-    a.send(p.ERROR, {"task_id": task_id, "code": p.E_ABANDONED, "message": "lost the broker"})
+    assert a.recv_job().header.task_id == task_id
+    a.send(w.Error(task_id, e.ABANDONED, "lost the broker"))
     job = a.recv_job()
-    assert job.header["task_id"] == task_id and job.header["attempt"] == 2
+    assert job.header.task_id == task_id and job.header.attempt == 2
 
 
 def test_results_are_deleted_after_the_retention_time(broker_factory, ctx) -> None:
@@ -293,14 +302,14 @@ def test_results_are_deleted_after_the_retention_time(broker_factory, ctx) -> No
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
         task_id = submit(client, spec())
-        n.finish(n.recv_job().header["task_id"])
-        assert wait_until(lambda: client.request(p.FETCH, {"task_id": task_id}).blobs, 5)
+        n.finish(n.recv_job().header.task_id)
+        assert wait_until(lambda: client.request(w.Fetch(0, task_id)).blobs, 5)
         def purged() -> bool:
             n.heartbeat()
             try:
-                client.request(p.STATUS, {"task_id": task_id})
+                client.request(w.Status(0, task_id))
             except BrokerError as exc:
-                return exc.code == p.E_NOT_FOUND
+                return exc.code == e.NOT_FOUND
             return False
         wait_until(purged, 10, 0.1, "the result to be purged")
         assert bt.broker.journal.result(task_id) is None
@@ -318,47 +327,47 @@ def test_a_node_still_unwinding_gets_no_job_until_it_reports_idle(parts) -> None
         a.heartbeat(idle=False)
         assert a.recv_job(timeout=0.1) is None
     a.heartbeat(idle=True)
-    assert a.recv_job().header["task_id"] == task_id
+    assert a.recv_job().header.task_id == task_id
 
 
 def test_heartbeats_refresh_the_lora_list(parts) -> None:
     bt, client, node = parts
     a = node("a").ready()
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-    lora = {"name": "new.safetensors", "size_mb": 1.0, "category": "root"}
+    lora = w.LoraInfo("new.safetensors", 1.0, "root")
     a.heartbeat(loras=[lora])
-    wait_until(lambda: client.request(p.INFO).header["nodes"][0]["loras"] == [lora], 5)
+    wait_until(lambda: client.request(w.InfoRequest(0)).header.body.nodes[0].loras == [lora], 5)
     a.heartbeat(loras=None)  # a light heartbeat leaves the list alone
     a.heartbeat()
     # Heartbeats are handled in order: once this marker shows, the two above were handled too.
     a.heartbeat(memory_free=12345)
-    wait_until(lambda: client.request(p.INFO).header["nodes"][0]["memory_free"] == 12345, 5)
-    assert client.request(p.INFO).header["nodes"][0]["loras"] == [lora]
+    wait_until(lambda: client.request(w.InfoRequest(0)).header.body.nodes[0].memory_free == 12345, 5)
+    assert client.request(w.InfoRequest(0)).header.body.nodes[0].loras == [lora]
 
 
 def test_disk_budget_evicts_old_results_then_refuses_with_disk_full(broker_factory, ctx) -> None:
     from broker.tasks import result_reserve
 
     small = {"width": 16, "height": 16}
-    bt = broker_factory(disk_budget_bytes=2 * result_reserve(small) + 50)  # < 2 reservations + a result
+    bt = broker_factory(disk_budget_bytes=2 * result_reserve(spec(**small).params) + 50)  # < 2 reservations + a result
     client = BrokerClient(bt.frontend, context=ctx).start()
     n = FakeNode(ctx, bt.backend, "n").ready()
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
         old = submit(client, spec(**small))
-        n.finish(n.recv_job().header["task_id"])
-        wait_until(lambda: client.request(p.FETCH, {"task_id": old}).blobs == [png_bytes()], 5)
+        n.finish(n.recv_job().header.task_id)
+        wait_until(lambda: client.request(w.Fetch(0, old)).blobs == [png_bytes()], 5)
         running = submit(client, spec(**small))
-        assert n.recv_job().header["task_id"] == running
+        assert n.recv_job().header.task_id == running
         submit(client, spec(**small))  # fits once the old result is evicted
-        fetched = client.request(p.FETCH, {"task_id": old})
-        assert fetched.blobs == [] and fetched.header["task"]["status"] == p.COMPLETED
-        assert fetched.header["task"]["result_expired"] is True
+        fetched = client.request(w.Fetch(0, old))
+        assert fetched.blobs == [] and fetched.header.body.task.status == w.COMPLETED
+        assert fetched.header.body.task.result_expired is True
         with pytest.raises(BrokerError) as err:
             submit(client, spec(**small))  # only unfinished tasks hold the disk now
-        assert err.value.code == p.E_DISK_FULL
+        assert err.value.code == e.DISK_FULL
         n.finish(running)
-        wait_until(lambda: bt.broker.tasks[running].state == p.COMPLETED, 5)
+        wait_until(lambda: bt.broker.tasks[running].state == w.COMPLETED, 5)
         submit(client, spec(**small))  # the finished result can make room again
     finally:
         n.close()

@@ -7,16 +7,17 @@ from typing import Iterator
 import pytest
 import zmq
 
-from broker import protocol as p
+from genserve import errors as e
+from genserve import wire as w
+from genserve.spec import TaskSpec
 from broker.config import BrokerConfig
-from broker.curve import InsecureBind, check_exposure, is_loopback_endpoint
+from genserve.curve import InsecureBind, check_exposure, is_loopback_endpoint
 from broker.server import Broker
 from http_front.broker_client import BrokerClient
 from tests.conftest import BrokerThread, wait_until
-from tests.fakes import FakeNode, png_bytes
+from tests.fakes import META, FakeNode, params, png_bytes
 
-SPEC = {"model_id": "flux1-dev", "mode": "text2img", "priority": 0,
-        "params": {"prompt": "x", "width": 16, "height": 16, "num_inference_steps": 2, "seed": 1}}
+SPEC = TaskSpec("flux1-dev", "text2img", 0, params())
 
 
 @pytest.mark.parametrize("endpoint, local", [
@@ -67,22 +68,22 @@ def cluster(tmp_path) -> Iterator[tuple[BrokerThread, BrokerClient, FakeNode]]:
 def test_a_result_that_is_not_the_declared_image_fails_the_task(cluster, payload: bytes) -> None:
     bt, client, node = cluster
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-    task_id = client.request(p.SUBMIT, {"task": SPEC}).header["task_id"]
-    assert node.recv_job().header["task_id"] == task_id
-    node.send(p.RESULT, {"task_id": task_id, "meta": {"width": 16, "height": 16, "format": "png"}}, [payload])
+    task_id = client.request(w.Submit(0, SPEC, "k")).header.task_id
+    assert node.recv_job().header.task_id == task_id
+    node.send(w.Result(task_id, META), [payload])
     ack = node.recv()
-    assert ack.command == p.RESULT_ACK and ack.header["task_id"] == task_id
-    reply = client.request(p.FETCH, {"task_id": task_id})
-    assert reply.header["task"]["status"] == "failed" and reply.header["task"]["error_code"] == p.E_GENERATION
-    assert "invalid result" in reply.header["task"]["error"] and reply.blobs == []
+    assert ack.command == w.RESULT_ACK and ack.header.task_id == task_id
+    reply = client.request(w.Fetch(0, task_id))
+    assert reply.header.body.task.status == "failed" and reply.header.body.task.error_code == e.GENERATION
+    assert "invalid result" in reply.header.body.task.error and reply.blobs == []
 
 
 def test_a_real_png_of_the_declared_size_completes(cluster) -> None:
     bt, client, node = cluster
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-    task_id = client.request(p.SUBMIT, {"task": SPEC}).header["task_id"]
-    assert node.recv_job().header["task_id"] == task_id
+    task_id = client.request(w.Submit(0, SPEC, "k")).header.task_id
+    assert node.recv_job().header.task_id == task_id
     image = png_bytes(size=(16, 16))
-    node.send(p.RESULT, {"task_id": task_id, "meta": {"width": 16, "height": 16, "format": "png"}}, [image])
-    wait_until(lambda: client.request(p.FETCH, {"task_id": task_id}).header["task"]["status"] == "completed", 5)
-    assert client.request(p.FETCH, {"task_id": task_id}).blobs == [image]
+    node.send(w.Result(task_id, META), [image])
+    wait_until(lambda: client.request(w.Fetch(0, task_id)).header.body.task.status == "completed", 5)
+    assert client.request(w.Fetch(0, task_id)).blobs == [image]

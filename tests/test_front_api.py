@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 
 import pytest
+from falcon import testing
 from PIL import Image
 
+from http_front.app import create_app
+from http_front.keys import KeyStore
 from tests.conftest import wait_until
 
 SMALL = {"height": 64, "width": 48, "num_inference_steps": 2, "cfg": 3.5}
@@ -105,6 +107,22 @@ def test_malformed_or_non_object_json_is_rejected(stack) -> None:
     r = stack.http.simulate_post("/generate", body="[1]", headers={"Content-Type": "application/json"})
     assert r.status_code == 422
     assert stack.http.simulate_get("/health").status_code == 200  # still serving
+
+
+def test_a_form_body_to_the_json_endpoint_is_415_and_submits_nothing(stack) -> None:
+    before = len(stack.broker.broker.tasks)
+    r = stack.http.simulate_post("/generate", body="prompt=cat", headers={
+        "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and r.json["success"] is False and "/generate/upload" in r.json["detail"]
+    assert len(stack.broker.broker.tasks) == before
+
+
+def test_a_method_the_route_lacks_is_405_for_every_key(stack) -> None:
+    readonly = KeyStore.from_env([("readonly-key-0123456789abcdef", "ro", ("readonly",))], None)
+    app = testing.TestClient(create_app(stack.client, readonly, stack.config))
+    for client, headers in ((stack.http, {}), (app, {"X-API-Key": "readonly-key-0123456789abcdef"}), (app, {})):
+        r = client.simulate_post("/health", headers=headers)
+        assert r.status_code == 405 and r.json["success"] is False  # not 403 "needs admin"
 
 
 def test_unknown_task_is_404(stack) -> None:

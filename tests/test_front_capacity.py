@@ -20,13 +20,15 @@ import pytest
 import requests
 from falcon import testing
 
-from broker import protocol as p
+from genserve import errors as e
+from genserve import wire as w
 from http_front.__main__ import parse_config
 from http_front.app import create_app
 from http_front.config import FrontConfig
 from http_front.keys import KeyStore
 from http_front.server import FrontServer, raise_fd_limit
 from http_front.waits import SyncWaits
+from tests.fakes import params
 from tests.conftest import DEFAULT_KEY, Cluster, Processes, wait_until
 
 KEY_A = "alpha-key-0123456789abcdefghij"
@@ -49,23 +51,23 @@ class SlowBroker:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def _task(self, task_id: str, status: str) -> dict[str, Any]:
-        return {"task_id": task_id, "status": status, "error_code": p.E_CANCELLED, "error": status}
+    def _task(self, task_id: str, status: str) -> w.TaskView:
+        return w.TaskView(task_id=task_id, status=status, model_id="flux1-dev", mode="text2img", priority=0,
+                          owner="", params=params(), created_at=0.0, error_code=e.CANCELLED, error=status)
 
-    def request(self, command: bytes, header: dict[str, Any] | None = None, blobs: Any = (),
-                timeout: float | None = None) -> p.Message:
-        header = header or {}
+    def request(self, header: Any, blobs: Any = (), timeout: float | None = None) -> w.Message:
         with self._lock:
-            if command == p.SUBMIT:
+            if isinstance(header, w.Submit):
                 task_id = f"task-{next(self._ids)}"
                 self.submitted.append(task_id)
-                return p.Message(p.ACK, {"task_id": task_id, "queue_position": 0})
-            if command == p.CANCEL_TASK:
-                self.cancelled.append(header["task_id"])
-                return p.Message(p.REPLY, {"task": self._task(header["task_id"], p.CANCELLED)})
-            if command == p.INFO:
-                return p.Message(p.REPLY, {"nodes": [{"state": "idle"}], "queue": {"length": 0}})
-            return p.Message(p.REPLY, {"task": self._task(header["task_id"], p.RUNNING)})
+                return w.Message(w.ACK, w.Ack(0, 0.0, task_id, 0))
+            if isinstance(header, w.CancelTask):
+                self.cancelled.append(header.task_id)
+                return w.Message(w.REPLY, w.Reply(0, 0.0, w.TaskBody(self._task(header.task_id, w.CANCELLED))))
+            if isinstance(header, w.InfoRequest):
+                node = w.NodeView("n1", "cpu", "h", 1, "idle", False, None, {}, [], [], 1, 1, 0.0, 0)
+                return w.Message(w.REPLY, w.Reply(0, 0.0, w.InfoBody([node], {}, w.QueueView(0, {}), {}, 0.0)))
+            return w.Message(w.REPLY, w.Reply(0, 0.0, w.TaskBody(self._task(header.task_id, w.RUNNING))))
 
     def watch(self, task_id: str) -> Future:
         future: Future = Future()
@@ -82,7 +84,7 @@ class SlowBroker:
             futures = list(self.futures.items())
         for task_id, future in futures:
             if not future.done():
-                future.set_result(p.Message(p.DONE, {"task": self._task(task_id, p.CANCELLED)}))
+                future.set_result(w.Message(w.DONE, w.Done(self._task(task_id, w.CANCELLED))))
 
 
 def keys() -> KeyStore:

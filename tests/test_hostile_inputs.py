@@ -15,14 +15,16 @@ import pytest
 from cryptography.fernet import Fernet
 from falcon import testing
 from urllib3 import encode_multipart_formdata
+import msgspec
 
-from broker import protocol as p
+from genserve import errors as e
+from genserve import wire as w
 from gpu_node.errors import LoraError
 from gpu_node.loras import LoraLibrary, scan
 from http_front.app import create_app
 from http_front.broker_client import BrokerError
 from http_front.config import FrontConfig
-from http_front.keyfile import KeyFile, make_fernet
+from genserve.keyfile import KeyFile, make_fernet
 from http_front.keys import DEFAULT_KEY, KeyRecord, KeyStore, owner_of
 from http_front.ratelimit import SlidingWindowLimiter
 
@@ -34,45 +36,43 @@ READONLY = "readonly-key-0123456789abcdef"
 PNG_1X1 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
 
 
+PARAMS = {"prompt": "x", "width": 16, "height": 16, "num_inference_steps": 2, "seed": 1, "cfg": 3.5, "strength": 0.8}
+
+
 class FakeBroker:
-    """Answers the front's requests from a dict of tasks; encodes like the real client."""
+    """Answers the front's typed requests from a dict of tasks; encodes like the real client."""
 
     def __init__(self) -> None:
         self.tasks: dict[str, dict[str, Any]] = {}
         self.submitted: list[dict[str, Any]] = []
         self.refuse_submit: BrokerError | None = None
 
-    def add(self, owner: str, status: str = p.QUEUED) -> str:
-        """A task as the broker holds it."""
+    def add(self, owner: str, status: str = w.QUEUED) -> str:
         task_id = uuid.uuid4().hex
         self.tasks[task_id] = {"task_id": task_id, "status": status, "owner": owner, "model_id": "flux1-dev",
-                               "mode": "text2img", "params": {"prompt": "x"}, "created_at": 0.0}
+                               "mode": "text2img", "priority": 0, "params": dict(PARAMS), "created_at": 0.0}
         return task_id
 
-    def request(self, command: bytes, header: dict[str, Any] | None = None, blobs: Any = (),
-                timeout: float | None = None) -> p.Message:
+    def request(self, header: Any, blobs: Any = (), timeout: float | None = None) -> w.Message:
         """The BrokerClient.request contract."""
-        p.encode(command, header, blobs)  # what the real client does first: a 500 if it cannot encode
-        header = header or {}
-        if command == p.SUBMIT:
+        w.encode(header, blobs)  # what the real client does first: a 500 if it cannot encode
+        if isinstance(header, w.Submit):
             if self.refuse_submit is not None:
                 raise self.refuse_submit
-            self.submitted.append(header)
-            task_id = self.add(header["owner"])
-            return p.Message(p.ACK, {"task_id": task_id, "queue_position": 0})
-        if command == p.INFO:
-            node = {"node_id": "n1", "state": "busy", "task_id": "someone-elses-task", "models": {},
-                    "loaded": [], "loras": [{"name": "cute_cat_lora.safetensors", "size_mb": 0.1,
-                                             "category": "root"}]}
-            return p.Message(p.REPLY, {"nodes": [node], "queue": {"length": 0, "by_model": {}}, "tasks": {},
-                                       "models": {"flux1-dev": {"modes": ["img2img", "text2img"],
-                                                                "nodes": ["n1"], "loaded_on": []}}})
-        task = self.tasks.get(str(header.get("task_id")))
+            self.submitted.append(msgspec.to_builtins(header))
+            task_id = self.add(header.owner)
+            return w.Message(w.ACK, w.Ack(0, 0.0, task_id, 0))
+        if isinstance(header, w.InfoRequest):
+            node = w.NodeView("n1", "cpu", "h", 1, "busy", False, "someone-elses-task", {}, [],
+                              [w.LoraInfo("cute_cat_lora.safetensors", 0.1, "root")], 1, 1, 0.1, 0)
+            return w.Message(w.REPLY, w.Reply(0, 0.0, w.InfoBody([node], {"flux1-dev": w.ServedModel(
+                ["img2img", "text2img"], ["n1"], [])}, w.QueueView(0, {}), {}, 0.0)))
+        task = self.tasks.get(str(header.task_id))
         if task is None:
-            raise BrokerError(p.E_NOT_FOUND, "task not found")
-        if command == p.CANCEL_TASK and task["status"] not in p.FINAL_STATES:
-            task.update(status=p.CANCELLED, error_code=p.E_CANCELLED, error="cancelled by request")
-        return p.Message(p.REPLY, {"task": dict(task)})
+            raise BrokerError(e.NOT_FOUND, "task not found")
+        if isinstance(header, w.CancelTask) and task["status"] not in w.FINAL_STATES:
+            task.update(status=w.CANCELLED, error_code=e.CANCELLED, error="cancelled by request")
+        return w.Message(w.REPLY, w.Reply(0, 0.0, w.TaskBody(msgspec.convert(task, w.TaskView))))
 
 
 def env_keys() -> list[tuple[str, str, tuple[str, ...]]]:
@@ -137,8 +137,8 @@ def test_a_key_sharing_both_ends_cannot_read_or_cancel_the_others_task(front: Fr
     task_id = front.broker.add(owner_of(TWIN_A))
     assert front.call("GET", f"/task/{task_id}", TWIN_B).status_code == 404
     assert front.call("DELETE", f"/task/{task_id}", TWIN_B).status_code == 404
-    assert front.broker.tasks[task_id]["status"] == p.QUEUED
-    assert front.call("GET", f"/task/{task_id}", TWIN_A).json["status"] == p.QUEUED
+    assert front.broker.tasks[task_id]["status"] == w.QUEUED
+    assert front.call("GET", f"/task/{task_id}", TWIN_A).json["status"] == w.QUEUED
     assert front.call("GET", f"/task/{task_id}", ADMIN).status_code == 200
 
 
@@ -300,9 +300,10 @@ def test_loras_outside_the_folder_are_neither_listed_nor_loadable(tmp_path: Path
     (base / "linked").symlink_to(outside, target_is_directory=True)
     (base / "folder.safetensors").mkdir()
     listing = scan(base)
-    assert [e["name"] for e in listing] == ["alias.safetensors", "real.safetensors", "styles/ink.safetensors"]
+    assert [e.name for e in listing] == ["alias.safetensors", "real.safetensors", "styles/ink.safetensors"]
     library = LoraLibrary(base)
-    assert library.names() == [e["name"] for e in listing]
+    assert [library.resolve(e.name) for e in listing] == ["real.safetensors", "real.safetensors",
+                                                          "styles/ink.safetensors"]  # every listed one loads
     for name in ("out", "linked/secret", "dangling", "folder", "../private/secret", str(outside / "secret"),
                  "a\0b"):
         with pytest.raises(LoraError):
@@ -321,8 +322,8 @@ def test_cancel_answers_success_true_or_409_when_already_finished(front: Front) 
     queued = front.broker.add(owner_of(TWIN_A))
     for _ in range(2):  # cancelling twice is fine: the task is cancelled either way
         r = front.call("DELETE", f"/task/{queued}")
-        assert r.status_code == 200 and r.json["success"] is True and r.json["status"] == p.CANCELLED
-    for status in (p.COMPLETED, p.FAILED):
+        assert r.status_code == 200 and r.json["success"] is True and r.json["status"] == w.CANCELLED
+    for status in (w.COMPLETED, w.FAILED):
         done = front.broker.add(owner_of(TWIN_A), status)
         r = front.call("DELETE", f"/task/{done}")
         assert_error(r, 409, status)
@@ -331,7 +332,7 @@ def test_cancel_answers_success_true_or_409_when_already_finished(front: Front) 
 
 def test_full_queue_429_carries_retry_after(front: Front) -> None:
     for message in ("queue is full (10000 tasks waiting)", "this key already has 1000 tasks waiting"):
-        front.broker.refuse_submit = BrokerError(p.E_QUEUE_FULL, message)
+        front.broker.refuse_submit = BrokerError(e.QUEUE_FULL, message)
         r = front.call("POST", "/generate", json={"prompt": "x", "async": True})
         assert_error(r, 429, message)
         assert int(r.headers["Retry-After"]) > 0

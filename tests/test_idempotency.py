@@ -5,14 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import msgspec
 import pytest
 import zmq
 
-from broker import protocol as p
+from genserve import errors as e
+from genserve import wire as w
+from genserve.spec import TaskSpec
 from http_front.broker_client import BrokerClient, BrokerError
 from http_front.keys import KeyStore
 from tests.conftest import Stack, wait_until
-from tests.fakes import FakeNode
+from tests.fakes import FakeNode, params
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdefgh"}
 QUICK = {"prompt": "quick", "width": 32, "height": 32, "num_inference_steps": 1}
@@ -81,8 +84,7 @@ def test_a_malformed_key_is_400(idem: Stack, bad: str) -> None:
     assert len(idem.broker.broker.tasks) == before
 
 
-SPEC = {"model_id": "flux1-dev", "mode": "text2img", "priority": 0,
-        "params": {"prompt": "x", "width": 16, "height": 16, "num_inference_steps": 2, "seed": 1}}
+SPEC = TaskSpec("flux1-dev", "text2img", 0, params(width=64, height=64))
 
 
 def test_keys_survive_a_broker_restart_and_an_orphaned_task_frees_its_key(broker_factory) -> None:
@@ -92,20 +94,20 @@ def test_keys_survive_a_broker_restart_and_an_orphaned_task_frees_its_key(broker
     client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-        submit = {"task": SPEC, "owner": "o1", "idempotency_key": "k"}
-        first = client.request(p.SUBMIT, submit).header["task_id"]
+        submit = w.Submit(0, SPEC, "o1", idempotency_key="k")
+        first = client.request(submit).header.task_id
         client.close()
         bt.close()
         bt = broker_factory(frontend=bt.frontend, backend=bt.backend)  # same journal
         node.ready()
         client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-        assert client.request(p.SUBMIT, submit).header["task_id"] == first
+        assert client.request(submit).header.task_id == first
         with pytest.raises(BrokerError) as err:
-            client.request(p.SUBMIT, {**submit, "task": {**SPEC, "priority": 5}})
-        assert err.value.code == p.E_IDEMPOTENCY
-        client.request(p.CANCEL_TASK, {"task_id": first, "orphaned": True})
-        assert client.request(p.SUBMIT, submit).header["task_id"] != first
+            client.request(msgspec.structs.replace(submit, task=msgspec.structs.replace(SPEC, priority=5)))
+        assert err.value.code == e.IDEMPOTENCY
+        client.request(w.CancelTask(0, first, orphaned=True))
+        assert client.request(submit).header.task_id != first
     finally:
         client.close()
         node.sock.close(linger=0)

@@ -10,14 +10,21 @@ from pathlib import Path
 
 import msgpack
 
-from broker import protocol as p
+from genserve import errors as e
+from genserve import wire as w
 from broker.journal import Journal
 from broker.tasks import Task
+from tests.fakes import params
 
 
-def task(task_id: str, seq: int, state: str = p.QUEUED) -> Task:
+# Parameters as a GS1 journal stored them: a plain map, cfg None meaning "the mode's default".
+GS1_PARAMS = {"prompt": "x", "width": 16, "height": 16, "num_inference_steps": 2, "seed": 1, "cfg": None,
+              "strength": 0.8, "controlnet_type": None, "loras": []}
+
+
+def task(task_id: str, seq: int, state: str = w.QUEUED) -> Task:
     return Task(task_id=task_id, model="flux1-dev", mode="img2img", priority=seq % 2, seq=seq,
-                params={"prompt": "猫", "seed": seq}, owner="k", image_names=["input_image"],
+                params=params(prompt="猫", seed=seq), owner="k", image_names=["input_image"],
                 inputs=[b"img-%d" % seq], state=state, created=100.0 + seq, deadline=400.0)
 
 
@@ -25,20 +32,20 @@ def test_unfinished_tasks_come_back_with_inputs(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.db")
     for i in range(3):
         j.add(task(f"t{i}", i))
-    running = task("t1", 1, p.RUNNING)
+    running = task("t1", 1, w.RUNNING)
     running.attempts = 1
     j.update(running)
-    done = task("t2", 2, p.COMPLETED)
-    done.finished, done.meta = 105.0, {"generation_time": 1.5}
+    done = task("t2", 2, w.COMPLETED)
+    done.finished, done.meta = 105.0, w.ResultMeta(1.5, 16, 16, 1, 2, "cpu")
     j.finish(done, b"PNG")
     j.close()
 
     j = Journal(tmp_path / "j.db")  # as after a crash and restart
     loaded = {t.task_id: t for t in j.load()}
-    assert [t.state for t in loaded.values()] == [p.QUEUED, p.RUNNING, p.COMPLETED]
+    assert [t.state for t in loaded.values()] == [w.QUEUED, w.RUNNING, w.COMPLETED]
     assert loaded["t1"].attempts == 1 and loaded["t1"].inputs == [b"img-1"]
-    assert loaded["t0"].params == {"prompt": "猫", "seed": 0} and loaded["t0"].image_names == ["input_image"]
-    assert loaded["t2"].inputs == [] and loaded["t2"].meta == {"generation_time": 1.5}
+    assert loaded["t0"].params == params(prompt="猫", seed=0) and loaded["t0"].image_names == ["input_image"]
+    assert loaded["t2"].inputs == [] and loaded["t2"].meta == w.ResultMeta(1.5, 16, 16, 1, 2, "cpu")
     assert j.result("t2") == b"PNG" and j.result("t0") is None
     j.close()
 
@@ -47,10 +54,10 @@ def test_purge_removes_old_final_tasks_only(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.db")
     for i in range(3):
         j.add(task(f"t{i}", i))
-    old = task("t0", 0, p.COMPLETED)
+    old = task("t0", 0, w.COMPLETED)
     old.finished = 10.0
     j.finish(old, b"old")
-    new = task("t1", 1, p.FAILED)
+    new = task("t1", 1, w.FAILED)
     new.finished = 1000.0
     j.finish(new, None)
     assert j.purge(finished_before=500.0) == ["t0"]
@@ -66,7 +73,7 @@ def disk(folder: Path) -> int:
 
 def completed(j: Journal, task_id: str, seq: int, finished: float, result: bytes) -> None:
     j.add(task(task_id, seq))
-    done = task(task_id, seq, p.COMPLETED)
+    done = task(task_id, seq, w.COMPLETED)
     done.finished = finished
     j.finish(done, result)
 
@@ -94,8 +101,8 @@ def test_evicting_results_takes_the_oldest_first_and_keeps_the_task(tmp_path: Pa
     assert j.result_bytes == 1000 and j.evict_results(1) == ["t0"] and j.evict_results(1) == []
     j.close()
     loaded = {t.task_id: t for t in Journal(tmp_path / "j.db").load()}
-    assert all(t.state == p.COMPLETED and t.result_expired for t in loaded.values())
-    assert loaded["t0"].describe()["result_expired"] is True
+    assert all(t.state == w.COMPLETED and t.result_expired for t in loaded.values())
+    assert loaded["t0"].view().result_expired is True
 
 
 def test_reopening_deletes_files_left_by_a_crash_and_repairs_missing_ones(tmp_path: Path) -> None:
@@ -117,8 +124,8 @@ def test_reopening_deletes_files_left_by_a_crash_and_repairs_missing_ones(tmp_pa
     assert sorted(f.name for f in blobs.iterdir()) == ["t1.in0", "t2.in0", "t3.in0", "t4.result"]
     assert j.blob_bytes == disk(blobs) == 3 * len(b"img-1") + len(b"kept")
     loaded = {t.task_id: t for t in j.load()}
-    assert loaded["t0"].state == p.FAILED and loaded["t0"].error_code == p.E_GENERATION
-    assert loaded["t1"].state == p.QUEUED and loaded["t1"].inputs == [b"img-1"]
+    assert loaded["t0"].state == w.FAILED and loaded["t0"].error_code == e.GENERATION
+    assert loaded["t1"].state == w.QUEUED and loaded["t1"].inputs == [b"img-1"]
     assert loaded["t5"].result_expired and j.result("t5") is None and j.result("t4") == b"kept"
     j.close()
 
@@ -135,10 +142,10 @@ def test_a_journal_with_images_in_sqlite_is_migrated_to_files(tmp_path: Path) ->
         "CREATE TABLE blobs (task_id TEXT NOT NULL, kind TEXT NOT NULL, idx INTEGER NOT NULL,"
         " data BLOB NOT NULL, PRIMARY KEY (task_id, kind, idx));")
     names = msgpack.packb(["input_image", "mask_image"])
-    for task_id, state, finished in (("q", p.QUEUED, None), ("c", p.COMPLETED, 5.0)):
+    for task_id, state, finished in (("q", w.QUEUED, None), ("c", w.COMPLETED, 5.0)):
         old.execute("INSERT INTO tasks (task_id, seq, priority, model, mode, owner, state, params,"
                     " image_names, created, finished, deadline) VALUES (?,1,0,'flux1-dev','fill','k',?,?,?,1,?,99)",
-                    (task_id, state, msgpack.packb({}), names, finished))
+                    (task_id, state, msgpack.packb(GS1_PARAMS), names, finished))
     old.executemany("INSERT INTO blobs VALUES (?,?,?,?)",
                     [("q", "input", 0, b"image"), ("q", "input", 1, b"mask"), ("c", "result", 0, b"PNG")])
     old.close()
@@ -156,14 +163,15 @@ def test_a_journal_killed_with_sigkill_reopens_with_every_accepted_task(tmp_path
     script = f"""
 import os, signal
 from pathlib import Path
-from broker import protocol as p
+from genserve import errors as e
+from genserve import wire as w
 from tests.test_journal import task
 from broker.journal import Journal
 j = Journal(Path({str(tmp_path / "j.db")!r}))
 for i in range(20):
     j.add(task(f"t{{i}}", i))
 for i in range(10):
-    t = task(f"t{{i}}", i, p.COMPLETED)
+    t = task(f"t{{i}}", i, w.COMPLETED)
     t.finished = 50.0 + i
     j.finish(t, b"PNG-%d" % i)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -172,7 +180,8 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     j = Journal(tmp_path / "j.db")
     loaded = {t.task_id: t for t in j.load()}
-    assert len(loaded) == 20 and j.count(p.COMPLETED) == 10 and j.count(p.QUEUED) == 10
+    states = [t.state for t in loaded.values()]
+    assert len(loaded) == 20 and states.count(w.COMPLETED) == 10 and states.count(w.QUEUED) == 10
     assert all(loaded[f"t{i}"].inputs == [b"img-%d" % i] for i in range(10, 20))
     assert all(j.result(f"t{i}") == b"PNG-%d" % i for i in range(10))
     assert j.blob_bytes == sum(f.stat().st_size for f in j.blob_dir.iterdir())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from http_front.keyfile import KeyFile, KeyFileError, derive_fernet_key, make_fernet
+from genserve.keyfile import KeyFile, KeyFileError, derive_fernet_key, make_fernet
 from http_front.keys import (DEFAULT_KEY, InvalidKeySpec, KeyRecord, KeyStore, StoreError, hash_key, key_id_of,
                              owner_of, parse_env_keys, parse_permissions, preview_of, weak_keys)
 

@@ -18,7 +18,7 @@ from waitress.server import create_server
 from genservectl.__main__ import cli
 from http_front.app import create_app
 from http_front.config import FrontConfig
-from http_front.keyfile import KeyFile, derive_fernet_key, make_fernet
+from genserve.keyfile import KeyFile, derive_fernet_key, make_fernet
 from http_front.keys import DEFAULT_KEY, KeyStore
 from tests.conftest import BIN, ROOT, Processes, free_port, wait_until
 
@@ -124,7 +124,7 @@ def test_real_processes_front_and_cli(tmp_path: Path) -> None:
     script_env = {**os.environ, "API_KEYS_ENCRYPTION_KEY": key, "PYTHONPATH": str(ROOT)}
     check = subprocess.run([sys.executable, str(ROOT / "test_encryption.py")], cwd=tmp_path, env=script_env,
                            capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0 and "opens: 0 keys" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "api_keys.enc: 0 keys" in check.stdout, check.stdout + check.stderr
     gen = subprocess.run([sys.executable, str(ROOT / "generate_encryption_key.py"), "1"], env=script_env,
                          capture_output=True, text=True, timeout=60)
     assert gen.returncode == 0 and gen.stdout.startswith("export API_KEYS_ENCRYPTION_KEY=")

@@ -107,6 +107,22 @@ def test_redux_prompt_may_be_empty_or_absent(full) -> None:
     assert png(post_json(full, body)) == empty
 
 
+def test_without_model_id_the_mode_picks_its_model(full) -> None:
+    cases = [("fill", {"input_image": GUIDE_PNG, "mask_image": GUIDE_PNG}, "flux1-fill-dev"),
+             ("redux", {"input_image": GUIDE_PNG}, "flux1-redux-dev"),
+             ("controlnet", {"control_image": GUIDE_PNG}, "flux1-depth-dev"),
+             ("controlnet", {"control_image": GUIDE_PNG, "controlnet_type": "canny"}, "flux1-canny-dev"),
+             ("img2img", {"input_image": GUIDE_PNG}, "flux1-dev")]
+    for mode, extra, model in cases:
+        body = json_body("", mode, extra)
+        del body["model_id"], body["cfg"]
+        r = post_json(full, body)
+        assert r.status_code == 200 and r.json["model_id"] == model, (mode, r.text[:300])
+        assert r.json["metadata"]["cfg"] == (30.0 if mode == "fill" else 3.5)  # catalog.default_cfg
+        if mode == "controlnet":
+            assert r.json["controlnet_type"] == model.split("-")[1]
+
+
 def test_img2img_depends_on_strength_and_input(full) -> None:
     source = encoded(size=(48, 32), color=(250, 250, 10))
     weak = png(post_json(full, json_body("flux1-dev", "img2img", {"input_image": source}, strength=0.3)))
@@ -177,9 +193,9 @@ def test_a_broken_lora_fails_its_job_and_leaves_the_cache_intact(full) -> None:
       "control_image": data_uri(GUIDE_PNG)}, 422, "flux1-canny-dev"),
     ({"mode": "controlnet", "model_id": "flux1-canny-dev", "controlnet_type": "sketch",
       "control_image": data_uri(GUIDE_PNG)}, 422, "controlnet_type"),
-    ({"mode": "controlnet", "model_id": "flux1-canny-dev"}, 422, "control_image"),
-    ({"mode": "fill", "model_id": "flux1-fill-dev", "input_image": data_uri(GUIDE_PNG)}, 422, "mask_image"),
-    ({"mode": "img2img"}, 422, "input_image"),
+    ({"mode": "controlnet", "model_id": "flux1-canny-dev"}, 400, "control_image"),  # a missing image: 400
+    ({"mode": "fill", "model_id": "flux1-fill-dev", "input_image": data_uri(GUIDE_PNG)}, 400, "mask_image"),
+    ({"mode": "img2img"}, 400, "input_image"),
     ({"mode": "img2img", "input_image": data_uri(GUIDE_PNG), "strength": 1.5}, 422, "strength"),
     ({"mode": "img2img", "input_image": data_uri(GUIDE_PNG), "strength": 0}, 422, "strength"),
     ({"mode": "img2img", "input_image": data_uri(GUIDE_PNG), "strength": float("nan")}, 422, "strength"),

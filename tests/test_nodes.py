@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from broker.nodes import BUSY, NodeRegistry
+from genserve import wire as w
+
+
+def ready(node_id: str, models: dict[str, list[str]], **extra: Any) -> w.Ready:
+    """A READY header as a node would send it."""
+    return w.Ready(node_id=node_id, device="cuda:0", host="h", pid=1, models=models, **extra)
 
 
 def test_register_touch_expire_and_served_models() -> None:
     reg = NodeRegistry()
-    a = reg.register(b"a", {"node_id": "gpu0", "device": "cuda:0", "loaded": ["flux1-dev"],
-                            "models": {"flux1-dev": ["text2img", "img2img"]}}, now=0.0)
-    reg.register(b"b", {"node_id": "gpu1", "device": "cuda:1",
-                        "models": {"flux1-dev": ["text2img"], "flux1-fill-dev": ["fill"]}}, now=0.0)
+    a = reg.register(b"a", ready("gpu0", {"flux1-dev": ["text2img", "img2img"]}, loaded=["flux1-dev"]), now=0.0)
+    reg.register(b"b", ready("gpu1", {"flux1-dev": ["text2img"], "flux1-fill-dev": ["fill"]}), now=0.0)
     assert len(reg) == 2 and reg.find("gpu1").identity == b"b"
     served = reg.served_models()
-    assert served["flux1-dev"] == {"modes": ["img2img", "text2img"], "nodes": ["gpu0", "gpu1"], "loaded_on": ["gpu0"]}
-    assert served["flux1-fill-dev"]["nodes"] == ["gpu1"]
+    assert served["flux1-dev"] == w.ServedModel(["img2img", "text2img"], ["gpu0", "gpu1"], ["gpu0"])
+    assert served["flux1-fill-dev"].nodes == ["gpu1"]
     assert reg.serves("flux1-dev", "img2img") and reg.serves("flux1-fill-dev", "fill")
     assert not reg.serves("flux1-fill-dev", "text2img") and not reg.serves("flux1-redux-dev", "redux")
     reg.touch(b"a", now=5.0)
@@ -28,5 +34,5 @@ def test_register_touch_expire_and_served_models() -> None:
 
 def test_re_register_keeps_drain_flag() -> None:
     reg = NodeRegistry()
-    reg.register(b"a", {"node_id": "n", "models": {}}, now=0.0).draining = True
-    assert reg.register(b"a", {"node_id": "n", "models": {}}, now=1.0).draining
+    reg.register(b"a", ready("n", {}), now=0.0).draining = True
+    assert reg.register(b"a", ready("n", {}), now=1.0).draining

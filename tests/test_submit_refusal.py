@@ -11,13 +11,14 @@ from typing import Iterator
 import pytest
 import zmq
 
-from broker import protocol as p
+from genserve import errors as e
+from genserve import wire as w
+from genserve.spec import TaskSpec
 from http_front.broker_client import BrokerClient, BrokerUnavailable
 from tests.conftest import free_port, wait_until
-from tests.fakes import FakeNode
+from tests.fakes import FakeNode, params
 
-SPEC = {"model_id": "flux1-dev", "mode": "text2img", "priority": 0,
-        "params": {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 1}}
+SPEC = TaskSpec("flux1-dev", "text2img", 0, params(width=64, height=64))
 
 
 @pytest.fixture
@@ -33,19 +34,19 @@ def test_the_broker_refuses_a_submit_past_its_deadline(broker_factory, ctx) -> N
     client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-        client.request(p.INFO)  # learn the broker's clock
+        client.request(w.InfoRequest(0))  # learn the broker's clock
         raw = ctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(bt.frontend)
-        raw.send_multipart(p.encode(p.SUBMIT, {"req": 1, "task": SPEC, "deadline": bt.broker.clock() - 1}))
+        raw.send_multipart(w.encode(w.Submit(1, SPEC, "k", deadline=bt.broker.clock() - 1)))
         assert raw.poll(5000)
-        reply = p.decode(raw.recv_multipart())
+        reply = w.decode(raw.recv_multipart())
         raw.close(linger=0)
-        assert reply.command == p.FAIL and reply.header["code"] == p.E_EXPIRED
+        assert reply.command == w.FAIL and reply.header.code == e.EXPIRED
         assert len(bt.broker.tasks) == 0 and node.recv_job(0.3) is None
         # A submit within its deadline (the client adds one from the broker's clock) is accepted.
-        ack = client.request(p.SUBMIT, {"task": SPEC})
-        assert ack.command == p.ACK and len(bt.broker.tasks) == 1
+        ack = client.request(w.Submit(0, SPEC, "k"))
+        assert ack.command == w.ACK and len(bt.broker.tasks) == 1
     finally:
         client.close()
         node.sock.close(linger=0)
@@ -56,11 +57,11 @@ def test_a_submit_made_while_the_broker_is_down_is_not_delivered_when_it_returns
     client = BrokerClient(f"tcp://127.0.0.1:{port}", timeout=0.5, context=ctx).start()
     try:
         with pytest.raises(BrokerUnavailable):
-            client.request(p.SUBMIT, {"task": SPEC})
+            client.request(w.Submit(0, SPEC, "k"))
         bt = broker_factory(frontend=f"tcp://127.0.0.1:{port}", backend=f"tcp://127.0.0.1:{backend}")
         node = FakeNode(ctx, bt.backend, "a").ready()
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-        wait_until(lambda: client.request(p.INFO, timeout=0.5), 10, 0.1, "the client to connect")
+        wait_until(lambda: client.request(w.InfoRequest(0), timeout=0.5), 10, 0.1, "the client to connect")
         assert len(bt.broker.tasks) == 0 and node.recv_job(0.3) is None
         node.sock.close(linger=0)
     finally:
@@ -74,15 +75,15 @@ def test_an_ack_that_arrives_after_the_client_gave_up_cancels_the_task(ctx) -> N
     client = BrokerClient(f"tcp://127.0.0.1:{port}", timeout=0.3, context=ctx).start()
     try:
         with pytest.raises(BrokerUnavailable):
-            client.request(p.SUBMIT, {"task": SPEC})
+            client.request(w.Submit(0, SPEC, "k"))
         assert router.poll(2000)
-        identity, submit = p.split_routed(router.recv_multipart())
-        assert submit.command == p.SUBMIT
+        identity, submit = w.split_routed(router.recv_multipart())
+        assert submit.command == w.SUBMIT
         # Only now, too late, does this slow "broker" accept it.
-        router.send_multipart(p.routed(identity, p.ACK, {"req": submit.header["req"], "task_id": "t-late"}))
+        router.send_multipart(w.routed(identity, w.Ack(submit.header.req, 0.0, "t-late")))
         assert router.poll(2000)
-        _, cancel = p.split_routed(router.recv_multipart())
-        assert cancel.command == p.CANCEL_TASK and cancel.header["task_id"] == "t-late" and cancel.header["orphaned"]
+        _, cancel = w.split_routed(router.recv_multipart())
+        assert cancel.command == w.CANCEL_TASK and cancel.header.task_id == "t-late" and cancel.header.orphaned
     finally:
         client.close()
         router.close(linger=0)
@@ -94,10 +95,10 @@ def test_an_orphaned_task_is_cancelled_as_expired_not_as_the_clients_cancel(brok
     client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-        node.send(p.HEARTBEAT, {"idle": False})
-        task_id = client.request(p.SUBMIT, {"task": SPEC}).header["task_id"]
-        task = client.request(p.CANCEL_TASK, {"task_id": task_id, "orphaned": True}).header["task"]
-        assert task["status"] == "cancelled" and task["error_code"] == p.E_EXPIRED
+        node.send(w.Heartbeat(idle=False))
+        task_id = client.request(w.Submit(0, SPEC, "k")).header.task_id
+        task = client.request(w.CancelTask(0, task_id, orphaned=True)).header.body.task
+        assert task.status == "cancelled" and task.error_code == e.EXPIRED
     finally:
         client.close()
         node.sock.close(linger=0)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from http_front.keys import KeyStore
-from tests.conftest import Stack, wait_until
+from tests.conftest import Stack, stopped_at, wait_until
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdefgh", "root": "root-key-0123456789abcdefg"}
 LONG = {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 100, "async": True}
@@ -49,20 +50,22 @@ def running_with_progress(stack: Stack, task_id: str) -> dict:
     return wait_until(check, 30, 0.02, "the job to make progress")
 
 
-def test_cancel_stops_a_running_job_within_one_step_and_the_node_moves_on(ctl) -> None:
+def test_cancel_stops_a_running_job_within_one_step_and_the_node_moves_on(ctl, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="gpu_node.node")
     task_id = submit(ctl, "alice", LONG)
     body = running_with_progress(ctl, task_id)
     assert body["progress"]["total"] == 100
     r = ctl.http.simulate_delete(f"/task/{task_id}", headers=as_("alice"))
     assert r.status_code == 200 and r.json["status"] == "cancelled"
-    at_cancel, stopped = wait_until(lambda: ctl.node.stopped.get(task_id), 30, 0.02, "the node to stop")
+    stopped, at_cancel = wait_until(lambda: stopped_at(caplog, task_id), 30, 0.02, "the node to stop")
     assert stopped - at_cancel <= 1 and stopped < 100
     assert status(ctl, task_id)["status"] == "cancelled"
     quick = submit(ctl, "alice", QUICK)
     wait_until(lambda: status(ctl, quick)["status"] == "completed", 30, 0.05, "the next job")
 
 
-def test_cancelling_a_queued_task_removes_it_from_the_queue(ctl) -> None:
+def test_cancelling_a_queued_task_removes_it_from_the_queue(ctl, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="gpu_node.node")
     blocker = submit(ctl, "alice", LONG)
     running_with_progress(ctl, blocker)
     waiting = submit(ctl, "bob", QUICK)
@@ -71,7 +74,7 @@ def test_cancelling_a_queued_task_removes_it_from_the_queue(ctl) -> None:
     assert ctl.http.simulate_delete(f"/task/{waiting}", headers=as_("bob")).json["status"] == "cancelled"
     assert ctl.broker.broker.queue.position(waiting) is None
     ctl.http.simulate_delete(f"/task/{blocker}", headers=as_("alice"))
-    wait_until(lambda: blocker in ctl.node.stopped, 30, 0.02, "the blocker to stop")
+    wait_until(lambda: stopped_at(caplog, blocker), 30, 0.02, "the blocker to stop")
 
 
 def test_tasks_are_private_to_their_key_but_not_to_admins(ctl) -> None:
@@ -99,13 +102,15 @@ def test_queue_caps_answer_429_instead_of_growing(ctl) -> None:
         wait_until(lambda: status(ctl, task_id, "root")["status"] == "completed", 60, 0.05, "drain")
 
 
-def test_timeout_fails_the_task_and_stops_the_node_within_one_step(tmp_path: Path, tiny_models: Path) -> None:
+def test_timeout_fails_the_task_and_stops_the_node_within_one_step(tmp_path: Path, tiny_models: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gpu_node.node")
     stack = make_stack(tmp_path, tiny_models, task_timeout=1.0)
     try:
         started = stack.http.simulate_post("/generate", json={**LONG, "async": False}, headers=as_("alice"))
         assert started.status_code == 504 and started.json["error_code"] == "timeout"
         task_id = started.json.get("task_id") or next(iter(stack.broker.broker.tasks))
-        at_cancel, stopped = wait_until(lambda: stack.node.stopped.get(task_id), 30, 0.02, "the node to stop")
+        stopped, at_cancel = wait_until(lambda: stopped_at(caplog, task_id), 30, 0.02, "the node to stop")
         assert stopped - at_cancel <= 1 and stopped < 100
         quick = stack.http.simulate_post("/generate", json={**QUICK, "async": False}, headers=as_("alice"))
         assert quick.status_code == 200

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker import protocol as p
+from genserve import errors as e
+from genserve import wire as w
 from broker.journal import Journal
 from broker.queue import TaskQueue
 from broker.tasks import Task, TaskTable, result_reserve
+from tests.fakes import params
 
 
 def new(table: TaskTable, prio: int = 0, deadline: float = 100.0) -> Task:
     seq = table.next_seq()
     return Task(task_id=f"t{seq}", model="flux1-dev", mode="text2img", priority=prio, seq=seq,
-                params={}, owner="k", created=0.0, deadline=deadline)
+                params=params(), owner="k", created=0.0, deadline=deadline)
 
 
 def test_recovery_holds_running_tasks_for_their_node(tmp_path: Path) -> None:
@@ -22,7 +24,7 @@ def test_recovery_holds_running_tasks_for_their_node(tmp_path: Path) -> None:
     table.accept(running, 0.0)
     table.accept(queued, 0.0)
     table.queue.remove(running.task_id)
-    running.state = p.RUNNING
+    running.state = w.RUNNING
     table.journal.update(running)
     table.journal.close()
 
@@ -41,7 +43,7 @@ def test_held_tasks_are_released_after_the_grace(tmp_path: Path) -> None:
     task = new(table)
     table.accept(task, 0.0)
     table.queue.remove(task.task_id)
-    task.state = p.RUNNING
+    task.state = w.RUNNING
     table.journal.update(task)
     table.recover(now=0.0, grace=3.0)  # as if the broker had restarted
     table.housekeeping(now=2.0, result_ttl=3600)
@@ -57,30 +59,30 @@ def test_overdue_and_unfinished_counts(tmp_path: Path) -> None:
         table.accept(t, 0.0)
     assert [t.task_id for t in table.overdue(10.0)] == [soon.task_id]
     assert list(table.overdue(10.0)) == []  # reported once
-    assert table.unfinished_for("k") == 2 and table.counts() == {p.QUEUED: 2}
+    assert table.unfinished_for("k") == 2 and table.counts() == {w.QUEUED: 2}
     table.withdraw(late.task_id)
     assert late.task_id not in table.queue
-    late.state, late.finished = p.CANCELLED, 11.0
+    late.state, late.finished = w.CANCELLED, 11.0
     table.finish(late, None)
     assert table.unfinished_for("k") == 1 and table.unfinished_for("nobody") == 0
 
 
 SMALL = {"width": 16, "height": 16}
-RESERVE = result_reserve(SMALL)  # disk held for each unfinished 16x16 task's result
+RESERVE = result_reserve(params(**SMALL))  # disk held for each unfinished 16x16 task's result
 
 
 def done(table: TaskTable, result: bytes, finished: float, inputs: list[bytes] | None = None) -> Task:
     task = small(table, inputs)
     table.accept(task, 0.0)
     table.withdraw(task.task_id)
-    task.state, task.finished = p.COMPLETED, finished
+    task.state, task.finished = w.COMPLETED, finished
     table.finish(task, result)
     return task
 
 
 def small(table: TaskTable, inputs: list[bytes] | None = None) -> Task:
     task = new(table)
-    task.params, task.inputs = dict(SMALL), list(inputs or [])
+    task.params, task.inputs = params(**SMALL), list(inputs or [])
     task.image_names = ["input_image"] * len(task.inputs)
     return task
 
@@ -96,8 +98,8 @@ def test_over_the_disk_budget_the_oldest_finished_results_go_first(tmp_path: Pat
     assert table.make_room(small(table), budget)  # needs RESERVE bytes: the two oldest results
     assert first.result_expired and second.result_expired and not third.result_expired
     assert table.journal.result(first.task_id) is None and table.journal.result(third.task_id) == b"r" * 1000
-    assert first.describe()["result_expired"] is True and "result_expired" not in third.describe()
-    assert table.get(first.task_id).state == p.COMPLETED  # still known as completed
+    assert first.view().result_expired is True and third.view().result_expired is False
+    assert table.get(first.task_id).state == w.COMPLETED  # still known as completed
 
 
 def test_a_task_that_cannot_fit_is_refused_and_evicts_nothing(tmp_path: Path) -> None:
@@ -133,7 +135,7 @@ def test_finishing_releases_the_reservation_and_recovery_restores_the_accounting
     assert after.get(finished.task_id).result_expired and after.disk_used == 300 + 2 * RESERVE
     task = after.get(queued.task_id)
     after.withdraw(task.task_id)
-    task.state, task.finished = p.CANCELLED, 11.0
+    task.state, task.finished = w.CANCELLED, 11.0
     after.finish(task, None)
     assert after.disk_used == RESERVE and after.journal.blob_bytes == 0
     after.journal.close()

@@ -7,14 +7,14 @@ from typing import Any
 
 import falcon
 
-from broker import protocol as p
-from broker.protocol import COMPLETED, IMAGE_FIELDS
+from genserve import wire as w
+from genserve.catalog import IMAGE_FIELDS
 from http_front.broker_client import BrokerError, BrokerUnavailable
 from http_front.errors import ApiError, from_task_error
-from http_front.images import MAX_IMAGE_BYTES, from_base64
+from http_front.images import MAX_IMAGE_BYTES
 from http_front.render import send_task
 from http_front.services import Services
-from http_front.validation import GenerateRequest
+from http_front.validation import MAX_FORM_FIELD, GenerateRequest, form_text
 from http_front.waits import DISCONNECTED_KEY, ClientGone, SyncWaits, wait_for_task, waiter_key
 
 log = logging.getLogger(__name__)
@@ -39,16 +39,15 @@ class _Submitter:
                            f"body exceeds {self.services.config.max_body_bytes // (1024 * 1024)} MB")
 
     def _check_loras(self, request: GenerateRequest) -> None:
-        if not request.params["loras"]:
+        """Every LoRA must be one a live node lists (names are already canonical)."""
+        loras = request.spec.params.loras
+        if not loras:
             return
-        known = {e["name"] for e in self.services.loras()}
-        for lora in request.params["loras"]:
-            name = lora["name"]
-            canonical = name if name.endswith(".safetensors") else name + ".safetensors"
-            if canonical not in known:
-                raise ApiError(400, "unknown LoRA", f"LoRA {name!r} not found; available: {sorted(known)}",
-                               field="loras")
-            lora["name"] = canonical
+        known = {e.name for e in self.services.loras()}
+        for index, lora in enumerate(loras):
+            if lora.name not in known:
+                raise ApiError(400, "unknown LoRA", f"LoRA {lora.name!r} not found; available: {sorted(known)}",
+                               field=f"loras.{index}.name")
 
     @staticmethod
     def _is_async(req: falcon.Request, request: GenerateRequest) -> bool:
@@ -68,7 +67,7 @@ class _Submitter:
             log.info("client hung up waiting for task %s; kept for a retry with its Idempotency-Key", task_id)
         else:
             try:
-                self.services.broker.request(p.CANCEL_TASK, {"task_id": task_id})
+                self.services.broker.request(w.CancelTask(0, task_id))
                 log.info("client hung up waiting for task %s; task cancelled", task_id)
             except (BrokerError, BrokerUnavailable) as exc:
                 log.warning("client hung up waiting for task %s; cancelling it failed: %s", task_id, exc)
@@ -82,19 +81,17 @@ class _Submitter:
         broker = self.services.broker
         is_async = self._is_async(req, request)
         names = list(request.images)
-        header = {"task": request.task_spec(), "owner": principal.owner, "images": names, "watch": not is_async}
-        idem = idempotency_key(req)
-        if idem:
-            header["idempotency_key"] = idem
-        ack = broker.request(p.SUBMIT, header, [request.images[n] for n in names])
-        task_id = ack.header["task_id"]
-        if ack.header.get("replayed"):
+        submit = w.Submit(0, request.spec, principal.owner, names, watch=not is_async,
+                          idempotency_key=idempotency_key(req))
+        ack: w.Ack = broker.request(submit, [request.images[n] for n in names]).header
+        task_id = ack.task_id
+        if ack.replayed:
             resp.set_header("Idempotent-Replayed", "true")
         if is_async:
             resp.status = 202
             resp.set_header("Location", f"/task/{task_id}")
             resp.media = {"success": True, "task_id": task_id, "status": "queued",
-                          "queue_position": ack.header.get("queue_position")}
+                          "queue_position": ack.queue_position}
             return
         future = broker.watch(task_id)
         try:
@@ -108,9 +105,9 @@ class _Submitter:
             resp.media = {"success": True, "task_id": task_id, "status": "pending",
                           "detail": "still running; poll /task/{task_id}"}
             return
-        task = done.header["task"]
-        if task["status"] != COMPLETED:
-            raise from_task_error(task.get("error_code", ""), task.get("error") or "task failed")
+        task = done.header.task
+        if task.status != w.COMPLETED:
+            raise from_task_error(task.error_code or "", task.error or "task failed")
         send_task(resp, task, done.blobs[0] if done.blobs else None, principal)
 
 
@@ -132,10 +129,14 @@ class Generate(_Submitter):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Validate, submit, answer."""
         self._check_body_size(req)
+        content_type = (req.content_type or falcon.MEDIA_JSON).split(";")[0].strip().lower()
+        if content_type != falcon.MEDIA_JSON:
+            raise ApiError(415, "unsupported media type",
+                           "send the body as application/json (or files to POST /generate/upload)")
         body = req.get_media()
         if not isinstance(body, dict):
-            raise ApiError(422, "validation error", "the request body must be a JSON object")
-        images = {name: from_base64(body[name], name) for name in IMAGE_FIELDS if body.get(name)}
+            raise ApiError(422, "validation error", "the request body must be a JSON object", field="body")
+        images = {name: body[name] for name in IMAGE_FIELDS if body.get(name)}  # decoded if the mode needs them
         fields = {k: v for k, v in body.items() if k not in IMAGE_FIELDS}
         self.submit(req, resp, self.services.validator.validate(fields, images))
 
@@ -158,7 +159,7 @@ class GenerateUpload(_Submitter):
                                    f"{part.name} exceeds {MAX_IMAGE_BYTES // (1024 * 1024)} MB")
                 if data:
                     images[part.name] = data
-            else:
-                form[part.name] = part.get_text() or ""
+            else:  # read as UTF-8 whatever the part's Content-Type says (clients label text fields variously)
+                form[part.name or ""] = form_text(part.name or "", part.stream.read(MAX_FORM_FIELD + 1))
         body: dict[str, Any] = self.services.validator.coerce_form(form)
         self.submit(req, resp, self.services.validator.validate(body, images))

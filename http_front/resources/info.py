@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import falcon
 
-from broker.protocol import CONTROL_TYPES, MODEL_IDS
+from genserve.catalog import CONTROL_TYPES, DEFAULT_MODE, MODEL_IDS, default_model
 from http_front.auth import SUPER
 from http_front.broker_client import BrokerUnavailable
-from http_front.services import Services
+from http_front.services import Services, builtins
 
 READ = {"GET": ("readonly",)}
 
@@ -24,7 +24,8 @@ class Root:
         """Service banner."""
         resp.media = {"service": "GenServe", "version": self.services.version, "status": "running",
                       "endpoints": ["/health", "/status", "/models", "/loras", "/generate",
-                                    "/generate/upload", "/task/{task_id}", "/auth/keys"]}
+                                    "/generate/upload", "/task/{task_id}", "/auth/keys", "/openapi.json",
+                                    "/docs"]}
 
 
 class Health:
@@ -44,11 +45,11 @@ class Health:
             resp.media = {"status": "unhealthy", "broker": "unreachable", "nodes": 0,
                           "reason": "the broker does not answer"}
             return
-        nodes = len(info["nodes"])
+        nodes = len(info.nodes)
         healthy = nodes > 0
         resp.status = 200 if healthy else 503
         resp.media = {"status": "healthy" if healthy else "unhealthy", "broker": "ok", "nodes": nodes,
-                      "queue_length": info["queue"]["length"],
+                      "queue_length": info.queue.length,
                       "reason": None if healthy else "no GPU node is registered"}
 
 
@@ -63,10 +64,10 @@ class Status:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Broker snapshot; task ids only for admin keys (others' ids would let a key probe them)."""
         info = self.services.info(max_age=0)
-        nodes = info["nodes"]
+        nodes = builtins(info.nodes)
         if not set(req.context.principal.permissions) & SUPER:
             nodes = [{**n, "task_id": None} for n in nodes]
-        resp.media = {"success": True, "status": "running", "queue": info["queue"], "tasks": info["tasks"],
+        resp.media = {"success": True, "status": "running", "queue": builtins(info.queue), "tasks": info.tasks,
                       "nodes": nodes, "node_count": len(nodes),
                       "busy_nodes": sum(1 for n in nodes if n["state"] == "busy")}
 
@@ -81,12 +82,12 @@ class Models:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Served models and where they are loaded."""
-        served = self.services.info()["models"]
-        models = [{"model_id": m, "modes": served[m]["modes"], "controlnet_type": CONTROL_TYPES.get(m),
-                   "nodes": served[m]["nodes"], "loaded_on": served[m]["loaded_on"],
-                   "loaded": bool(served[m]["loaded_on"])} for m in MODEL_IDS if m in served]
+        served = self.services.info().models
+        models = [{"model_id": m, "modes": served[m].modes, "controlnet_type": CONTROL_TYPES.get(m),
+                   "nodes": served[m].nodes, "loaded_on": served[m].loaded_on,
+                   "loaded": bool(served[m].loaded_on)} for m in MODEL_IDS if m in served]
         resp.media = {"success": True, "models": models, "total": len(models),
-                      "known_model_ids": list(MODEL_IDS), "default_model": "flux1-dev"}
+                      "known_model_ids": list(MODEL_IDS), "default_model": default_model(DEFAULT_MODE)}
 
 
 class Loras:
@@ -99,5 +100,5 @@ class Loras:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Union of the nodes' LoRA folders, sorted by name."""
-        loras = self.services.loras()
+        loras = builtins(self.services.loras())
         resp.media = {"success": True, "loras": loras, "total": len(loras)}

@@ -8,7 +8,7 @@ from typing import Any
 import falcon
 
 from http_front.errors import ApiError
-from http_front.keyfile import KeyFileError
+from genserve.keyfile import KeyFileError
 from http_front.keys import (InvalidKeySpec, KeyRecord, KeyStore, StoreError, check_name, hash_key,
                              parse_permissions)
 

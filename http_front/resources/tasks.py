@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import falcon
 
-from broker import protocol as p
+from genserve import wire as w
 from http_front.auth import SUPER
 from http_front.errors import ApiError
 from http_front.render import render_task, send_task
@@ -19,18 +19,17 @@ class Task:
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    def _visible(self, req: falcon.Request, task: dict) -> None:
+    def _visible(self, req: falcon.Request, task: w.TaskView) -> None:
         principal = req.context.principal
         # `owner` is unique per key; the display key_id is not and must never authorise.
-        if task.get("owner") != principal.owner and not set(principal.permissions) & SUPER:
+        if task.owner != principal.owner and not set(principal.permissions) & SUPER:
             raise ApiError(404, "task not found", "no task with this id for this API key")
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         """Status while queued/running; the image once completed."""
-        msg = self.services.broker.request(p.FETCH, {"task_id": task_id})
-        task = msg.header["task"]
+        task, png = self.services.task(task_id, fetch=True)
         self._visible(req, task)
-        send_task(resp, task, msg.blobs[0] if msg.blobs else None, req.context.principal)
+        send_task(resp, task, png, req.context.principal)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         """Cancel: a queued task leaves the queue; a running one stops at its next step.
@@ -38,11 +37,11 @@ class Task:
         200 with ``success: true`` when the task is cancelled (now or earlier); 409 when it
         had already completed or failed, since there was nothing left to cancel.
         """
-        task = self.services.broker.request(p.STATUS, {"task_id": task_id}).header["task"]
+        task, _ = self.services.task(task_id)
         self._visible(req, task)
-        task = self.services.broker.request(p.CANCEL_TASK, {"task_id": task_id}).header["task"]
-        status = task["status"]
-        if status != p.CANCELLED:
+        task = self.services.broker.request(w.CancelTask(0, task_id)).header.body.task
+        status = task.status
+        if status != w.CANCELLED:
             raise ApiError(409, "task already finished",
                            f"task {task_id} is already {status}; there is nothing to cancel", task_status=status)
         body = render_task(task, None, req.context.principal)

@@ -46,7 +46,7 @@ def setup_server(context: zmq.Context, config, sockets: Iterable[zmq.Socket]) ->
     public, secret = zmq.auth.load_certificate(str(secret_file))
     if secret is None:
         raise ValueError(f"{secret_file} holds no secret key")
-    auth = ThreadAuthenticator(context, log=_ZapLog(logging.getLogger("broker.curve.zap"), {}))
+    auth = ThreadAuthenticator(context, log=_ZapLog(logging.getLogger("genserve.curve.zap"), {}))
     auth.start()
     authorized = config.curve_authorized_dir
     if authorized is None or not Path(authorized).is_dir():

@@ -1,0 +1,170 @@
+"""The broker's handlers for node messages (READY, HEARTBEAT, PROGRESS, RESULT, ERROR, DISCONNECT).
+
+A mixin of `broker.server.Broker` (see broker/front_side.py). Every handler gets the typed header.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from broker.nodes import BUSY, IDLE, Node
+from broker.results import check_image
+from broker.tasks import Task
+from genserve import errors as e
+from genserve import wire as w
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+log = logging.getLogger(__name__)
+MAX_WARNED_PEERS = 1024
+
+
+class NodeSide:
+    """Handlers for the backend ROUTER."""
+
+    def _handle_node(self: Broker, frames: list[bytes]) -> None:
+        try:
+            identity, msg = w.split_routed(frames)
+        except w.ProtocolError as exc:
+            peer = bytes(frames[0]) if frames else b""
+            if peer not in self._warned_peers and len(self._warned_peers) < MAX_WARNED_PEERS:
+                self._warned_peers.add(peer)  # once per peer: an old node keeps knocking
+                log.warning("ignoring node %r: %s", peer, exc)
+            return
+        node = self.nodes.touch(identity, self.clock())
+        if node is None and msg.command not in (w.READY, w.DISCONNECT):
+            # Unknown node (e.g. the broker restarted): ask it to register again.
+            self._send(self.backend, identity, w.Disconnect("not registered"))
+            return
+        try:
+            self._node_handlers[msg.command](identity, node, msg)
+        except Exception:  # one message must never take the broker down
+            log.exception("error handling %s from node %r", msg.name, identity)
+
+    def _on_ready(self: Broker, identity: bytes, _node: Node | None, msg: w.Message) -> None:
+        h: w.Ready = msg.header
+        busy = h.busy_task
+        old = self.nodes.get(identity) or self._same_process(identity, h)
+        kept = None
+        if old is not None and old.task_id:
+            if busy == old.task_id or (busy is None and old.identity == identity):
+                # Same process: it runs this task, or its JOB is still on the way (it left after
+                # this READY on the same connection, which keeps order). Nothing to re-queue.
+                kept = self.tasks.get(old.task_id)
+            else:
+                self._requeue_node_task(old, "node re-registered")
+        if old is not None and old.identity != identity:
+            self.nodes.remove(old.identity)
+        node = self.nodes.register(identity, h, self.clock())
+        task = None if kept is not None else self.table.claim(busy) if busy else None
+        if kept is not None:
+            node.state, node.task_id = BUSY, kept.task_id
+            kept.node = identity
+            self.journal.update(kept)
+        elif task is not None:
+            # After a broker restart the node is still running this task: it keeps it.
+            self._start(task, node, resumed=True)
+        elif busy or h.busy:
+            if busy:
+                self._to_node(node, w.Cancel(busy, "task unknown or reassigned"))
+            node.state = BUSY  # until it reports idle
+            node.task_id = None
+        log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
+        self._dispatch()
+
+    def _same_process(self: Broker, identity: bytes, h: w.Ready) -> Node | None:
+        """The entry of this node's previous connection (same id, host and pid), if still registered."""
+        old = self.nodes.find(h.node_id)
+        if old is not None and old.identity != identity and old.host == h.host and old.pid == h.pid:
+            return old
+        return None
+
+    def _on_heartbeat(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
+        h: w.Heartbeat = msg.header
+        if h.loaded is not None:
+            node.loaded = list(h.loaded)
+        if h.memory_free is not None:
+            node.memory_free = h.memory_free
+        if h.loras is not None:
+            node.loras = list(h.loras)
+        if h.leaving and not node.draining:
+            node.draining = True  # a stopping node: no new work while its job winds down
+            log.info("node %s is stopping", node.node_id)
+        if h.idle and node.state == BUSY and node.task_id is None:
+            node.state = IDLE  # a cancelled task has finished unwinding
+            self._dispatch()
+
+    def _on_progress(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
+        h: w.ProgressReport = msg.header
+        task = self.tasks.get(h.task_id)
+        if task is not None and task.node == identity and task.state == w.RUNNING:
+            task.step, task.total = h.step, h.total
+
+    def _on_result(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
+        h: w.Result = msg.header
+        task = self._release(node, h.task_id, h.loaded)
+        if task is None:
+            # A report kept by a node across a broker restart or a reconnect: finished work is
+            # never thrown away while its task is still waiting or running elsewhere.
+            task = self._adoptable(h.task_id)
+        result = msg.blobs[0] if msg.blobs else b""
+        wrong = check_image(result, h.meta.format, h.meta.width, h.meta.height)
+        if task is not None and wrong:
+            log.warning("node %s returned %s for task %s: failing it", node.node_id, wrong, h.task_id)
+            self._fail(task, w.FAILED, e.GENERATION, f"the node returned an invalid result: {wrong}")
+        elif task is not None:
+            self._detach(task)
+            task.state = w.COMPLETED
+            task.finished = self.clock()
+            task.meta = h.meta
+            task.step = task.total
+            self.table.finish(task, result)
+            node.jobs_done += 1
+            self._notify(task, [result])
+        self._to_node(node, w.ResultAck(h.task_id))
+        self._dispatch()
+
+    def _on_error(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
+        h: w.Error = msg.header
+        task = self._release(node, h.task_id, h.loaded)
+        if h.code == e.NODE_BUSY:
+            node.state, node.task_id = BUSY, None  # busy with work we do not know of: idle when it says so
+        if task is not None and h.code == e.NODE_BUSY:
+            task.attempts -= 1  # it never started
+            self._requeue(task, "its node could not take it")
+        elif task is not None and h.code == e.ABANDONED:
+            self._requeue(task, "its node stopped it without failing it")
+        elif task is not None:
+            self._fail(task, w.FAILED, h.code, h.message)
+        self._to_node(node, w.ResultAck(h.task_id))
+        self._dispatch()
+
+    def _adoptable(self: Broker, task_id: str) -> Task | None:
+        task = self.tasks.get(task_id)
+        if task is None or task.final:
+            return None
+        log.info("adopting the late result of task %s (it was %s)", task_id, task.state)
+        return task
+
+    def _on_disconnect(self: Broker, identity: bytes, node: Node | None, msg: w.Message) -> None:
+        node = self.nodes.remove(identity)
+        if node is not None:
+            log.info("node %s disconnected", node.node_id)
+            if node.task_id:
+                self._requeue_node_task(node, "node disconnected")
+
+    def _release(self: Broker, node: Node, task_id: str, loaded: list[str] | None = None) -> Task | None:
+        """Mark the node idle; return the task only if this node legitimately owns it."""
+        if loaded is not None:
+            node.loaded = list(loaded)
+        if node.task_id == task_id or (node.state == BUSY and node.task_id is None):
+            node.state, node.task_id = IDLE, None  # also ends a cancelled task's unwinding
+        task = self.tasks.get(task_id)
+        if task is not None and task.final:
+            return None
+        if task is None or task.node != node.identity or task.state != w.RUNNING:
+            log.info("discarding late message for task %s from %s", task_id, node.node_id)
+            return None
+        return task

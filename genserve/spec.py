@@ -1,0 +1,40 @@
+"""The job a client asked for, as the front validated it: every default filled in.
+
+The front builds a TaskSpec once from a JSON or multipart request; the broker queues it
+and the node runs it, trusting it (they check only what needs live state). Images are
+not here: they travel as raw frames beside the message, named by `images`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class LoraRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One LoRA by its name relative to the LoRA folder (with .safetensors) and its weight."""
+
+    name: str
+    weight: float = 1.0
+
+
+class GenerationParams(msgspec.Struct, forbid_unknown_fields=True):
+    """What the pipeline call needs; sizes already rounded to a multiple of 16."""
+
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    seed: int
+    cfg: float
+    strength: float
+    controlnet_type: str | None = None
+    loras: list[LoraRef] = []
+
+
+class TaskSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """A validated generation request: model, mode, priority and parameters."""
+
+    model_id: str
+    mode: str
+    priority: int
+    params: GenerationParams

@@ -1,0 +1,437 @@
+"""The GenServe wire protocol: the one contract between fronts, broker and nodes.
+
+A message is the frame list ``[VERSION, COMMAND, header, *blobs]``; ROUTER sockets prepend
+the peer identity. Each command has one declared header type (a msgspec Struct, encoded as
+msgpack); `encode` and `decode` here are the only places headers are built from or read
+into bytes, and decoding validates the header against its type. Images travel as raw
+bytes in blob frames, never inside the header and never base64. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence, Union
+
+import msgspec
+
+from genserve.spec import GenerationParams, TaskSpec
+
+VERSION = b"GS2"  # GS1 carried free-form msgpack maps
+
+# Node -> broker
+READY = b"\x01"
+HEARTBEAT = b"\x02"  # both ways; from the broker it is empty
+PROGRESS = b"\x03"
+RESULT = b"\x04"
+ERROR = b"\x05"
+DISCONNECT = b"\x06"  # both ways
+# Broker -> node
+JOB = b"\x10"
+CANCEL = b"\x11"
+RESULT_ACK = b"\x12"  # the broker has stored a RESULT/ERROR: the node may forget it
+# Front -> broker
+SUBMIT = b"\x20"
+STATUS = b"\x21"
+FETCH = b"\x22"
+CANCEL_TASK = b"\x23"
+INFO = b"\x24"
+ADMIN = b"\x25"
+LEASE = b"\x26"  # rate-limit tokens for one key, granted in batches
+# Broker -> front
+ACK = b"\x30"
+REPLY = b"\x31"
+FAIL = b"\x32"
+DONE = b"\x33"  # pushed to the submitting front when a watched task ends
+
+# Task states, in lifecycle order.
+QUEUED = "queued"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+class _Header(msgspec.Struct, omit_defaults=True):
+    """Base of every header: omitted defaults keep messages small."""
+
+
+# ---- shared shapes ------------------------------------------------------------------------
+
+class LoraInfo(msgspec.Struct):
+    """A LoRA file a node can load, as /loras lists it."""
+
+    name: str
+    size_mb: float = 0.0
+    category: str = "root"
+
+
+class Progress(msgspec.Struct):
+    """Denoising progress of a running task."""
+
+    step: int
+    total: int
+
+
+class ResultMeta(msgspec.Struct, omit_defaults=True):
+    """What a node reports about an image it made."""
+
+    generation_time: float
+    width: int
+    height: int
+    seed: int
+    steps: int
+    device: str
+    cfg: float | None = None
+    format: str = "png"
+
+
+class TaskView(msgspec.Struct, omit_defaults=True):
+    """A task as the broker reports it to fronts (STATUS, FETCH, CANCEL_TASK, DONE)."""
+
+    task_id: str
+    status: str
+    model_id: str
+    mode: str
+    priority: int
+    owner: str
+    params: GenerationParams
+    created_at: float
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    node_id: str | None = None
+    queue_position: int | None = None
+    progress: Progress | None = None
+    error_code: str | None = None
+    error: str | None = None
+    meta: ResultMeta | None = None
+    result_expired: bool = False
+
+
+class NodeView(msgspec.Struct):
+    """A registered node as INFO reports it."""
+
+    node_id: str
+    device: str
+    host: str
+    pid: int
+    state: str
+    draining: bool
+    task_id: str | None
+    models: dict[str, list[str]]
+    loaded: list[str]
+    loras: list[LoraInfo]
+    memory_total: int
+    memory_free: int
+    last_heartbeat_age_s: float
+    jobs_done: int
+
+
+class ServedModel(msgspec.Struct):
+    """One model id across live nodes."""
+
+    modes: list[str]
+    nodes: list[str]
+    loaded_on: list[str]
+
+
+class QueueView(msgspec.Struct):
+    """Waiting tasks."""
+
+    length: int
+    by_model: dict[str, int]
+
+
+# ---- front <-> broker -----------------------------------------------------------------------
+
+class Submit(_Header, forbid_unknown_fields=True):
+    """Queue a task; `images` names the blob frames in order."""
+
+    req: int
+    task: TaskSpec
+    owner: str
+    images: list[str] = []
+    watch: bool = False  # push DONE to this front when the task ends
+    deadline: float | None = None  # broker clock; refused after it (its client was told it failed)
+    idempotency_key: str | None = None
+
+
+class Status(_Header, forbid_unknown_fields=True):
+    """A task's state; `watch` also asks for DONE when it ends."""
+
+    req: int
+    task_id: str
+    watch: bool = False
+
+
+class Fetch(_Header, forbid_unknown_fields=True):
+    """A task's state and, once completed, its image as a blob."""
+
+    req: int
+    task_id: str
+
+
+class CancelTask(_Header, forbid_unknown_fields=True):
+    """Cancel a task; `orphaned`: its client was told the submit failed."""
+
+    req: int
+    task_id: str
+    orphaned: bool = False
+
+
+class InfoRequest(_Header, forbid_unknown_fields=True):
+    """Nodes, served models, queue and task counts."""
+
+    req: int
+
+
+class Admin(_Header, forbid_unknown_fields=True):
+    """Operator actions on one node."""
+
+    req: int
+    action: Literal["drain", "undrain"]
+    node: str
+
+
+class Lease(_Header, forbid_unknown_fields=True):
+    """Ask for up to `want` request tokens for `key` (limit per window), giving back `returned`."""
+
+    req: int
+    key: str
+    want: int
+    limit: int
+    window: float
+    returned: int = 0
+
+
+class Ack(_Header):
+    """A SUBMIT was accepted (or replayed under its Idempotency-Key)."""
+
+    req: int
+    now: float
+    task_id: str
+    queue_position: int | None = None
+    replayed: bool = False
+
+
+class TaskBody(msgspec.Struct, tag="task"):
+    """REPLY body: one task."""
+
+    task: TaskView
+
+
+class InfoBody(msgspec.Struct, tag="info"):
+    """REPLY body: the INFO snapshot."""
+
+    nodes: list[NodeView]
+    models: dict[str, ServedModel]
+    queue: QueueView
+    tasks: dict[str, int]
+    time: float
+
+
+class NodeBody(msgspec.Struct, tag="node"):
+    """REPLY body: one node after an ADMIN action."""
+
+    node: NodeView
+
+
+class LeaseBody(msgspec.Struct, tag="lease"):
+    """REPLY body: tokens granted, and seconds to wait when none were."""
+
+    granted: int
+    retry_after: float
+
+
+class Reply(_Header):
+    """The answer to STATUS, FETCH, CANCEL_TASK, INFO, ADMIN or LEASE."""
+
+    req: int
+    now: float
+    body: Union[TaskBody, InfoBody, NodeBody, LeaseBody]
+
+
+class Fail(_Header):
+    """A refused request, with an error code from genserve.errors."""
+
+    req: int
+    now: float
+    code: str
+    message: str
+    served: list[str] | None = None
+    supported: list[str] | None = None
+
+
+class Done(_Header):
+    """A watched task ended; a completed one carries its image as a blob."""
+
+    task: TaskView
+
+
+# ---- node <-> broker ------------------------------------------------------------------------
+
+class Ready(_Header):
+    """A node registers: what it can serve and whether it is still running a task."""
+
+    node_id: str
+    device: str
+    host: str
+    pid: int
+    models: dict[str, list[str]]
+    memory_total: int = 0
+    memory_free: int = 0
+    loaded: list[str] = []
+    loras: list[LoraInfo] = []
+    busy_task: str | None = None
+    busy: bool = False
+
+
+class Heartbeat(_Header):
+    """Liveness both ways; from a node it also refreshes what the broker knows of it."""
+
+    loaded: list[str] | None = None
+    memory_free: int | None = None
+    loras: list[LoraInfo] | None = None  # None: unchanged (the full list is sent every few beats)
+    idle: bool | None = None
+    task_id: str | None = None
+    leaving: bool = False  # the node is stopping: give it no new work
+
+
+class ProgressReport(_Header):
+    """A running task's denoising step."""
+
+    task_id: str
+    step: int
+    total: int
+
+
+class Result(_Header):
+    """A finished image (one blob frame) and its metadata."""
+
+    task_id: str
+    meta: ResultMeta
+    loaded: list[str] | None = None
+
+
+class Error(_Header):
+    """A job that ended without an image."""
+
+    task_id: str
+    code: str
+    message: str
+    loaded: list[str] | None = None
+
+
+class Disconnect(_Header):
+    """Leaving (node), or please register again (broker)."""
+
+    reason: str = ""
+
+
+class Job(_Header):
+    """Run one task; `images` names the blob frames in order."""
+
+    task_id: str
+    model_id: str
+    mode: str
+    params: GenerationParams
+    images: list[str] = []
+    attempt: int = 1
+
+
+class Cancel(_Header):
+    """Stop a task at its next step."""
+
+    task_id: str
+    reason: str = ""
+
+
+class ResultAck(_Header):
+    """The broker has stored the node's report for this task."""
+
+    task_id: str
+
+
+HEADERS: dict[bytes, type[Any]] = {
+    READY: Ready, HEARTBEAT: Heartbeat, PROGRESS: ProgressReport, RESULT: Result, ERROR: Error,
+    DISCONNECT: Disconnect, JOB: Job, CANCEL: Cancel, RESULT_ACK: ResultAck,
+    SUBMIT: Submit, STATUS: Status, FETCH: Fetch, CANCEL_TASK: CancelTask, INFO: InfoRequest,
+    ADMIN: Admin, LEASE: Lease, ACK: Ack, REPLY: Reply, FAIL: Fail, DONE: Done,
+}
+COMMANDS: dict[type[Any], bytes] = {kind: command for command, kind in HEADERS.items()}
+COMMAND_NAMES: dict[bytes, str] = {
+    READY: "READY", HEARTBEAT: "HEARTBEAT", PROGRESS: "PROGRESS", RESULT: "RESULT", ERROR: "ERROR",
+    DISCONNECT: "DISCONNECT", JOB: "JOB", CANCEL: "CANCEL", RESULT_ACK: "RESULT_ACK", SUBMIT: "SUBMIT",
+    STATUS: "STATUS", FETCH: "FETCH", CANCEL_TASK: "CANCEL_TASK", INFO: "INFO", ADMIN: "ADMIN",
+    LEASE: "LEASE", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL", DONE: "DONE",
+}
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS = {command: msgspec.msgpack.Decoder(kind) for command, kind in HEADERS.items()}
+
+
+class ProtocolError(ValueError):
+    """A frame list that is not a valid GenServe message."""
+
+    def __init__(self, message: str, version: bytes | None = None) -> None:
+        super().__init__(message)
+        self.version = version  # set when the peer speaks another protocol version
+
+
+class Message(msgspec.Struct):
+    """One decoded message: command byte, typed header and raw blob frames."""
+
+    command: bytes
+    header: Any
+    blobs: list[bytes] = []
+
+    @property
+    def name(self) -> str:
+        """Human-readable command name for logs."""
+        return COMMAND_NAMES.get(self.command, repr(self.command))
+
+
+def encode(header: Any, blobs: Sequence[bytes] = ()) -> list[bytes]:
+    """Frames for one message (no routing identity); the command follows from the header's type."""
+    command = COMMANDS.get(type(header))
+    if command is None:
+        raise ProtocolError(f"{type(header).__name__} is not a message header")
+    return [VERSION, command, _ENCODER.encode(header), *blobs]
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Decode frames (identity already stripped) into a Message, or raise ProtocolError."""
+    if len(frames) < 3:
+        raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
+    version, command = bytes(frames[0]), bytes(frames[1])
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version[:16]!r} is not {VERSION!r}", version=version[:16])
+    decoder = _DECODERS.get(command)
+    if decoder is None:
+        raise ProtocolError(f"unknown command {command[:8]!r}")
+    try:
+        header = decoder.decode(frames[2])
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise ProtocolError(f"bad {COMMAND_NAMES[command]} header: {exc}") from exc
+    return Message(command, header, [bytes(b) for b in frames[3:]])
+
+
+def split_routed(frames: Sequence[bytes]) -> tuple[bytes, Message]:
+    """Split a ROUTER-received frame list into (peer identity, Message)."""
+    if not frames:
+        raise ProtocolError("empty message")
+    return bytes(frames[0]), decode(frames[1:])
+
+
+def routed(identity: bytes, header: Any, blobs: Sequence[bytes] = ()) -> list[bytes]:
+    """Frames addressed to `identity` for sending on a ROUTER."""
+    return [identity, *encode(header, blobs)]
+
+
+def request_id(frames: Sequence[bytes]) -> int | None:
+    """Best-effort `req` of a front message that failed to decode, so its FAIL can be matched."""
+    try:
+        raw = msgspec.msgpack.decode(frames[2])
+    except (msgspec.DecodeError, IndexError):
+        return None
+    req = raw.get("req") if isinstance(raw, dict) else None
+    return req if isinstance(req, int) else None

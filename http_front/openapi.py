@@ -1,0 +1,259 @@
+"""The front's OpenAPI 3.1 document, generated from the app's routes and http_front.schemas.
+
+The operations skeleton (summaries, which statuses each can answer) is the table below;
+every schema comes from a msgspec type through ``msgspec.json.schema_components``, and each
+operation's permissions come from its resource's ``auth`` declaration (http_front.auth), so
+neither can drift from what the front does. tests/test_openapi.py checks that every route
+the app serves is described, and tests/test_fuzz.py that responses match their schemas.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import falcon
+import msgspec
+
+from genserve.catalog import IMAGE_FIELDS
+from http_front.auth import SUPER, is_public
+from http_front.config import FrontConfig
+from http_front.schemas import REQUEST_TYPES, RESPONSE_TYPES, generate_body_type
+
+log = logging.getLogger(__name__)
+
+REF = "#/components/schemas/{name}"
+SECURITY = [{"bearerAuth": []}, {"apiKeyAuth": []}]
+SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer KEY` (preferred)"},
+    "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "`X-API-Key: KEY`"},
+}
+DESCRIPTION = """Flux image generation behind one authenticated REST API.
+
+Every endpoint needs an API key, sent as `Authorization: Bearer KEY` or `X-API-Key: KEY`,
+except this description itself (`GET /openapi.json`, `GET /docs`), which is public. Each
+operation lists the permissions that grant it in `x-permissions`; `admin` and `all` grant
+everything. Errors have two shapes: `AuthErrorBody` (`{"detail"}`: 401, 403 and per-key
+429s) and `ErrorBody` (`{"success": false, "error", "detail", ...}`: everything else).
+Every answer, errors included, is JSON (except the HTML page at /docs)."""
+
+# Error statuses: what they mean and which body shapes they carry.
+ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
+    400: (("malformed request: bad JSON, a missing or bad image, an unknown model_id or LoRA, "
+           "a malformed Idempotency-Key"), ("ErrorBody",)),
+    401: ("no API key, or an unknown one", ("AuthErrorBody",)),
+    403: ("the key lacks the permission, or is the default key used from a remote address", ("AuthErrorBody",)),
+    404: ("not found (or not this key's)", ("ErrorBody",)),
+    409: ("conflict with the current state", ("ErrorBody",)),
+    413: ("body over 48 MB or an image over 10 MB", ("ErrorBody",)),
+    415: ("unsupported Content-Type", ("ErrorBody",)),
+    422: ("a field of the wrong type or out of range, or fields that do not fit together", ("ErrorBody",)),
+    429: ("rate limit, failed-authentication throttle, synchronous wait cap or full queue; see Retry-After",
+          ("ErrorBody", "AuthErrorBody")),
+    431: ("request header fields too large", ("ErrorBody",)),
+    500: ("generation failed, key file error, or an unexpected error (see the front's log)", ("ErrorBody",)),
+    502: ("the broker answered with an error the front does not know", ("ErrorBody",)),
+    503: ("the broker is unreachable, no live node serves the model, or result storage is full",
+          ("ErrorBody",)),
+    504: ("the task did not finish within the task timeout", ("ErrorBody",)),
+}
+AUTHENTICATED = (401, 403, 429)
+ALWAYS = (431, 500)
+BROKER = (502, 503)
+RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "makes a retry safe: a retry with the same key and body returns the original task",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+}
+PREFER = {"name": "Prefer", "in": "header", "required": False,
+          "description": "`respond-async`: the same as `\"async\": true`",
+          "schema": {"type": "string", "examples": ["respond-async"]}}
+TASK_ID = {"name": "task_id", "in": "path", "required": True, "description": "as returned by /generate",
+           "schema": {"type": "string", "minLength": 1}}
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of the skeleton: its words, answers and inputs (schemas by component name)."""
+
+    operation_id: str
+    summary: str
+    tag: str
+    ok: dict[int, tuple[str, str]]  # status -> (description, component)
+    errors: tuple[int, ...] = ()
+    body: dict[str, str] = field(default_factory=dict)  # media type -> component
+    parameters: tuple[dict[str, Any], ...] = ()
+    also: dict[int, tuple[str, ...]] = field(default_factory=dict)  # extra shapes for an error status
+    description: str = ""
+
+
+_GENERATE_ERRORS = (400, 404, 409, 413, 415, 422, 504, *BROKER)
+_GENERATE_OK = {200: ("the completed task, with its image (synchronous)", "TaskBody"),
+                202: (("accepted: poll /task/{task_id} (asynchronous, or a synchronous wait that outlived "
+                       "the task timeout)"), "AcceptedBody")}
+_KEY_FORM = (400, 404, 409, 415, 422)
+_DELETE_NOTE = "403 also when the key comes from the environment (ErrorBody)"
+
+OPERATIONS: dict[tuple[str, str], Op] = {
+    ("GET", "/"): Op("getRoot", "Service name, version and main paths", "info", {200: ("service", "RootBody")}),
+    ("GET", "/health"): Op("getHealth", "Healthy when the broker answers and a node is registered", "info",
+                           {200: ("healthy", "HealthBody"), 503: ("unhealthy, with the reason", "HealthBody")},
+                           (502,)),
+    ("GET", "/status"): Op("getStatus", "Queue, task counts and nodes", "info",
+                           {200: ("status", "StatusBody")}, BROKER),
+    ("GET", "/models"): Op("getModels", "Models live nodes serve, with their modes", "info",
+                           {200: ("models", "ModelsBody")}, BROKER),
+    ("GET", "/loras"): Op("getLoras", "LoRA files the nodes can load", "info",
+                          {200: ("LoRAs", "LorasBody")}, BROKER),
+    ("POST", "/generate"): Op(
+        "generate", "Generate one image from a JSON body (images inline as base64)", "generation",
+        _GENERATE_OK, _GENERATE_ERRORS, {"application/json": "GenerateRequest"}, (IDEMPOTENCY_KEY, PREFER),
+        description="A mode without an image it needs is a 400 naming the field; schema and range "
+                    "violations are 422. Without model_id, the mode's default model runs."),
+    ("POST", "/generate/upload"): Op(
+        "generateUpload", "Generate one image from a multipart form (images as file parts)", "generation",
+        _GENERATE_OK, _GENERATE_ERRORS, {"multipart/form-data": "GenerateUploadForm"},
+        (IDEMPOTENCY_KEY, PREFER),
+        description="Numbers are plain ASCII decimals; `loras` is the JSON array as text; an empty file "
+                    "part counts as absent. Another Content-Type is a 415."),
+    ("GET", "/task/{task_id}"): Op("getTask", "A task's state, progress and, once completed, its image",
+                                   "tasks", {200: ("the task", "TaskBody")}, (404, *BROKER), parameters=(TASK_ID,)),
+    ("DELETE", "/task/{task_id}"): Op("cancelTask", "Cancel a task (409 once it has finished)", "tasks",
+                                      {200: ("cancelled", "CancelledBody")}, (404, 409, *BROKER),
+                                      parameters=(TASK_ID,)),
+    ("GET", "/auth/keys"): Op("listKeys", "Every API key (previews only)", "keys", {200: ("keys", "KeysBody")}),
+    ("POST", "/auth/generate-key"): Op("generateKey", "Create an API key, shown once", "keys",
+                                       {201: ("created", "NewKeyBody")}, _KEY_FORM,
+                                       dict.fromkeys(FORM_TYPES, "NewKeyRequest")),
+    ("POST", "/auth/delete-key"): Op("deleteKey", "Delete a key, given the whole key", "keys",
+                                     {200: ("deleted", "DeletedBody")}, _KEY_FORM,
+                                     dict.fromkeys(FORM_TYPES, "DeleteKeyRequest"), also={403: ("ErrorBody",)},
+                                     description=_DELETE_NOTE),
+    ("POST", "/auth/delete-key-by-id"): Op("deleteKeyById", "Delete a key, given its key_id (409 if ambiguous)",
+                                           "keys", {200: ("deleted", "DeletedBody")}, _KEY_FORM,
+                                           dict.fromkeys(FORM_TYPES, "DeleteKeyByIdRequest"),
+                                           also={403: ("ErrorBody",)}, description=_DELETE_NOTE),
+    ("POST", "/auth/delete-key-by-name"): Op("deleteKeyByName", "Delete every file key with a name", "keys",
+                                             {200: ("deleted", "DeletedBody")}, _KEY_FORM,
+                                             dict.fromkeys(FORM_TYPES, "DeleteKeyByNameRequest"),
+                                             also={403: ("ErrorBody",)}, description=_DELETE_NOTE),
+    ("POST", "/auth/reload-keys"): Op("reloadKeys", "Re-read the key file", "keys",
+                                      {200: ("reloaded", "ReloadBody")}),
+    ("GET", "/openapi.json"): Op("getOpenApi", "This document (public)", "docs",
+                                 {200: ("the OpenAPI 3.1 document", "")}),
+    ("GET", "/docs"): Op("getDocs", "This document as a self-contained HTML page (public)", "docs",
+                         {200: ("an HTML page", "")}),
+}
+
+
+def routes(app: falcon.App) -> Iterator[tuple[str, str, object]]:
+    """(METHOD, path template, resource) for every responder the app's resources define.
+
+    Walks Falcon's compiled router (a private attribute, stable since Falcon 2) and leaves out
+    the responders Falcon adds itself (405, OPTIONS).
+    """
+    stack = list(app._router._roots)
+    while stack:
+        node = stack.pop()
+        if node.resource is not None:
+            for method, responder in node.method_map.items():
+                if getattr(responder, "__self__", None) is node.resource:
+                    yield method, node.uri_template, node.resource
+        stack.extend(node.children)
+
+
+def permissions(resource: object, method: str) -> list[str]:
+    """The permissions any one of which grants `method` on `resource` (none for public ones)."""
+    if is_public(resource):
+        return []
+    needed = (getattr(resource, "auth", None) or {}).get(method, ())
+    return [*needed, *sorted(SUPER - set(needed))]
+
+
+def _content(*components: str) -> dict[str, Any]:
+    refs = [{"$ref": REF.format(name=c)} for c in components]
+    return {"application/json": {"schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}}
+
+
+def _response(status: int, description: str, component: str) -> dict[str, Any]:
+    if status == 200 and component == "":
+        media = "text/html" if description.startswith("an HTML") else "application/json"
+        schema = {"type": "string"} if media == "text/html" else {"type": "object"}
+        return {"description": description, "content": {media: {"schema": schema}}}
+    out: dict[str, Any] = {"description": description, "content": _content(component)}
+    if status == 202:
+        out["headers"] = {"Location": {"description": "/task/{task_id}", "schema": {"type": "string"}}}
+    return out
+
+
+def operation(method: str, path: str, resource: object, op: Op) -> dict[str, Any]:
+    """The OpenAPI operation object for one route."""
+    granted = permissions(resource, method)
+    public = is_public(resource)
+    statuses = (*op.errors, *ALWAYS) if public else (*op.errors, *AUTHENTICATED, *ALWAYS)
+    responses = {str(s): _response(s, *answer) for s, answer in op.ok.items()}
+    for status in sorted(set(statuses) - set(op.ok)):
+        description, shapes = ERRORS[status]
+        entry: dict[str, Any] = {"description": description, "content": _content(*shapes, *op.also.get(status, ()))}
+        if status in (429, 503):
+            entry["headers"] = {"Retry-After": RETRY_AFTER}
+        if status == 401:
+            entry["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        responses[str(status)] = entry
+    access = "Public: no API key needed." if public else \
+        f"Permission: {' or '.join(f'`{p}`' for p in granted)}."
+    out: dict[str, Any] = {
+        "operationId": op.operation_id, "summary": op.summary, "tags": [op.tag],
+        "description": f"{access} {op.description}".strip(),
+        "security": [] if public else SECURITY, "x-permissions": granted, "responses": responses,
+    }
+    if op.parameters:
+        out["parameters"] = list(op.parameters)
+    if op.body:
+        out["requestBody"] = {"required": True, "content": {
+            media: {"schema": {"$ref": REF.format(name=name)}} for media, name in op.body.items()}}
+        if "multipart/form-data" in op.body and op.body["multipart/form-data"] == "GenerateUploadForm":
+            out["requestBody"]["content"]["multipart/form-data"]["encoding"] = {
+                name: {"contentType": "image/png, image/jpeg, image/webp"} for name in IMAGE_FIELDS}
+    return out
+
+
+def upload_form(body: dict[str, Any]) -> dict[str, Any]:
+    """The multipart form of POST /generate/upload, from the JSON body's schema."""
+    props = dict(body["properties"])
+    props["loras"] = {"type": "string", "contentMediaType": "application/json",
+                      "description": "the loras array as JSON text: "
+                                     "[{\"name\": \"cute_cat_lora\", \"weight\": 0.8}]"}
+    for name in IMAGE_FIELDS:
+        props[name] = {"type": "string", "format": "binary",
+                       "description": props[name].get("description", "").replace(
+                           "a data URI (data:image/png;base64,...) or bare base64 of ", "")}
+    return {**body, "title": "GenerateUploadForm", "properties": props,
+            "description": "A generation request as form fields; images are file parts."}
+
+
+def build_document(app: falcon.App, config: FrontConfig, version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for `app` (call once every route is added)."""
+    body = generate_body_type(config.max_prompt_length, config.max_image_size)
+    _, schemas = msgspec.json.schema_components([body, *REQUEST_TYPES, *RESPONSE_TYPES], ref_template=REF)
+    schemas["GenerateUploadForm"] = upload_form(schemas["GenerateRequest"])
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, resource in sorted(routes(app), key=lambda r: (r[1], r[0])):
+        op = OPERATIONS.get((method, path))
+        if op is None:
+            log.warning("%s %s has no entry in http_front.openapi.OPERATIONS: described minimally", method, path)
+            op = Op(f"{method.lower()}{path.replace('/', '_')}", f"{method} {path}", "other", {})
+        paths.setdefault(path, {})[method.lower()] = operation(method, path, resource, op)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "GenServe API", "version": version,
+                 "description": DESCRIPTION},
+        "tags": [{"name": t} for t in ("info", "generation", "tasks", "keys", "docs")],
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": SECURITY_SCHEMES},
+        "security": SECURITY,
+    }

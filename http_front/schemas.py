@@ -1,0 +1,380 @@
+"""The HTTP API's request and response bodies as msgspec types.
+
+The front decodes requests into these types (http_front.validation) and /openapi.json
+publishes their JSON Schemas (http_front.openapi), so the document cannot drift from what
+the front accepts. Response types describe the dicts the resources write; tests/test_fuzz.py
+checks real responses against them. Response types accept unknown fields: clients must too.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from genserve import catalog
+from genserve.spec import LoraRef
+
+# Literals spelled out for readers and type checkers; tests/test_openapi.py checks them against the catalog.
+Mode = Literal["text2img", "img2img", "fill", "controlnet", "redux"]
+ControlType = Literal["depth", "canny", "openpose"]
+TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+Permission = Literal["generation", "readonly", "admin", "all"]
+
+MAX_SEED = 2**63 - 1
+IMAGE_NOTE = "a data URI (data:image/png;base64,...) or bare base64 of a PNG, JPEG or WebP image, at most 10 MB"
+
+
+# ---- requests -----------------------------------------------------------------------------
+
+class LoraRequest(msgspec.Struct, frozen=True):
+    """One LoRA to apply: a file listed by GET /loras, with or without `.safetensors`."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=512, examples=["cute_cat_lora"])]
+    weight: Annotated[float, Meta(ge=0, le=2)] = catalog.DEFAULT_LORA_WEIGHT
+
+
+def _size(max_size: int, which: str) -> Any:
+    return Annotated[int, Meta(ge=catalog.SIZE_STEP, le=max_size, description=(
+        f"output {which}, rounded down to a multiple of {catalog.SIZE_STEP}; default "
+        f"{catalog.DEFAULT_WIDTH}, or the input image's for {', '.join(catalog.SIZE_FROM_IMAGE)}"))]
+
+
+def _image(mode_list: str) -> Any:
+    return Annotated[str, Meta(description=f"{IMAGE_NOTE}; needed by {mode_list}, ignored otherwise")]
+
+
+def _needed_by(field: str) -> str:
+    return ", ".join(mode for mode, names in catalog.REQUIRED_IMAGES.items() if field in names)
+
+
+@lru_cache(maxsize=8)
+def generate_body_type(max_prompt: int = 1000, max_size: int = 2048) -> type[msgspec.Struct]:
+    """The POST /generate body type for these limits (MAX_PROMPT_LENGTH, MAX_IMAGE_SIZE)."""
+    models = ", ".join(catalog.MODEL_IDS)
+    defaults = ", ".join(f"{mode}: {model}" for mode, model in catalog.DEFAULT_MODEL.items())
+    fields: list[tuple[str, Any, Any]] = [
+        ("prompt", Annotated[str, Meta(max_length=max_prompt, description=(
+            "what to draw; required and not blank, except for redux"))] | UnsetType, UNSET),
+        ("model_id", Annotated[str, Meta(min_length=1, max_length=64, description=(
+            f"one of {models}; default by mode ({defaults}; controlnet: the model of controlnet_type)"
+            ". An unknown id is a 400 naming the served ones; a model no live node serves, a 503"))] | UnsetType, UNSET),
+        ("mode", Mode, catalog.DEFAULT_MODE),
+        ("width", _size(max_size, "width") | UnsetType, UNSET),
+        ("height", _size(max_size, "height") | UnsetType, UNSET),
+        ("num_inference_steps", Annotated[int, Meta(ge=1, le=100)], catalog.DEFAULT_STEPS),
+        ("cfg", Annotated[float, Meta(ge=0, le=50, description=(
+            f"guidance scale; default {catalog.FILL_DEFAULT_CFG:g} for fill, else {catalog.DEFAULT_CFG:g}"))]
+         | UnsetType, UNSET),
+        ("seed", Annotated[int, Meta(ge=0, le=MAX_SEED)], catalog.DEFAULT_SEED),
+        ("priority", Annotated[int, Meta(ge=-1000, le=1000, description="lower runs first")],
+         catalog.DEFAULT_PRIORITY),
+        ("strength", Annotated[float, Meta(gt=0, le=1, description="img2img: how much changes")],
+         catalog.DEFAULT_STRENGTH),
+        ("controlnet_type", Annotated[ControlType, Meta(description=(
+            "controlnet only; default: the model's own; another type than the model's is a 422"))]
+         | UnsetType, UNSET),
+        ("loras", Annotated[list[LoraRequest], Meta(max_length=catalog.MAX_LORAS)], []),
+        ("is_async", Annotated[bool, Meta(description="true: answer 202 at once and poll /task/{task_id}")],
+         msgspec.field(default=False, name="async")),
+        *((name, _image(_needed_by(name)) | UnsetType, UNSET) for name in catalog.IMAGE_FIELDS),
+    ]
+    body = msgspec.defstruct("GenerateRequest", fields, module=__name__)
+    body.__doc__ = ("A generation request. Unknown fields are ignored; types are strict (\"64\" is not "
+                    "an integer; NaN and Infinity are refused).")
+    return body
+
+
+GenerateBody = generate_body_type()  # with the default limits
+
+
+class NewKeyRequest(msgspec.Struct):
+    """POST /auth/generate-key: a name and a comma list of permissions (JSON: also a list)."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=100, description="printable, without ':'")]
+    permissions: Annotated[str, Meta(examples=["generation,readonly"])] | list[Permission]
+
+
+class DeleteKeyRequest(msgspec.Struct):
+    """POST /auth/delete-key: the whole key."""
+
+    api_key: Annotated[str, Meta(min_length=1)]
+
+
+class DeleteKeyByIdRequest(msgspec.Struct):
+    """POST /auth/delete-key-by-id: the key's first 8 and last 4 characters, as `first8-last4`."""
+
+    key_id: Annotated[str, Meta(min_length=1)]
+
+
+class DeleteKeyByNameRequest(msgspec.Struct):
+    """POST /auth/delete-key-by-name: every file key with this name."""
+
+    name: Annotated[str, Meta(min_length=1)]
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+class ErrorBody(msgspec.Struct):
+    """Every error except authentication, permission and per-key rate limits."""
+
+    success: Annotated[bool, Meta(description="always false")]
+    error: Annotated[str, Meta(description="short description")]
+    detail: Annotated[str, Meta(description="longer explanation")]
+    field: Annotated[str, Meta(description="the request field at fault")] | UnsetType = UNSET
+    supported: Annotated[list[str], Meta(description="modes the model supports")] | UnsetType = UNSET
+    served: Annotated[list[str], Meta(description="model ids live nodes serve")] | UnsetType = UNSET
+    error_code: Annotated[str, Meta(description="why a task failed")] | UnsetType = UNSET
+    task_status: str | UnsetType = UNSET
+    task_id: str | UnsetType = UNSET
+
+
+class AuthErrorBody(msgspec.Struct):
+    """Authentication (401), permission (403) and rate-limit (429) errors."""
+
+    detail: str
+
+
+# ---- service information ------------------------------------------------------------------
+
+class RootBody(msgspec.Struct):
+    """GET /."""
+
+    service: str
+    version: str
+    status: str
+    endpoints: list[str]
+
+
+class HealthBody(msgspec.Struct):
+    """GET /health, 200 when healthy and 503 when not."""
+
+    status: Literal["healthy", "unhealthy"]
+    broker: Literal["ok", "unreachable"]
+    nodes: int
+    reason: str | None
+    queue_length: int | UnsetType = UNSET
+
+
+class LoraInfo(msgspec.Struct):
+    """A LoRA file the nodes can load."""
+
+    name: Annotated[str, Meta(description="relative to the LoRA folder, with .safetensors")]
+    size_mb: float
+    category: Annotated[str, Meta(description="its sub-folder; \"root\" at the top")]
+
+
+class NodeInfo(msgspec.Struct):
+    """A registered GPU node."""
+
+    node_id: str
+    device: str
+    host: str
+    pid: int
+    state: Annotated[str, Meta(examples=["idle", "busy", "draining"])]
+    draining: bool
+    task_id: Annotated[str | None, Meta(description="its running task; null for keys without admin")]
+    models: Annotated[dict[str, list[str]], Meta(description="model id to modes")]
+    loaded: Annotated[list[str], Meta(description="models in memory")]
+    loras: list[LoraInfo]
+    memory_total: Annotated[int, Meta(description="bytes")]
+    memory_free: Annotated[int, Meta(description="bytes")]
+    last_heartbeat_age_s: float
+    jobs_done: int
+
+
+class QueueInfo(msgspec.Struct):
+    """Waiting tasks, in all and per model."""
+
+    length: int
+    by_model: dict[str, int]
+
+
+class StatusBody(msgspec.Struct):
+    """GET /status."""
+
+    success: bool
+    status: str
+    queue: QueueInfo
+    tasks: Annotated[dict[str, int], Meta(description="task counts by state")]
+    nodes: list[NodeInfo]
+    node_count: int
+    busy_nodes: int
+
+
+class ModelInfo(msgspec.Struct):
+    """A model some live node serves."""
+
+    model_id: str
+    modes: list[Mode]
+    controlnet_type: ControlType | None
+    nodes: list[str]
+    loaded_on: list[str]
+    loaded: bool
+
+
+class ModelsBody(msgspec.Struct):
+    """GET /models."""
+
+    success: bool
+    models: list[ModelInfo]
+    total: int
+    known_model_ids: list[str]
+    default_model: str
+
+
+class LorasBody(msgspec.Struct):
+    """GET /loras."""
+
+    success: bool
+    loras: list[LoraInfo]
+    total: int
+
+
+# ---- tasks --------------------------------------------------------------------------------
+
+class AuthInfo(msgspec.Struct):
+    """The key a request was made with."""
+
+    user: str
+    permissions: list[str]
+
+
+class Progress(msgspec.Struct):
+    """Denoising steps done of those planned."""
+
+    step: int
+    total: int
+
+
+class ImageMetadata(msgspec.Struct):
+    """How a completed task's image was made."""
+
+    prompt: str
+    model_id: str
+    mode: Mode
+    generation_time: float | None
+    seed: int | None
+    cfg: Annotated[float | None, Meta(description="the guidance used")]
+    steps: int | None
+    width: int | None
+    height: int | None
+    loras: list[LoraRef]
+
+
+class TaskBody(msgspec.Struct):
+    """A task: its state and, once completed, its image (GET /task/{task_id}, synchronous /generate)."""
+
+    success: bool
+    task_id: str
+    status: TaskStatus
+    model_id: str
+    mode: Mode
+    controlnet_type: ControlType | None
+    priority: int
+    error: str | None
+    node_id: str | None
+    attempts: int
+    created_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    auth_info: AuthInfo
+    queue_position: Annotated[int | None, Meta(description="tasks ahead; null once out of the queue")] \
+        | UnsetType = UNSET
+    progress: Progress | UnsetType = UNSET
+    image: Annotated[str, Meta(description="the PNG as a data URI")] | UnsetType = UNSET
+    image_base64: Annotated[str, Meta(description="the same PNG as bare base64")] | UnsetType = UNSET
+    metadata: ImageMetadata | UnsetType = UNSET
+    elapsed_time: float | None | UnsetType = UNSET
+    queue_time: float | None | UnsetType = UNSET
+    gpu_id: str | None | UnsetType = UNSET
+    error_code: str | UnsetType = UNSET
+    result_expired: Annotated[bool, Meta(description=(
+        "completed, but the image was removed to respect the disk budget"))] | UnsetType = UNSET
+    detail: str | UnsetType = UNSET
+
+
+class CancelledBody(TaskBody, kw_only=True):
+    """DELETE /task/{task_id}: the cancelled task."""
+
+    message: str
+
+
+class AcceptedBody(msgspec.Struct):
+    """202: an asynchronous submission, or a synchronous one that outlived the task timeout."""
+
+    success: bool
+    task_id: str
+    status: Literal["queued", "pending"]
+    queue_position: int | None | UnsetType = UNSET
+    detail: str | UnsetType = UNSET
+
+
+# ---- key administration -------------------------------------------------------------------
+
+class KeyListing(msgspec.Struct):
+    """One API key, never the key itself."""
+
+    key_id: str
+    key_preview: str
+    name: str
+    permissions: list[str]
+    source: Literal["environment", "file", "default"]
+    created_at: float
+    last_used: float | None
+    usage_count: int
+    can_delete: bool
+
+
+class KeysBody(msgspec.Struct):
+    """GET /auth/keys."""
+
+    success: bool
+    keys: list[KeyListing]
+    total: int
+
+
+class NewKeyBody(msgspec.Struct):
+    """201: a new key, shown this once."""
+
+    success: bool
+    api_key: str
+    key_id: str
+    name: str
+    permissions: list[str]
+    config_string: Annotated[str, Meta(description="key:name:permissions, as API_KEY_N takes it")]
+    message: str
+
+
+class DeletedKey(msgspec.Struct):
+    """A deleted key."""
+
+    key_id: str
+    key_preview: str
+    name: str
+    permissions: list[str]
+
+
+class DeletedBody(msgspec.Struct):
+    """The keys a delete removed."""
+
+    success: bool
+    message: str
+    deleted_keys: list[DeletedKey]
+
+
+class ReloadBody(msgspec.Struct):
+    """POST /auth/reload-keys."""
+
+    success: bool
+    message: str
+    total_keys: int
+
+
+RESPONSE_TYPES: tuple[type, ...] = (
+    ErrorBody, AuthErrorBody, RootBody, HealthBody, StatusBody, ModelsBody, LorasBody, TaskBody,
+    CancelledBody, AcceptedBody, KeysBody, NewKeyBody, DeletedBody, ReloadBody)
+REQUEST_TYPES: tuple[type, ...] = (NewKeyRequest, DeleteKeyRequest, DeleteKeyByIdRequest,
+                                   DeleteKeyByNameRequest)
