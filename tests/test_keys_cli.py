@@ -96,7 +96,8 @@ def test_real_processes_front_and_cli(tmp_path: Path) -> None:
     key = Fernet.generate_key().decode()
     procs = Processes(tmp_path)
     port, fport = free_port(), free_port()
-    env = {"API_KEY_1": f"{ADMIN}:ops:admin", "API_KEYS_ENCRYPTION_KEY": key}
+    env = {"API_KEY_1": f"{ADMIN}:ops:admin", "API_KEY_2": "abc123def456:developer:generation",
+           "API_KEYS_ENCRYPTION_KEY": key}
     try:
         procs.start("broker", ["genserve-broker", "--frontend", f"tcp://127.0.0.1:{fport}", "--backend",
                                f"tcp://127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "b")])
@@ -117,6 +118,9 @@ def test_real_processes_front_and_cli(tmp_path: Path) -> None:
         assert "bob" in ctl("keys", "list").stdout
         assert ctl("keys", "delete", "--key", api_key).returncode == 0
         assert "bob" not in ctl("keys", "list").stdout
+        log = procs.log("front")  # the guide's 12-character example key is called out, the long one is not
+        assert "API key 'developer' is shorter than 20 characters" in log and "'ops' is shorter" not in log
+        assert "abc123def456" not in log and ADMIN not in log  # names only, never the keys
     finally:
         procs.close()
 
