@@ -103,3 +103,23 @@ def test_front_warns_while_the_default_key_is_in_use(cluster: Cluster) -> None:
     log = cluster.procs.log("front")
     assert "WARNING" in log and "the default key works" in log and "loopback clients only" in log
     assert "Logging error" not in log and "Traceback" not in log
+
+
+def test_a_fresh_install_runs_the_key_curls_in_the_guides_order(cluster: Cluster) -> None:
+    """No key configured: create a generation,readonly key (guide 1.7), then delete it by key_id (1.8.2),
+    all with the default key, which stops only once an admin-capable key exists."""
+    url, form = cluster.url, {"name": (None, "新用户"), "permissions": (None, "generation,readonly")}
+    first = requests.post(f"{url}/auth/generate-key", headers=HEADERS, files=form, timeout=10)
+    assert first.status_code == 201, first.text
+    assert requests.get(f"{url}/auth/keys", headers=HEADERS, timeout=10).status_code == 200  # still works
+    gone = requests.post(f"{url}/auth/delete-key-by-id", headers=HEADERS, timeout=10,
+                         files={"key_id": (None, first.json()["key_id"])})
+    assert gone.status_code == 200 and gone.json()["deleted_keys"][0]["name"] == "新用户"
+    admin = requests.post(f"{url}/auth/generate-key", headers=HEADERS, timeout=10,
+                          files={"name": (None, "ops"), "permissions": (None, "admin")})
+    assert admin.status_code == 201
+    wait_until(lambda: requests.get(f"{url}/health", headers=HEADERS, timeout=10).status_code == 401, 10, 0.2,
+               "the default key to stop once an admin key exists")
+    assert "no longer works" in cluster.procs.log("front")
+    ok = requests.get(f"{url}/health", headers={"X-API-Key": admin.json()["api_key"]}, timeout=10)
+    assert ok.status_code == 200
