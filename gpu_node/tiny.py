@@ -63,6 +63,7 @@ def _byte_symbols() -> list[str]:
 
 
 def clip_tokenizer() -> CLIPTokenizer:
+    """A tiny local CLIP tokenizer (no download)."""
     symbols = _byte_symbols()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for s in symbols:
@@ -76,6 +77,7 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 
 def t5_tokenizer() -> T5TokenizerFast:
+    """A tiny local T5 tokenizer (no download)."""
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [("\u2581" + c, -3.0) for c in chars]
@@ -101,6 +103,7 @@ def _text_encoders(vocab_clip: int, vocab_t5: int) -> tuple[CLIPTextModel, T5Enc
 
 
 def vae() -> AutoencoderKL:
+    """A tiny random-weight Flux VAE."""
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
@@ -125,6 +128,7 @@ def _transformer(kind: str) -> FluxTransformer2DModel:
 
 
 def scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Flux's flow-matching scheduler."""
     return FlowMatchEulerDiscreteScheduler(
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
