@@ -110,6 +110,7 @@ class FrontSide:
             return False
         if task.idem_hash != digest:
             raise RequestError(e.IDEMPOTENCY, "this Idempotency-Key was used with a different request")
+        task.replayed = True  # some client now holds this task: an orphan cancel must not end it
         self._send(self.frontend, identity, w.Ack(h.req, self.clock(), task.task_id,
                                                   self.queue.position(task.task_id), replayed=True))
         if h.watch:
@@ -161,11 +162,11 @@ class FrontSide:
     def _on_cancel(self: Broker, identity: bytes, msg: w.Message) -> None:
         h: w.CancelTask = msg.header
         task = self._task(h.task_id)
-        if h.orphaned and not task.final:
+        if h.orphaned and not task.final and not task.replayed:
             # Accepted after its front had answered 503: the client never learnt of it.
             self._fail(task, w.CANCELLED, e.EXPIRED, "accepted after its client was told the submit failed")
             self.table.forget_idempotency_key(task)  # the client's retry must create it anew
-        elif not task.final:
+        elif not task.final and not h.orphaned:
             self._fail(task, w.CANCELLED, e.CANCELLED, "cancelled by request")
         self._reply(identity, h.req, w.TaskBody(task.view()))
 
@@ -194,7 +195,7 @@ class FrontSide:
 
     def _send(self: Broker, sock: zmq.Socket, identity: bytes, header: Any, blobs: list[bytes] | tuple = ()) -> bool:
         try:
-            sock.send_multipart(w.routed(identity, header, blobs), copy=False)
+            sock.send_multipart(w.routed(identity, header, blobs), flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
             log.warning("cannot send %s to %r: %s", type(header).__name__, identity, exc)

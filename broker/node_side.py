@@ -89,8 +89,8 @@ class NodeSide:
             node.memory_free = h.memory_free
         if h.loras is not None:
             node.loras = list(h.loras)
-        if h.leaving and not node.draining:
-            node.draining = True  # a stopping node: no new work while its job winds down
+        if h.leaving and not node.leaving:
+            node.draining = node.leaving = True  # a stopping node: no new work while its job winds down
             log.info("node %s is stopping", node.node_id)
         if h.idle and node.state == BUSY and node.task_id is None:
             node.state = IDLE  # a cancelled task has finished unwinding
@@ -110,7 +110,8 @@ class NodeSide:
             # never thrown away while its task is still waiting or running elsewhere.
             task = self._adoptable(h.task_id)
         result = msg.blobs[0] if msg.blobs else b""
-        wrong = check_image(result, h.meta.format, h.meta.width, h.meta.height)
+        expected = task.params if task is not None else h.meta
+        wrong = check_image(result, h.meta.format, expected.width, expected.height)
         if task is not None and wrong:
             log.warning("node %s returned %s for task %s: failing it", node.node_id, wrong, h.task_id)
             self._fail(task, w.FAILED, e.GENERATION, f"the node returned an invalid result: {wrong}")
@@ -135,6 +136,8 @@ class NodeSide:
             task.attempts -= 1  # it never started
             self._requeue(task, "its node could not take it")
         elif task is not None and h.code == e.ABANDONED:
+            if node.leaving:
+                task.attempts -= 1  # an operator stopped the node: that is not the task's failure
             self._requeue(task, "its node stopped it without failing it")
         elif task is not None:
             self._fail(task, w.FAILED, h.code, h.message)

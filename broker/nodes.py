@@ -27,6 +27,7 @@ class Node:
     state: str = IDLE
     task_id: str | None = None
     draining: bool = False
+    leaving: bool = False  # the node is shutting down (it said so in a heartbeat)
     last_seen: float = 0.0
     last_sent: float = 0.0
     jobs_done: int = 0

@@ -47,6 +47,7 @@ class Task:
     result_expired: bool = False  # completed, but its image was evicted to respect the disk budget
     idem_key: str | None = None  # the client's Idempotency-Key, unique per owner
     idem_hash: str | None = None  # fingerprint of the request that first used it
+    replayed: bool = False  # a retry under its Idempotency-Key was answered with it
     watchers: set[bytes] = field(default_factory=set)
 
     @property

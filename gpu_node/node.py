@@ -144,7 +144,9 @@ class Node:
                     log.warning("abandoning task %s", self.current)
                     self._abandoned.add(self.current)
                 poller.unregister(self.dealer)
-                self._stop.wait(backoff)
+                if self._stop.wait(backoff):
+                    poller.register(self.dealer, zmq.POLLIN)
+                    break  # stopping: leave through _shutdown, do not register again
                 backoff = min(backoff * 2, self.config.reconnect_max)
                 self._connect()
                 poller.register(self.dealer, zmq.POLLIN)
@@ -183,7 +185,8 @@ class Node:
             elif msg.command == w.DISCONNECT:
                 # After a broker restart every message we sent meanwhile earns one of these:
                 # register once, not once per message.
-                if time.monotonic() - self._registered_at >= self.config.heartbeat_interval:
+                if not self._stop.is_set() and \
+                        time.monotonic() - self._registered_at >= self.config.heartbeat_interval:
                     log.info("broker asked to re-register: %s", msg.header.reason)
                     self._register()
 
@@ -237,6 +240,8 @@ class Node:
                 self._drain_worker()
             if self.dealer is not None and self.dealer.poll(0):
                 self._drain_broker()
+            if self.dealer is not None and time.monotonic() - self._last_sent >= self.config.heartbeat_interval:
+                self._send(self._heartbeat(leaving=True))  # a long last step must not look like death
         self._drain_worker()
         if self._worker.is_alive():
             log.warning("the worker did not stop within %.1fs; leaving anyway", self.config.shutdown_grace)

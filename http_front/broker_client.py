@@ -207,7 +207,8 @@ class BrokerClient:
                 orphan = self._orphans.pop(req, 0) is None
             if future is not None and not future.done():
                 future.set_result(msg)
-            elif orphan and msg.command == w.ACK:
+            elif orphan and msg.command == w.ACK and not msg.header.replayed:
+                # (A replayed ACK names a task that another request created and may have been told of.)
                 task_id = msg.header.task_id
                 log.warning("task %s was accepted after its client was told it failed: cancelling it", task_id)
                 self._outbox.put((0, w.encode(w.CancelTask(0, task_id, orphaned=True))))

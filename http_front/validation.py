@@ -202,6 +202,11 @@ class RequestValidator:
             raise ApiError(422, "mode not supported by this model",
                            f"{model_id} is a {own} model; controlnet_type {control!r} needs "
                            f"{catalog.CONTROL_MODELS[control]}", field="controlnet_type")
+        steps = b.num_inference_steps
+        if mode == "img2img" and steps - int(max(steps - min(steps * b.strength, steps), 0)) < 1:
+            # The step count diffusers' img2img runs: with none (a strength like 1e-20), the job would fail.
+            raise ApiError(422, "validation error", "strength: too small for any denoising step to run",
+                           field="strength")
         needed = catalog.REQUIRED_IMAGES[mode]
         missing = [name for name in needed if name not in images]
         if missing:

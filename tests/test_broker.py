@@ -372,3 +372,86 @@ def test_disk_budget_evicts_old_results_then_refuses_with_disk_full(broker_facto
     finally:
         n.close()
         client.close()
+
+
+def test_a_result_finished_while_the_broker_was_down_is_adopted_once(broker_factory, ctx) -> None:
+    bt = broker_factory()
+    clients = [BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()]
+    a = FakeNode(ctx, bt.backend, "a").ready()
+    b = None
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        task_id = submit(clients[0], spec())
+        assert a.recv_job().header.task_id == task_id
+        bt.close()  # the broker dies while node a computes
+        bt = broker_factory(frontend=bt.frontend, backend=bt.backend)  # same journal: the task is held for a
+        b = FakeNode(ctx, bt.backend, "b").ready()
+        a.ready()  # a re-registers idle (it finished meanwhile), then re-sends the report it kept
+        a.finish(task_id)
+        ack = a.recv()
+        assert ack is not None and ack.command == w.RESULT_ACK and ack.header.task_id == task_id
+        wait_until(lambda: bt.broker.tasks[task_id].state == w.COMPLETED, 5)
+        clients.append(BrokerClient(bt.frontend, timeout=2.0, context=ctx).start())
+        assert clients[-1].request(w.Fetch(0, task_id)).blobs == [png_bytes()]
+        a.finish(task_id)  # a duplicate report changes nothing, and is acknowledged again
+        again = a.recv()
+        assert again is not None and again.command == w.RESULT_ACK and bt.broker.tasks[task_id].attempts == 1
+        assert b.recv_job(timeout=0.3) is None  # nobody runs it again
+    finally:
+        for sock in (a, b):
+            if sock is not None:
+                sock.close()
+        for client in clients:
+            client.close()
+
+
+def test_a_stopping_nodes_abandoned_task_costs_no_attempt(parts) -> None:
+    bt, client, node = parts
+    a = node("a").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    task_id = submit(client, spec())
+    assert a.recv_job().header.attempt == 1
+    a.heartbeat(idle=False, leaving=True)
+    a.send(w.Error(task_id, e.ABANDONED, "stopping"))
+    b = node("b").ready()
+    job = b.recv_job()
+    assert job.header.task_id == task_id and job.header.attempt == 1
+    assert a.recv_job(timeout=0.5) is None  # a leaving node gets no new work
+
+
+def test_a_front_that_stops_reading_never_blocks_the_broker(parts, ctx) -> None:
+    bt, client, node = parts
+    bt.broker.frontend.setsockopt(zmq.SNDHWM, 4)  # for connections made from now on
+    stuck = ctx.socket(zmq.DEALER)
+    stuck.setsockopt(zmq.LINGER, 0)
+    stuck.setsockopt(zmq.RCVHWM, 4)
+    stuck.connect(bt.frontend)
+    try:
+        for req in range(200):  # asks and never reads a reply
+            stuck.send_multipart(w.encode(w.InfoRequest(req)))
+        for _ in range(3):  # the broker still answers everyone else
+            assert isinstance(client.request(w.InfoRequest(0)).header.body, w.InfoBody)
+    finally:
+        stuck.close(linger=0)
+
+
+def test_a_result_whose_header_claims_a_giant_image_fails_the_task_cleanly(parts) -> None:
+    import struct
+    import zlib
+
+    bt, client, node = parts
+    a = node("a").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    task_id = submit(client, spec())
+    assert a.recv_job().header.task_id == task_id
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+    a.send(w.Result(task_id, w.ResultMeta(0.1, 40000, 40000, 1, 2, "fake")), [bomb])
+    ack = a.recv()
+    assert ack.command == w.RESULT_ACK
+    task = client.request(w.Status(0, task_id)).header.body.task
+    assert task.status == "failed" and "invalid result" in task.error

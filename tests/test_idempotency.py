@@ -87,7 +87,7 @@ def test_a_malformed_key_is_400(idem: Stack, bad: str) -> None:
 SPEC = TaskSpec("flux1-dev", "text2img", 0, params(width=64, height=64))
 
 
-def test_keys_survive_a_broker_restart_and_an_orphaned_task_frees_its_key(broker_factory) -> None:
+def test_keys_survive_a_restart_and_only_an_unreplayed_orphan_is_cancelled(broker_factory) -> None:
     ctx = zmq.Context()
     bt = broker_factory()
     node = FakeNode(ctx, bt.backend, "a").ready()
@@ -106,8 +106,14 @@ def test_keys_survive_a_broker_restart_and_an_orphaned_task_frees_its_key(broker
         with pytest.raises(BrokerError) as err:
             client.request(msgspec.structs.replace(submit, task=msgspec.structs.replace(SPEC, priority=5)))
         assert err.value.code == e.IDEMPOTENCY
-        client.request(w.CancelTask(0, first, orphaned=True))
-        assert client.request(submit).header.task_id != first
+        # A retry was given this task: the first request's late ACK must not cancel it as orphaned.
+        assert client.request(w.CancelTask(0, first, orphaned=True)).header.body.task.status != "cancelled"
+        # A task no retry has seen is cancelled as orphaned, and frees its key for the retry.
+        other = w.Submit(0, SPEC, "o1", idempotency_key="k2")
+        orphan = client.request(other).header.task_id
+        cancelled = client.request(w.CancelTask(0, orphan, orphaned=True)).header.body.task
+        assert cancelled.status == "cancelled" and cancelled.error_code == e.EXPIRED
+        assert client.request(other).header.task_id != orphan
     finally:
         client.close()
         node.sock.close(linger=0)

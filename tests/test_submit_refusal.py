@@ -102,3 +102,21 @@ def test_an_orphaned_task_is_cancelled_as_expired_not_as_the_clients_cancel(brok
     finally:
         client.close()
         node.sock.close(linger=0)
+
+
+def test_a_late_replayed_ack_is_not_cancelled(ctx) -> None:
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    client = BrokerClient(f"tcp://127.0.0.1:{port}", timeout=0.3, context=ctx).start()
+    try:
+        with pytest.raises(BrokerUnavailable):
+            client.request(w.Submit(0, SPEC, "k", idempotency_key="retry-me"))
+        assert router.poll(2000)
+        identity, submit = w.split_routed(router.recv_multipart())
+        # The broker answered with a task another request (a retry) may already hold: never cancel it.
+        router.send_multipart(w.routed(identity, w.Ack(submit.header.req, 0.0, "t-shared", replayed=True)))
+        assert not router.poll(500)
+    finally:
+        client.close()
+        router.close(linger=0)
