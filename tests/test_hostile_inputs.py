@@ -204,6 +204,7 @@ JSON_BODIES = {
     "surrogate field name": '{"async": true, "prompt": "x", "\\ud800": 1}',
     "strength 0": '{"async": true, "prompt": "x", ' + IMG2IMG + '"strength": 0}',
     "strength NaN": '{"async": true, "prompt": "x", ' + IMG2IMG + '"strength": NaN}',
+    "strength too small for a step": '{"async": true, "prompt": "x", ' + IMG2IMG + '"strength": 1e-20}',
     "cfg NaN": '{"async": true, "prompt": "x", "cfg": NaN}',
     "cfg Infinity": '{"async": true, "prompt": "x", "cfg": Infinity}',
     "cfg -Infinity": '{"async": true, "prompt": "x", "cfg": -Infinity}',
