@@ -112,6 +112,11 @@ class FuzzBroker:
             return self._submit(header, list(blobs))
         if isinstance(header, w.InfoRequest):
             return self._reply(self._info())
+        if isinstance(header, w.ListTasks):
+            with self._lock:
+                tasks = [t for t in reversed(self.tasks.values()) if header.owner in (None, t.owner)
+                         and header.status in (None, t.status)][:header.limit]
+            return self._reply(w.TaskListBody(tasks, None))
         task = self._task(header.task_id)
         if isinstance(header, w.CancelTask) and task.status not in w.FINAL_STATES:
             task = msgspec.structs.replace(task, status=w.CANCELLED, error_code=e.CANCELLED, error="cancelled")
