@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from broker.server import Broker
 
 log = logging.getLogger(__name__)
+MAX_PAGE = 100  # tasks per LIST page
 _ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -182,6 +183,16 @@ class FrontSide:
             raise RequestError(e.BAD_REQUEST, "want and limit must be >= 1 and window in (0, 86400] seconds")
         granted, retry = self.ledger.grant(h.key, h.want, h.limit, h.window, self.clock(), max(0, h.returned))
         self._reply(identity, h.req, w.LeaseBody(granted, retry))
+
+    def _on_list(self: Broker, identity: bytes, msg: w.Message) -> None:
+        h: w.ListTasks = msg.header
+        if not 1 <= h.limit <= MAX_PAGE:
+            raise RequestError(e.BAD_REQUEST, f"limit must be 1-{MAX_PAGE}")
+        if h.status is not None and h.status not in w.STATES:
+            raise RequestError(e.BAD_REQUEST, f"status must be one of {list(w.STATES)}")
+        tasks, next_before = self.table.listing(h.owner, h.status, h.limit, h.before)
+        views = [t.view(self.queue.position(t.task_id) if t.state == w.QUEUED else None) for t in tasks]
+        self._reply(identity, h.req, w.TaskListBody(views, next_before))
 
     def _on_admin(self: Broker, identity: bytes, msg: w.Message) -> None:
         h: w.Admin = msg.header

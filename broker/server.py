@@ -57,7 +57,7 @@ class Broker(FrontSide, NodeSide):
         self._front_handlers: dict[bytes, Callable[[bytes, w.Message], None]] = {
             w.SUBMIT: self._on_submit, w.STATUS: self._on_status, w.FETCH: self._on_fetch,
             w.CANCEL_TASK: self._on_cancel, w.INFO: self._on_info, w.ADMIN: self._on_admin,
-            w.LEASE: self._on_lease,
+            w.LEASE: self._on_lease, w.LIST: self._on_list,
         }
         self._node_handlers: dict[bytes, Callable[[bytes, Any, w.Message], None]] = {
             w.READY: self._on_ready, w.HEARTBEAT: self._on_heartbeat, w.PROGRESS: self._on_progress,

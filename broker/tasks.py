@@ -200,6 +200,24 @@ class TaskTable:
         """Tasks of one API key not yet completed, failed or cancelled."""
         return self._unfinished.get(owner, 0)
 
+    def listing(self, owner: str | None, status: str | None, limit: int,
+                before: int | None = None) -> tuple[list[Task], int | None]:
+        """Newest first: up to `limit` tasks of `owner` (None: all) in `status` (None: any), accepted
+        before sequence `before`; and the cursor of the next page, None when there is none.
+
+        The table is in acceptance order (recovery reloads it so), so this walks it backwards;
+        a page costs what it skips, which the result retention bounds.
+        """
+        page: list[Task] = []
+        for task in reversed(self.tasks.values()):
+            if before is not None and task.seq >= before:
+                continue
+            if (owner is None or task.owner == owner) and (status is None or task.state == status):
+                if len(page) == limit:
+                    return page, page[-1].seq
+                page.append(task)
+        return page, None
+
     def counts(self) -> dict[str, int]:
         """Number of tasks per state."""
         out: dict[str, int] = {}

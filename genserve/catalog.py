@@ -55,6 +55,10 @@ FILL_DEFAULT_CFG: Final = 30.0  # BFL's recommendation for FLUX.1-Fill
 DEFAULT_LORA_WEIGHT: Final = 1.0
 SIZE_STEP: Final = 16  # sizes are rounded down to a multiple of this
 MAX_LORAS: Final = 8
+# Result image formats (encoded on the node) and their media types.
+OUTPUT_FORMATS: Final[dict[str, str]] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+DEFAULT_OUTPUT_FORMAT: Final = "png"
+DEFAULT_OUTPUT_QUALITY: Final = 90  # JPEG and WebP; PNG is lossless and ignores it
 
 
 def default_model(mode: str, controlnet_type: str | None = None) -> str:

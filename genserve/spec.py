@@ -29,6 +29,8 @@ class GenerationParams(msgspec.Struct, forbid_unknown_fields=True):
     strength: float
     controlnet_type: str | None = None
     loras: list[LoraRef] = []
+    output_format: str = "png"  # png, jpeg or webp (genserve.catalog.OUTPUT_FORMATS)
+    output_quality: int = 90  # 1-100, for jpeg and webp
 
 
 class TaskSpec(msgspec.Struct, forbid_unknown_fields=True):

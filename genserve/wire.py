@@ -36,6 +36,7 @@ CANCEL_TASK = b"\x23"
 INFO = b"\x24"
 ADMIN = b"\x25"
 LEASE = b"\x26"  # rate-limit tokens for one key, granted in batches
+LIST = b"\x27"  # one page of tasks, newest first
 # Broker -> front
 ACK = b"\x30"
 REPLY = b"\x31"
@@ -49,6 +50,7 @@ COMPLETED = "completed"
 FAILED = "failed"
 CANCELLED = "cancelled"
 FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
+STATES = (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED)
 
 
 class _Header(msgspec.Struct, omit_defaults=True):
@@ -204,6 +206,16 @@ class Lease(_Header, forbid_unknown_fields=True):
     returned: int = 0
 
 
+class ListTasks(_Header, forbid_unknown_fields=True):
+    """A page of tasks, newest first: one owner's (None: everyone's), optionally one status."""
+
+    req: int
+    owner: str | None = None
+    status: str | None = None
+    limit: int = 20
+    before: int | None = None  # the cursor: only tasks accepted before this sequence number
+
+
 class Ack(_Header):
     """A SUBMIT was accepted (or replayed under its Idempotency-Key)."""
 
@@ -243,12 +255,19 @@ class LeaseBody(msgspec.Struct, tag="lease"):
     retry_after: float
 
 
+class TaskListBody(msgspec.Struct, tag="list"):
+    """REPLY body: a page of tasks, and the cursor of the next page (None at the end)."""
+
+    tasks: list[TaskView]
+    next_before: int | None
+
+
 class Reply(_Header):
-    """The answer to STATUS, FETCH, CANCEL_TASK, INFO, ADMIN or LEASE."""
+    """The answer to STATUS, FETCH, CANCEL_TASK, INFO, ADMIN, LEASE or LIST."""
 
     req: int
     now: float
-    body: Union[TaskBody, InfoBody, NodeBody, LeaseBody]
+    body: Union[TaskBody, InfoBody, NodeBody, LeaseBody, TaskListBody]
 
 
 class Fail(_Header):
@@ -356,14 +375,14 @@ HEADERS: dict[bytes, type[Any]] = {
     READY: Ready, HEARTBEAT: Heartbeat, PROGRESS: ProgressReport, RESULT: Result, ERROR: Error,
     DISCONNECT: Disconnect, JOB: Job, CANCEL: Cancel, RESULT_ACK: ResultAck,
     SUBMIT: Submit, STATUS: Status, FETCH: Fetch, CANCEL_TASK: CancelTask, INFO: InfoRequest,
-    ADMIN: Admin, LEASE: Lease, ACK: Ack, REPLY: Reply, FAIL: Fail, DONE: Done,
+    ADMIN: Admin, LEASE: Lease, LIST: ListTasks, ACK: Ack, REPLY: Reply, FAIL: Fail, DONE: Done,
 }
 COMMANDS: dict[type[Any], bytes] = {kind: command for command, kind in HEADERS.items()}
 COMMAND_NAMES: dict[bytes, str] = {
     READY: "READY", HEARTBEAT: "HEARTBEAT", PROGRESS: "PROGRESS", RESULT: "RESULT", ERROR: "ERROR",
     DISCONNECT: "DISCONNECT", JOB: "JOB", CANCEL: "CANCEL", RESULT_ACK: "RESULT_ACK", SUBMIT: "SUBMIT",
     STATUS: "STATUS", FETCH: "FETCH", CANCEL_TASK: "CANCEL_TASK", INFO: "INFO", ADMIN: "ADMIN",
-    LEASE: "LEASE", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL", DONE: "DONE",
+    LEASE: "LEASE", LIST: "LIST", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL", DONE: "DONE",
 }
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODERS = {command: msgspec.msgpack.Decoder(kind) for command, kind in HEADERS.items()}

@@ -52,6 +52,20 @@ def encode_png(image: Image.Image, level: int) -> bytes:
     return buf.getvalue()
 
 
+def encode_image(image: Image.Image, fmt: str, quality: int, png_level: int) -> bytes:
+    """The result in its requested format: PNG (lossless, zlib `png_level`), JPEG or WebP at `quality`."""
+    if fmt == "png":
+        return encode_png(image, png_level)
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=False)
+    elif fmt == "webp":
+        image.save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        raise JobError(f"unknown output format {fmt!r}")
+    return buf.getvalue()
+
+
 class Generator:
     """Runs jobs on one device through the pipeline cache."""
 
@@ -78,11 +92,12 @@ class Generator:
         kwargs["callback_on_step_end"] = callback
         with torch.inference_mode(), self.loras.applied(pipe, args["loras"]):
             image = pipe(**kwargs).images[0]
-        png = encode_png(image, self.png_level)
+        p = job.params
+        png = encode_image(image, p.output_format, p.output_quality, self.png_level)
         elapsed = time.perf_counter() - started
         meta = ResultMeta(generation_time=round(elapsed, 4), width=image.width, height=image.height,
                           seed=args["seed"], steps=args["steps"], device=self.cache.device,
-                          cfg=kwargs.get("guidance_scale"), format="png")
+                          cfg=kwargs.get("guidance_scale"), format=p.output_format)
         return png, meta
 
     def _validate(self, job: Job) -> dict[str, Any]:

@@ -88,6 +88,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         legacy_password=env.get("DEFAULT_API_KEY") or DEFAULT_KEY,
         curve_secret_file=Path(a.curve_secret) if a.curve_secret else None,
         curve_server_public_file=Path(a.curve_server) if a.curve_server else None,
+        url_secret=env.get("GENSERVE_URL_SECRET", "").encode() or None,
     )
 
 
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         keys = KeyStore.from_env(env_keys, env.get("DEFAULT_API_KEY") or DEFAULT_KEY, keyfile)
     except (KeyFileError, InvalidKeySpec) as exc:
         raise SystemExit(f"genserve-front: cannot start: {exc}") from None
+    if config.url_secret is not None and len(config.url_secret) < 16:
+        raise SystemExit("genserve-front: cannot start: GENSERVE_URL_SECRET needs at least 16 bytes")
+    if config.url_secret is None:
+        log.info("GENSERVE_URL_SECRET is not set: signed image URLs work on this front only")
     for name in weak_keys(env_keys):
         log.warning("API key %r is shorter than %d characters and can be guessed; replace it with a"
                     " generated key (genservectl keys create)", name, MIN_KEY_LENGTH)

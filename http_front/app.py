@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import falcon
 
 from http_front import errors
@@ -17,8 +19,9 @@ from http_front.resources import keys_admin
 from http_front.resources.docs import DocsPage, OpenApiDocument
 from http_front.resources.generate import Generate, GenerateUpload
 from http_front.resources.info import Health, Loras, Models, Root, Status
-from http_front.resources.tasks import Task
+from http_front.resources.tasks import Task, TaskImage, Tasks
 from http_front.services import Services
+from http_front.signing import UrlSigner
 from http_front.validation import RequestValidator
 from http_front.waits import SyncWaits
 
@@ -54,9 +57,11 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
         limiter = local if broker is None else LeasedLimiter(broker_lease(broker), config.rate_limit,
                                                              config.rate_window, local)
     failures = failures or SlidingWindowLimiter(config.auth_failure_limit, config.auth_failure_window)
-    services = Services(broker, config, RequestValidator(config.max_prompt_length, config.max_image_size))
+    signer = UrlSigner(config.url_secret or secrets.token_bytes(32), config.url_ttl)
+    services = Services(broker, config, RequestValidator(config.max_prompt_length, config.max_image_size), signer)
     app = falcon.App(middleware=[HeaderLimit(config.max_header_bytes),
-                                 AuthMiddleware(keys, limiter, failures, config.default_key_remote)])
+                                 AuthMiddleware(keys, limiter, failures, config.default_key_remote,
+                                                signer=signer)])
     errors.install(app)
     app.add_route("/", Root(services))
     app.add_route("/health", Health(services))
@@ -67,6 +72,8 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
     app.add_route("/generate", Generate(services, waits))
     app.add_route("/generate/upload", GenerateUpload(services, waits))
     app.add_route("/task/{task_id}", Task(services))
+    app.add_route("/task/{task_id}/image", TaskImage(services))
+    app.add_route("/tasks", Tasks(services))
     keys_admin.install(app, keys)
     document = OpenApiDocument()  # public, like /docs: see http_front.auth
     app.add_route("/openapi.json", document)

@@ -17,6 +17,7 @@ import falcon
 
 from http_front.errors import AuthError
 from http_front.keys import KeyStore, Principal, owner_of
+from http_front.signing import UrlSigner
 from http_front.ratelimit import RecentSet, SlidingWindowLimiter
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ INVALID_KEY = "无效的API密钥"
 FORBIDDEN = "权限不足: 此接口需要 {} 权限"
 RATE_LIMITED = "请求频率过高: 每个API密钥每{}秒最多{}个请求"
 TOO_MANY_FAILURES = "认证失败次数过多，请稍后再试"
+BAD_SIGNATURE = "签名URL无效或已过期 (invalid or expired signed URL)"
 DEFAULT_KEY_REMOTE = "默认密钥只能从本机使用; 请配置API密钥"
 SUPER = frozenset({"admin", "all"})
 
@@ -72,8 +74,9 @@ class AuthMiddleware:
 
     def __init__(self, keys: KeyStore, limiter: SlidingWindowLimiter,
                  failures: SlidingWindowLimiter, default_key_remote: bool = False,
-                 known: RecentSet | None = None) -> None:
+                 known: RecentSet | None = None, signer: UrlSigner | None = None) -> None:
         self.keys = keys
+        self.signer = signer
         self.limiter = limiter
         self.failures = failures
         self.default_key_remote = default_key_remote
@@ -84,6 +87,14 @@ class AuthMiddleware:
         """Runs after routing, before the responder."""
         if resource is None or is_public(resource) or not hasattr(resource, f"on_{req.method.lower()}"):
             return  # public, or Falcon answers 405 (a method no key could use reveals nothing)
+        req.context.signed = False
+        if getattr(resource, "signed_urls", False) and req.method == "GET" and req.get_param("sig") is not None:
+            # A signed URL stands in for a key on this one path (browsers cannot send key headers).
+            if self.signer is None or not self.signer.verify(req.path, req.get_param("expires"),
+                                                             req.get_param("sig")):
+                raise AuthError(403, BAD_SIGNATURE)
+            req.context.signed, req.context.principal = True, None
+            return
         client = req.remote_addr or "?"
         raw = extract_key(req)
         if self.failures.count(client) >= self.failures.limit and \

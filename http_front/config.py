@@ -40,3 +40,5 @@ class FrontConfig:
     legacy_password: str = "genserve-default-key-2024"
     curve_secret_file: Path | None = None
     curve_server_public_file: Path | None = None
+    url_secret: bytes | None = None  # signs image URLs; shared by every front (None: one per process)
+    url_ttl: float = 900.0  # seconds a signed image URL stays valid

@@ -17,7 +17,7 @@ from typing import Any
 import falcon
 import msgspec
 
-from genserve.catalog import IMAGE_FIELDS
+from genserve.catalog import IMAGE_FIELDS, OUTPUT_FORMATS
 from http_front.auth import SUPER, is_public
 from http_front.config import FrontConfig
 from http_front.schemas import REQUEST_TYPES, RESPONSE_TYPES, generate_body_type
@@ -47,6 +47,7 @@ ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
     403: ("the key lacks the permission, or is the default key used from a remote address", ("AuthErrorBody",)),
     404: ("not found (or not this key's)", ("ErrorBody",)),
     409: ("conflict with the current state", ("ErrorBody",)),
+    410: ("gone: the image was removed (result retention or disk budget)", ("ErrorBody",)),
     413: ("body over 48 MB or an image over 10 MB", ("ErrorBody",)),
     415: ("unsupported Content-Type", ("ErrorBody",)),
     422: ("a field of the wrong type or out of range, or fields that do not fit together", ("ErrorBody",)),
@@ -73,6 +74,20 @@ PREFER = {"name": "Prefer", "in": "header", "required": False,
           "schema": {"type": "string", "examples": ["respond-async"]}}
 TASK_ID = {"name": "task_id", "in": "path", "required": True, "description": "as returned by /generate",
            "schema": {"type": "string", "minLength": 1}}
+SIGNED = (
+    {"name": "expires", "in": "query", "required": False, "description": "from image_url: Unix time it expires",
+     "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
+    {"name": "sig", "in": "query", "required": False, "description": "from image_url: its signature",
+     "schema": {"type": "string"}},
+)
+LIST_PARAMS = (
+    {"name": "status", "in": "query", "required": False, "description": "only tasks in this state",
+     "schema": {"enum": ["queued", "running", "completed", "failed", "cancelled"]}},
+    {"name": "limit", "in": "query", "required": False, "description": "tasks per page (default 20)",
+     "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    {"name": "cursor", "in": "query", "required": False, "description": "next_cursor of the previous page",
+     "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
+)
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json")
 
 
@@ -125,6 +140,16 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("DELETE", "/task/{task_id}"): Op("cancelTask", "Cancel a task (409 once it has finished)", "tasks",
                                       {200: ("cancelled", "CancelledBody")}, (404, 409, *BROKER),
                                       parameters=(TASK_ID,)),
+    ("GET", "/task/{task_id}/image"): Op(
+        "getTaskImage", "A completed task's image as a file", "tasks",
+        {200: ("the image (image/png, image/jpeg or image/webp, as requested)", "")},
+        errors=(404, 409, 410, *BROKER), parameters=(TASK_ID, *SIGNED),
+        description=("Instead of a key, the signed `expires` and `sig` of the task body's `image_url` may be "
+                     "sent (for an `<img src>`). Sends ETag and Cache-Control; 304 for a matching If-None-Match.")),
+    ("GET", "/tasks"): Op(
+        "listTasks", "The caller's tasks, newest first (every key's for admin keys), without images", "tasks",
+        {200: ("one page; next_cursor fetches the next", "TaskListBody")},
+        errors=(422, *BROKER), parameters=LIST_PARAMS),
     ("GET", "/auth/keys"): Op("listKeys", "Every API key (previews only)", "keys", {200: ("keys", "KeysBody")}),
     ("POST", "/auth/generate-key"): Op("generateKey", "Create an API key, shown once", "keys",
                                        {201: ("created", "NewKeyBody")}, _KEY_FORM,
@@ -180,6 +205,10 @@ def _content(*components: str) -> dict[str, Any]:
 
 
 def _response(status: int, description: str, component: str) -> dict[str, Any]:
+    if status == 200 and component == "" and description.startswith("the image"):
+        binary = {"schema": {"type": "string", "format": "binary"}}
+        return {"description": description, "content": {m: binary for m in OUTPUT_FORMATS.values()},
+                "headers": {"ETag": {"schema": {"type": "string"}}, "Cache-Control": {"schema": {"type": "string"}}}}
     if status == 200 and component == "":
         media = "text/html" if description.startswith("an HTML") else "application/json"
         schema = {"type": "string"} if media == "text/html" else {"type": "object"}

@@ -21,6 +21,7 @@ from genserve.spec import LoraRef
 Mode = Literal["text2img", "img2img", "fill", "controlnet", "redux"]
 ControlType = Literal["depth", "canny", "openpose"]
 TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+OutputFormat = Literal["png", "jpeg", "webp"]
 Permission = Literal["generation", "readonly", "admin", "all"]
 
 MAX_SEED = 2**63 - 1
@@ -77,6 +78,10 @@ def generate_body_type(max_prompt: int = 1000, max_size: int = 2048) -> type[msg
             "controlnet only; default: the model's own; another type than the model's is a 422"))]
          | UnsetType, UNSET),
         ("loras", Annotated[list[LoraRequest], Meta(max_length=catalog.MAX_LORAS)], []),
+        ("output_format", Annotated[OutputFormat, Meta(description="the result's image format")],
+         catalog.DEFAULT_OUTPUT_FORMAT),
+        ("output_quality", Annotated[int, Meta(ge=1, le=100, description=(
+            "jpeg and webp quality; png is lossless and ignores it"))], catalog.DEFAULT_OUTPUT_QUALITY),
         ("is_async", Annotated[bool, Meta(description="true: answer 202 at once and poll /task/{task_id}")],
          msgspec.field(default=False, name="async")),
         *((name, _image(_needed_by(name)) | UnsetType, UNSET) for name in catalog.IMAGE_FIELDS),
@@ -262,6 +267,7 @@ class ImageMetadata(msgspec.Struct):
     width: int | None
     height: int | None
     loras: list[LoraRef]
+    format: OutputFormat
 
 
 class TaskBody(msgspec.Struct):
@@ -280,12 +286,16 @@ class TaskBody(msgspec.Struct):
     created_at: float | None
     started_at: float | None
     finished_at: float | None
-    auth_info: AuthInfo
+    auth_info: Annotated[AuthInfo, Meta(description="the key of this request (not in /tasks pages)")] \
+        | UnsetType = UNSET
     queue_position: Annotated[int | None, Meta(description="tasks ahead; null once out of the queue")] \
         | UnsetType = UNSET
     progress: Progress | UnsetType = UNSET
     image: Annotated[str, Meta(description="the PNG as a data URI")] | UnsetType = UNSET
     image_base64: Annotated[str, Meta(description="the same PNG as bare base64")] | UnsetType = UNSET
+    image_url: Annotated[str, Meta(description=(
+        "GET it without a key: /task/{task_id}/image with a signed expires and sig, valid 15 minutes"))] \
+        | UnsetType = UNSET
     metadata: ImageMetadata | UnsetType = UNSET
     elapsed_time: float | None | UnsetType = UNSET
     queue_time: float | None | UnsetType = UNSET
@@ -373,8 +383,17 @@ class ReloadBody(msgspec.Struct):
     total_keys: int
 
 
+class TaskListBody(msgspec.Struct):
+    """GET /tasks: one page of tasks, newest first, without images."""
+
+    success: bool
+    tasks: list[TaskBody]
+    count: int
+    next_cursor: Annotated[str | None, Meta(description="pass as cursor for the next page; null at the end")]
+
+
 RESPONSE_TYPES: tuple[type, ...] = (
     ErrorBody, AuthErrorBody, RootBody, HealthBody, StatusBody, ModelsBody, LorasBody, TaskBody,
-    CancelledBody, AcceptedBody, KeysBody, NewKeyBody, DeletedBody, ReloadBody)
+    CancelledBody, AcceptedBody, KeysBody, NewKeyBody, DeletedBody, ReloadBody, TaskListBody)
 REQUEST_TYPES: tuple[type, ...] = (NewKeyRequest, DeleteKeyRequest, DeleteKeyByIdRequest,
                                    DeleteKeyByNameRequest)

@@ -10,6 +10,7 @@ from typing import Any
 from genserve import wire as w
 from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
+from http_front.signing import UrlSigner
 from http_front.validation import RequestValidator
 
 
@@ -20,6 +21,7 @@ class Services:
     broker: BrokerClient
     config: FrontConfig
     validator: RequestValidator
+    signer: UrlSigner
     version: str = "0.1.0"
     _info: tuple[float, w.InfoBody] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -39,6 +41,12 @@ class Services:
         """One task from the broker, and its image when `fetch` and it has one."""
         msg = self.broker.request(w.Fetch(0, task_id) if fetch else w.Status(0, task_id))
         return msg.header.body.task, (msg.blobs[0] if msg.blobs else None)
+
+    def image_url(self, task: w.TaskView) -> str | None:
+        """A signed URL of the task's image (no key needed), once it has one."""
+        if task.status != w.COMPLETED or task.result_expired:
+            return None
+        return self.signer.sign(f"/task/{task.task_id}/image")
 
     def loras(self) -> list[w.LoraInfo]:
         """LoRA files reported by live nodes, merged by name and sorted."""

@@ -218,7 +218,8 @@ class RequestValidator:
             prompt=prompt, width=width, height=height, num_inference_steps=b.num_inference_steps,
             seed=b.seed, cfg=catalog.default_cfg(mode, model_id) if b.cfg is UNSET else float(b.cfg),
             strength=float(b.strength), controlnet_type=(own or control) if mode == "controlnet" else None,
-            loras=[LoraRef(canonical_lora(lora.name), float(lora.weight)) for lora in b.loras])
+            loras=[LoraRef(canonical_lora(lora.name), float(lora.weight)) for lora in b.loras],
+            output_format=b.output_format, output_quality=b.output_quality)
         spec = TaskSpec(model_id=model_id, mode=mode, priority=b.priority, params=params)
         return GenerateRequest(spec, used, bool(b.is_async))
 

@@ -249,6 +249,19 @@ def check_docs_page(run: Run) -> None:
     assert "default-src 'none'" in csp and int(count) >= 1, run.stdout
 
 
+def check_task_image(run: Run) -> None:
+    content_type, signed_status = run.stdout.split()
+    assert content_type == "image/webp" and signed_status == "200", run.stdout
+    assert Image.open(run.cwd / "out.webp").format == "WEBP"
+    assert (run.cwd / "signed.webp").read_bytes() == (run.cwd / "out.webp").read_bytes()
+
+
+def check_task_list(run: Run) -> None:
+    body = run.value
+    assert body["success"] is True and 1 <= body["count"] <= 2 and body["has_urls"] is True
+    assert body["statuses"] == ["completed"] * body["count"], body
+
+
 def check_auth_errors(run: Run) -> None:
     values = run.values
     assert values[1::2] == [401, 401, 403], run.stdout
@@ -468,6 +481,8 @@ CHECKS: dict[str, Callable[[Run], None]] = {
     "auth-errors": check_auth_errors,
     "retry-after": check_retry_after,
     "root": check_root,
+    "task-image": check_task_image,
+    "task-list": check_task_list,
     "openapi": check_openapi,
     "docs-page": check_docs_page,
     "health": check_health,
@@ -567,7 +582,7 @@ def methods_of(code: str, path: str) -> set[str]:
         if "curl" not in command:
             continue
         target = re.search(r"\$GENSERVE_URL(/[^\"'\s]*)", command)
-        if target is None or not pattern.fullmatch(target.group(1)):
+        if target is None or not pattern.fullmatch(target.group(1).split("?")[0]):
             continue
         explicit = re.search(r"-X\s+([A-Z]+)", command)
         if explicit:

@@ -112,6 +112,11 @@ class FuzzBroker:
             return self._submit(header, list(blobs))
         if isinstance(header, w.InfoRequest):
             return self._reply(self._info())
+        if isinstance(header, w.ListTasks):
+            with self._lock:
+                tasks = [t for t in reversed(self.tasks.values()) if header.owner in (None, t.owner)
+                         and header.status in (None, t.status)][:header.limit]
+            return self._reply(w.TaskListBody(tasks, None))
         task = self._task(header.task_id)
         if isinstance(header, w.CancelTask) and task.status not in w.FINAL_STATES:
             task = msgspec.structs.replace(task, status=w.CANCELLED, error_code=e.CANCELLED, error="cancelled")
@@ -203,7 +208,9 @@ class Tally:
         """Pass the request on; count its status."""
         def start(status: str, headers: Any, exc_info: Any = None) -> Any:
             route = environ.get("PATH_INFO", "")
-            route = "/task/{task_id}" if route.startswith("/task/") else route
+            if route.startswith("/task/"):
+                route = "/task/{task_id}/image" if route.endswith("/image") and route.count("/") == 3 \
+                    else "/task/{task_id}"
             self.counts[(environ["REQUEST_METHOD"], route, int(status[:3]))] += 1
             return start_response(status, headers, exc_info)
         return self.app(environ, start)
@@ -298,6 +305,7 @@ def test_fuzzing_reached_every_operation_and_the_success_paths() -> None:
         pytest.skip("needs every fuzz test to have run first (the whole module)")
     succeeded = {(method, route) for method, route, status in TALLY.counts if status < 300}
     for method, route in (("POST", "/generate"), ("POST", "/generate/upload"), ("GET", "/task/{task_id}"),
+                          ("GET", "/tasks"),
                           ("POST", "/auth/generate-key"), ("GET", "/status"), ("GET", "/docs")):
         assert (method, route) in succeeded, (method, route, sorted(succeeded))
     assert {owner for owner, _ in BROKER.submitted} <= {owner_of(GENERATION), owner_of(ADMIN)}

@@ -108,7 +108,7 @@ class _Submitter:
         task = done.header.task
         if task.status != w.COMPLETED:
             raise from_task_error(task.error_code or "", task.error or "task failed")
-        send_task(resp, task, done.blobs[0] if done.blobs else None, principal)
+        send_task(resp, task, done.blobs[0] if done.blobs else None, principal, self.services.image_url(task))
 
 
 def idempotency_key(req: falcon.Request) -> str | None:
