@@ -14,6 +14,8 @@ from typing import Any, Literal, Sequence, Union
 import msgspec
 
 from genserve.spec import GenerationParams, TaskSpec
+from genserve.views import (  # noqa: F401  (re-exported: the views are part of this contract)
+    LoraInfo, NodeView, Progress, QueueView, ResultMeta, ServedModel, TaskView)
 
 VERSION = b"GS2"  # GS1 carried free-form msgpack maps
 
@@ -55,93 +57,6 @@ STATES = (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED)
 
 class _Header(msgspec.Struct, omit_defaults=True):
     """Base of every header: omitted defaults keep messages small."""
-
-
-# ---- shared shapes ------------------------------------------------------------------------
-
-class LoraInfo(msgspec.Struct):
-    """A LoRA file a node can load, as /loras lists it."""
-
-    name: str
-    size_mb: float = 0.0
-    category: str = "root"
-
-
-class Progress(msgspec.Struct):
-    """Denoising progress of a running task."""
-
-    step: int
-    total: int
-
-
-class ResultMeta(msgspec.Struct, omit_defaults=True):
-    """What a node reports about an image it made."""
-
-    generation_time: float
-    width: int
-    height: int
-    seed: int
-    steps: int
-    device: str
-    cfg: float | None = None
-    format: str = "png"
-
-
-class TaskView(msgspec.Struct, omit_defaults=True):
-    """A task as the broker reports it to fronts (STATUS, FETCH, CANCEL_TASK, DONE)."""
-
-    task_id: str
-    status: str
-    model_id: str
-    mode: str
-    priority: int
-    owner: str
-    params: GenerationParams
-    created_at: float
-    attempts: int = 0
-    started_at: float | None = None
-    finished_at: float | None = None
-    node_id: str | None = None
-    queue_position: int | None = None
-    progress: Progress | None = None
-    error_code: str | None = None
-    error: str | None = None
-    meta: ResultMeta | None = None
-    result_expired: bool = False
-
-
-class NodeView(msgspec.Struct):
-    """A registered node as INFO reports it."""
-
-    node_id: str
-    device: str
-    host: str
-    pid: int
-    state: str
-    draining: bool
-    task_id: str | None
-    models: dict[str, list[str]]
-    loaded: list[str]
-    loras: list[LoraInfo]
-    memory_total: int
-    memory_free: int
-    last_heartbeat_age_s: float
-    jobs_done: int
-
-
-class ServedModel(msgspec.Struct):
-    """One model id across live nodes."""
-
-    modes: list[str]
-    nodes: list[str]
-    loaded_on: list[str]
-
-
-class QueueView(msgspec.Struct):
-    """Waiting tasks."""
-
-    length: int
-    by_model: dict[str, int]
 
 
 # ---- front <-> broker -----------------------------------------------------------------------

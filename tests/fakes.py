@@ -12,7 +12,6 @@ from PIL import Image
 from genserve import wire as w
 from genserve.spec import GenerationParams
 
-
 META = w.ResultMeta(generation_time=0.01, width=16, height=16, seed=1, steps=2, device="fake")
 
 

@@ -11,9 +11,9 @@ from cryptography.fernet import Fernet
 from falcon import testing
 from urllib3 import encode_multipart_formdata
 
+from genserve.keyfile import KeyFile, make_fernet
 from http_front.app import create_app
 from http_front.config import FrontConfig
-from genserve.keyfile import KeyFile, make_fernet
 from http_front.keys import DEFAULT_KEY, KeyStore
 from http_front.ratelimit import RecentSet, SlidingWindowLimiter
 from tests.conftest import Stack

@@ -7,12 +7,12 @@ from typing import Iterator
 import pytest
 import zmq
 
+from broker.config import BrokerConfig
+from broker.server import Broker
 from genserve import errors as e
 from genserve import wire as w
-from genserve.spec import TaskSpec
-from broker.config import BrokerConfig
 from genserve.curve import InsecureBind, check_exposure, is_loopback_endpoint
-from broker.server import Broker
+from genserve.spec import TaskSpec
 from http_front.broker_client import BrokerClient
 from tests.conftest import BrokerThread, wait_until
 from tests.fakes import META, FakeNode, params, png_bytes

@@ -28,8 +28,8 @@ from http_front.config import FrontConfig
 from http_front.keys import KeyStore
 from http_front.server import FrontServer, raise_fd_limit
 from http_front.waits import SyncWaits
-from tests.fakes import params
 from tests.conftest import DEFAULT_KEY, Cluster, Processes, wait_until
+from tests.fakes import params
 
 KEY_A = "alpha-key-0123456789abcdefghij"
 KEY_B = "beta-key-0123456789abcdefghijk"

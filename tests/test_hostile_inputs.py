@@ -11,20 +11,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from cryptography.fernet import Fernet
 from falcon import testing
 from urllib3 import encode_multipart_formdata
-import msgspec
 
 from genserve import errors as e
 from genserve import wire as w
+from genserve.keyfile import KeyFile, make_fernet
 from gpu_node.errors import LoraError
 from gpu_node.loras import LoraLibrary, scan
 from http_front.app import create_app
 from http_front.broker_client import BrokerError
 from http_front.config import FrontConfig
-from genserve.keyfile import KeyFile, make_fernet
 from http_front.keys import DEFAULT_KEY, KeyRecord, KeyStore, owner_of
 from http_front.ratelimit import SlidingWindowLimiter
 

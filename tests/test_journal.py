@@ -10,12 +10,11 @@ from pathlib import Path
 
 import msgpack
 
-from genserve import errors as e
-from genserve import wire as w
 from broker.journal import Journal
 from broker.tasks import Task
+from genserve import errors as e
+from genserve import wire as w
 from tests.fakes import params
-
 
 # Parameters as a GS1 journal stored them: a plain map, cfg None meaning "the mode's default".
 GS1_PARAMS = {"prompt": "x", "width": 16, "height": 16, "num_inference_steps": 2, "seed": 1, "cfg": None,

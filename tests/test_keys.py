@@ -11,8 +11,20 @@ import pytest
 from cryptography.fernet import Fernet
 
 from genserve.keyfile import KeyFile, KeyFileError, derive_fernet_key, make_fernet
-from http_front.keys import (DEFAULT_KEY, InvalidKeySpec, KeyRecord, KeyStore, StoreError, hash_key, key_id_of,
-                             owner_of, parse_env_keys, parse_permissions, preview_of, weak_keys)
+from http_front.keys import (
+    DEFAULT_KEY,
+    InvalidKeySpec,
+    KeyRecord,
+    KeyStore,
+    StoreError,
+    hash_key,
+    key_id_of,
+    owner_of,
+    parse_env_keys,
+    parse_permissions,
+    preview_of,
+    weak_keys,
+)
 
 LEGACY = {
     "legacy-admin-key-0123456789abcdef": {"name": "ops", "permissions": ["admin"], "created_at": 1.0,

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from cryptography.fernet import Fernet
 from waitress.server import create_server
 
+from genserve.keyfile import KeyFile, derive_fernet_key, make_fernet
 from genservectl.__main__ import cli
 from http_front.app import create_app
 from http_front.config import FrontConfig
-from genserve.keyfile import KeyFile, derive_fernet_key, make_fernet
 from http_front.keys import DEFAULT_KEY, KeyStore
 from tests.conftest import BIN, ROOT, Processes, free_port, wait_until
 

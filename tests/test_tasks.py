@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from genserve import errors as e
-from genserve import wire as w
 from broker.journal import Journal
 from broker.queue import TaskQueue
 from broker.tasks import Task, TaskTable, result_reserve
+from genserve import wire as w
 from tests.fakes import params
 
 
