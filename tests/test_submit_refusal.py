@@ -68,25 +68,35 @@ def test_a_submit_made_while_the_broker_is_down_is_not_delivered_when_it_returns
         client.close()
 
 
-def test_an_ack_that_arrives_after_the_client_gave_up_cancels_the_task(ctx) -> None:
+@pytest.fixture
+def late_broker(ctx) -> Iterator[tuple[zmq.Socket, BrokerClient]]:
+    """A bare ROUTER playing a broker that answers too late, and a front's client (0.3 s timeout) to it."""
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     client = BrokerClient(f"tcp://127.0.0.1:{port}", timeout=0.3, context=ctx).start()
-    try:
-        with pytest.raises(BrokerUnavailable):
-            client.request(w.Submit(0, SPEC, "k"))
-        assert router.poll(2000)
-        identity, submit = w.split_routed(router.recv_multipart())
-        assert submit.command == w.SUBMIT
-        # Only now, too late, does this slow "broker" accept it.
-        router.send_multipart(w.routed(identity, w.Ack(submit.header.req, 0.0, "t-late")))
-        assert router.poll(2000)
-        _, cancel = w.split_routed(router.recv_multipart())
-        assert cancel.command == w.CANCEL_TASK and cancel.header.task_id == "t-late" and cancel.header.orphaned
-    finally:
-        client.close()
-        router.close(linger=0)
+    yield router, client
+    client.close()
+    router.close(linger=0)
+
+
+def submit_that_times_out(router: zmq.Socket, client: BrokerClient, submit: w.Submit) -> tuple[bytes, w.Message]:
+    """The client gives up on `submit` (503 for its caller); returns what the router then received."""
+    with pytest.raises(BrokerUnavailable):
+        client.request(submit)
+    assert router.poll(2000)
+    return w.split_routed(router.recv_multipart())
+
+
+def test_an_ack_that_arrives_after_the_client_gave_up_cancels_the_task(late_broker) -> None:
+    router, client = late_broker
+    identity, submit = submit_that_times_out(router, client, w.Submit(0, SPEC, "k"))
+    assert submit.command == w.SUBMIT
+    # Only now, too late, does this slow "broker" accept it.
+    router.send_multipart(w.routed(identity, w.Ack(submit.header.req, 0.0, "t-late")))
+    assert router.poll(2000)
+    _, cancel = w.split_routed(router.recv_multipart())
+    assert cancel.command == w.CANCEL_TASK and cancel.header.task_id == "t-late" and cancel.header.orphaned
 
 
 def test_an_orphaned_task_is_cancelled_as_expired_not_as_the_clients_cancel(broker_factory, ctx) -> None:
@@ -104,19 +114,9 @@ def test_an_orphaned_task_is_cancelled_as_expired_not_as_the_clients_cancel(brok
         node.sock.close(linger=0)
 
 
-def test_a_late_replayed_ack_is_not_cancelled(ctx) -> None:
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    client = BrokerClient(f"tcp://127.0.0.1:{port}", timeout=0.3, context=ctx).start()
-    try:
-        with pytest.raises(BrokerUnavailable):
-            client.request(w.Submit(0, SPEC, "k", idempotency_key="retry-me"))
-        assert router.poll(2000)
-        identity, submit = w.split_routed(router.recv_multipart())
-        # The broker answered with a task another request (a retry) may already hold: never cancel it.
-        router.send_multipart(w.routed(identity, w.Ack(submit.header.req, 0.0, "t-shared", replayed=True)))
-        assert not router.poll(500)
-    finally:
-        client.close()
-        router.close(linger=0)
+def test_a_late_replayed_ack_is_not_cancelled(late_broker) -> None:
+    router, client = late_broker
+    identity, submit = submit_that_times_out(router, client, w.Submit(0, SPEC, "k", idempotency_key="retry-me"))
+    # The broker answered with a task another request (a retry) may already hold: never cancel it.
+    router.send_multipart(w.routed(identity, w.Ack(submit.header.req, 0.0, "t-shared", replayed=True)))
+    assert not router.poll(500)
