@@ -29,11 +29,12 @@ from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
 
 from bench.report import emit  # noqa: E402
+from genserve.spec import GenerationParams  # noqa: E402
 from gpu_node.generate import Generator, Job  # noqa: E402
 from gpu_node.loras import LoraLibrary  # noqa: E402
-from genserve.spec import GenerationParams  # noqa: E402
 from gpu_node.pipeline_cache import PipelineCache, module_bytes  # noqa: E402
-from gpu_node.tiny import clip_tokenizer, scheduler, t5_tokenizer, vae as tiny_vae  # noqa: E402
+from gpu_node.tiny import clip_tokenizer, scheduler, t5_tokenizer  # noqa: E402
+from gpu_node.tiny import vae as tiny_vae
 
 
 def build(args: argparse.Namespace, device: str, dtype: torch.dtype) -> FluxPipeline:

@@ -9,8 +9,8 @@ import signal
 from pathlib import Path
 
 from broker.config import BrokerConfig
-from genserve.curve import InsecureBind
 from broker.server import Broker
+from genserve.curve import InsecureBind
 
 MB = 1 << 20
 

@@ -12,7 +12,6 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import zmq
 
 from broker.tasks import Task
 from genserve import errors as e
@@ -203,11 +202,3 @@ class FrontSide:
         log.info("node %s %sed", node.node_id, h.action)
         self._reply(identity, h.req, w.NodeBody(node.view(self.clock())))
         self._dispatch()
-
-    def _send(self: Broker, sock: zmq.Socket, identity: bytes, header: Any, blobs: list[bytes] | tuple = ()) -> bool:
-        try:
-            sock.send_multipart(w.routed(identity, header, blobs), flags=zmq.NOBLOCK, copy=False)
-            return True
-        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
-            log.warning("cannot send %s to %r: %s", type(header).__name__, identity, exc)
-            return False

@@ -120,6 +120,14 @@ class Broker(FrontSide, NodeSide):
                 return
             handler(frames)
 
+    def _send(self, sock: zmq.Socket, identity: bytes, header: Any, blobs: list[bytes] | tuple = ()) -> bool:
+        try:
+            sock.send_multipart(w.routed(identity, header, blobs), flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
+            log.warning("cannot send %s to %r: %s", type(header).__name__, identity, exc)
+            return False
+
     def _to_node(self, node: Node, header: Any, blobs: list[bytes] | tuple = ()) -> bool:
         node.last_sent = self.clock()
         return self._send(self.backend, node.identity, header, blobs)

@@ -36,7 +36,6 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
-
 log = logging.getLogger(__name__)
 
 PERMISSIONS = ("generation", "readonly", "admin", "all")

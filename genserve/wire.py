@@ -14,8 +14,7 @@ from typing import Any, Literal, Sequence, Union
 import msgspec
 
 from genserve.spec import GenerationParams, TaskSpec
-from genserve.views import (  # noqa: F401  (re-exported: the views are part of this contract)
-    LoraInfo, NodeView, Progress, QueueView, ResultMeta, ServedModel, TaskView)
+from genserve.views import LoraInfo, NodeView, Progress, QueueView, ResultMeta, ServedModel, TaskView  # noqa: F401  (re-exported: the views are part of this contract)
 
 VERSION = b"GS2"  # GS1 carried free-form msgpack maps
 

@@ -7,10 +7,10 @@ import logging
 import os
 from pathlib import Path
 
+from genserve.keyfile import KeyFile, KeyFileError, make_fernet
 from http_front.app import create_app
 from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
-from genserve.keyfile import KeyFile, KeyFileError, make_fernet
 from http_front.keys import DEFAULT_KEY, MIN_KEY_LENGTH, InvalidKeySpec, KeyStore, parse_env_keys, weak_keys
 from http_front.server import serve
 

@@ -17,8 +17,8 @@ import falcon
 
 from http_front.errors import AuthError
 from http_front.keys import KeyStore, Principal, owner_of
-from http_front.signing import UrlSigner
 from http_front.ratelimit import RecentSet, SlidingWindowLimiter
+from http_front.signing import UrlSigner
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 import msgspec
+import zmq
 
 from genserve import wire as w
 from genserve.curve import setup_client

@@ -15,8 +15,21 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 from genserve.keyfile import (  # noqa: F401  (re-exported: the front's key API in one place)
-    DEFAULT_KEY, MAX_NAME_LENGTH, MIN_KEY_LENGTH, OWNER_HEX, PERMISSIONS, InvalidKeySpec, KeyRecord, check_name,
-    hash_key, key_id_of, new_key, owner_of, parse_permissions, preview_of)
+    DEFAULT_KEY,
+    MAX_NAME_LENGTH,
+    MIN_KEY_LENGTH,
+    OWNER_HEX,
+    PERMISSIONS,
+    InvalidKeySpec,
+    KeyRecord,
+    check_name,
+    hash_key,
+    key_id_of,
+    new_key,
+    owner_of,
+    parse_permissions,
+    preview_of,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,11 @@ import secrets
 from typing import Any
 
 import falcon
-
 import msgspec
 
 from genserve.catalog import OUTPUT_FORMATS
 from genserve.wire import CANCELLED, COMPLETED, FAILED, TaskView
 from http_front.keys import Principal
-
 
 # Replaced by the base64 bytes when the body is written; random per process so that
 # no client text (a prompt, say) can ever equal it.

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from genserve import wire as w
 from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
@@ -59,6 +61,4 @@ class Services:
 
 def builtins(value: Any) -> Any:
     """A typed broker value as plain JSON-ready data."""
-    import msgspec
-
     return msgspec.to_builtins(value)

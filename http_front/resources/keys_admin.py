@@ -7,10 +7,9 @@ from typing import Any
 
 import falcon
 
-from http_front.errors import ApiError
 from genserve.keyfile import KeyFileError
-from http_front.keys import (InvalidKeySpec, KeyRecord, KeyStore, StoreError, check_name, hash_key,
-                             parse_permissions)
+from http_front.errors import ApiError
+from http_front.keys import InvalidKeySpec, KeyRecord, KeyStore, StoreError, check_name, hash_key, parse_permissions
 
 ADMIN_GET = {"GET": ("admin",)}
 ADMIN_POST = {"POST": ("admin",)}
