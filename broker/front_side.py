@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_PAGE = 100  # tasks per LIST page
+MAX_WATCH = 5000  # task ids per WATCH
 _ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -192,6 +193,23 @@ class FrontSide:
         tasks, next_before = self.table.listing(h.owner, h.status, h.limit, h.before)
         views = [t.view(self.queue.position(t.task_id) if t.state == w.QUEUED else None) for t in tasks]
         self._reply(identity, h.req, w.TaskListBody(views, next_before))
+
+    def _on_watch(self: Broker, identity: bytes, msg: w.Message) -> None:
+        h: w.Watch = msg.header
+        if len(h.task_ids) > MAX_WATCH:
+            raise RequestError(e.BAD_REQUEST, f"at most {MAX_WATCH} task ids per WATCH")
+        views = []
+        for task_id in h.task_ids:
+            task = self.tasks.get(task_id)
+            if not h.subscribe:
+                self.subs.remove(task_id, identity)
+            elif task is not None:
+                if not task.final and not self.subs.add(task_id, identity):
+                    raise RequestError(e.QUEUE_FULL, "this front follows too many tasks")
+                position = self.queue.position(task_id)
+                self.subs.position_changed(task_id, position)
+                views.append(task.view(position))
+        self._reply(identity, h.req, w.WatchBody(views, self.subs.last_id))
 
     def _on_admin(self: Broker, identity: bytes, msg: w.Message) -> None:
         h: w.Admin = msg.header

@@ -62,7 +62,7 @@ class NodeSide:
         if kept is not None:
             node.state, node.task_id = BUSY, kept.task_id
             kept.node = identity
-            self.journal.update(kept)
+            self.table.update(kept)
         elif task is not None:
             # After a broker restart the node is still running this task: it keeps it.
             self._start(task, node, resumed=True)
@@ -101,6 +101,7 @@ class NodeSide:
         task = self.tasks.get(h.task_id)
         if task is not None and task.node == identity and task.state == w.RUNNING:
             task.step, task.total = h.step, h.total
+            self._publish(task, "progress")
 
     def _on_result(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Result = msg.header

@@ -42,6 +42,7 @@ class TaskQueue:
         # (a position is computed on every SUBMIT and every /task poll) and counts per model.
         self._seqs: dict[int, list[int]] = {}
         self._per_model: dict[str, int] = {}
+        self.changes = 0  # bumped by every push and removal: positions may have moved
 
     def __len__(self) -> int:
         return len(self._live)
@@ -52,6 +53,7 @@ class TaskQueue:
     def push(self, task_id: str, model: str, priority: int, seq: int, now: float) -> None:
         """Queue a task; re-pushing a queued task replaces its entry."""
         self.remove(task_id)
+        self.changes += 1
         entry = Entry(priority, seq, task_id, model, now)
         self._live[task_id] = entry
         heapq.heappush(self._heaps.setdefault(model, []), entry)
@@ -63,6 +65,7 @@ class TaskQueue:
         entry = self._live.pop(task_id, None)
         if entry is None:
             return False
+        self.changes += 1
         seqs = self._seqs[entry.priority]
         del seqs[bisect.bisect_left(seqs, entry.seq)]
         if not seqs:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import zmq
 
 from broker.config import BrokerConfig
+from broker.events import Subscriptions
 from broker.front_side import FrontSide, RequestError  # noqa: F401  (RequestError: part of the broker's API)
 from broker.journal import Journal
 from broker.node_side import NodeSide
@@ -43,6 +44,8 @@ class Broker(FrontSide, NodeSide):
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self.table = TaskTable(self.journal, self.queue)
         self.ledger = TokenLedger()
+        self.subs = Subscriptions()
+        self._positions_at = -1  # TaskQueue.changes when positions were last compared
         self.tasks = self.table.tasks  # read-only view for INFO and tests
         self._stop = threading.Event()
         self.frontend = self.context.socket(zmq.ROUTER)
@@ -57,7 +60,7 @@ class Broker(FrontSide, NodeSide):
         self._front_handlers: dict[bytes, Callable[[bytes, w.Message], None]] = {
             w.SUBMIT: self._on_submit, w.STATUS: self._on_status, w.FETCH: self._on_fetch,
             w.CANCEL_TASK: self._on_cancel, w.INFO: self._on_info, w.ADMIN: self._on_admin,
-            w.LEASE: self._on_lease, w.LIST: self._on_list,
+            w.LEASE: self._on_lease, w.LIST: self._on_list, w.WATCH: self._on_watch,
         }
         self._node_handlers: dict[bytes, Callable[[bytes, Any, w.Message], None]] = {
             w.READY: self._on_ready, w.HEARTBEAT: self._on_heartbeat, w.PROGRESS: self._on_progress,
@@ -161,11 +164,13 @@ class Broker(FrontSide, NodeSide):
         task.attempts += 0 if resumed else 1
         task.step, task.total = 0, task.params.num_inference_steps
         node.state, node.task_id = BUSY, task.task_id
-        self.journal.update(task)
+        self.table.update(task)
         if not resumed and not self._to_node(node, task.job(), task.inputs):
             self.nodes.remove(node.identity)
             task.attempts -= 1  # it never reached the node
             self._requeue_node_task(node, "node unreachable")
+        else:
+            self._publish(task, "running")
 
     def _requeue_node_task(self, node: Node, why: str) -> None:
         """Put back the task a lost or re-registering node was running."""
@@ -183,6 +188,7 @@ class Broker(FrontSide, NodeSide):
             return
         log.warning("re-queueing task %s (%s, attempt %d)", task.task_id, why, task.attempts)
         self.table.enqueue(task, self.clock())
+        self._publish(task, "position")
 
     def _detach(self, task: Task, reason: str = "finished elsewhere") -> None:
         """Take an ending task out of the queue, or stop it on the node that runs it."""
@@ -207,6 +213,33 @@ class Broker(FrontSide, NodeSide):
         for identity in task.watchers:
             self._send(self.frontend, identity, done, blobs)
         task.watchers.clear()
+        self._publish(task, task.state)
+
+    # ---- events for streams ---------------------------------------------
+
+    def _publish(self, task: Task, kind: str) -> None:
+        """Push an EVENT to the fronts subscribed to `task`; a final one ends its subscriptions."""
+        peers = self.subs.peers(task.task_id)
+        if peers:
+            position = self.queue.position(task.task_id)
+            if kind == "position":
+                self.subs.position_changed(task.task_id, position)
+            event = w.Event(kind, self.subs.next_id(), task.view(position))
+            for peer in peers:
+                if not self._send(self.frontend, peer, event):
+                    self.subs.drop_peer(peer)  # that front is gone
+        if task.final:
+            self.subs.forget(task.task_id)
+
+    def _publish_positions(self) -> None:
+        """A `position` event for each subscribed queued task whose place moved since it was told."""
+        if self._positions_at == self.queue.changes or not len(self.subs):
+            return
+        self._positions_at = self.queue.changes
+        for task_id in self.subs.task_ids():
+            position = self.queue.position(task_id)
+            if position is not None and self.subs.position_changed(task_id, position):
+                self._publish(self.tasks[task_id], "position")
 
     # ---- timers ----------------------------------------------------------
 
@@ -224,3 +257,4 @@ class Broker(FrontSide, NodeSide):
         for task in list(self.table.overdue(now)):
             self._fail(task, w.FAILED, e.TIMEOUT, "task timed out")
         self._dispatch()
+        self._publish_positions()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 from dataclasses import dataclass, field
@@ -71,6 +72,56 @@ class Task:
             result_expired=self.result_expired)
 
 
+ANY = "*"  # the listing index's wildcard for "every owner" and "every state"
+
+
+class ListingIndex:
+    """Sequence numbers of tasks by (owner, state), each list sorted, for newest-first pages.
+
+    Each task is in four lists: (owner, state), (owner, ANY), (ANY, state) and (ANY, ANY).
+    A page is a binary search and a slice, whatever the filter and however many tasks
+    other keys hold or other states contain.
+    """
+
+    def __init__(self) -> None:
+        self._lists: dict[tuple[str, str], list[int]] = {}
+        self._state: dict[int, tuple[str, str]] = {}  # seq -> (owner, state) as indexed
+
+    def put(self, seq: int, owner: str, state: str) -> None:
+        """Index a task, or move it to its new state."""
+        old = self._state.get(seq)
+        if old == (owner, state):
+            return
+        if old is not None:
+            self.remove(seq)
+        self._state[seq] = (owner, state)
+        for key in ((owner, state), (owner, ANY), (ANY, state), (ANY, ANY)):
+            seqs = self._lists.setdefault(key, [])
+            if not seqs or seqs[-1] < seq:
+                seqs.append(seq)  # the common case: a new task is the newest
+            else:
+                bisect.insort(seqs, seq)
+
+    def remove(self, seq: int) -> None:
+        """Forget a task."""
+        old = self._state.pop(seq, None)
+        if old is None:
+            return
+        owner, state = old
+        for key in ((owner, state), (owner, ANY), (ANY, state), (ANY, ANY)):
+            seqs = self._lists[key]
+            del seqs[bisect.bisect_left(seqs, seq)]
+            if not seqs:
+                del self._lists[key]
+
+    def page(self, owner: str | None, state: str | None, limit: int, before: int | None) -> tuple[list[int], bool]:
+        """Up to `limit` seqs below `before`, newest first; and whether older ones remain."""
+        seqs = self._lists.get((owner if owner is not None else ANY, state if state is not None else ANY), [])
+        end = len(seqs) if before is None else bisect.bisect_left(seqs, before)
+        start = max(0, end - limit)
+        return seqs[start:end][::-1], start > 0
+
+
 def result_reserve(params: GenerationParams) -> int:
     """Disk held for a task's future result: an upper bound of an 8-bit RGB PNG of its size.
 
@@ -105,6 +156,8 @@ class TaskTable:
         self._last_purge = 0.0
         self._reserved = 0  # bytes held for the results of unfinished tasks
         self._idem: dict[tuple[str, str], str] = {}  # (owner, Idempotency-Key) -> task id
+        self._index = ListingIndex()
+        self._by_seq: dict[int, str] = {}
 
     @property
     def disk_used(self) -> int:
@@ -151,6 +204,7 @@ class TaskTable:
         self.journal.add(task)
         self._reserved += result_reserve(task.params)
         self.tasks[task.task_id] = task
+        self._indexed(task)
         if task.idem_key:
             self._idem[(task.owner, task.idem_key)] = task.task_id
         self._unfinished[task.owner] = self._unfinished.get(task.owner, 0) + 1
@@ -167,9 +221,19 @@ class TaskTable:
         if task.idem_key and self._idem.get((task.owner, task.idem_key)) == task.task_id:
             del self._idem[(task.owner, task.idem_key)]
 
+    def _indexed(self, task: Task) -> None:
+        self._by_seq[task.seq] = task.task_id
+        self._index.put(task.seq, task.owner, task.state)
+
+    def update(self, task: Task) -> None:
+        """Persist a change of a task that is not ending (e.g. it started)."""
+        self.journal.update(task)
+        self._index.put(task.seq, task.owner, task.state)
+
     def finish(self, task: Task, result: bytes | None) -> None:
         """Persist a final state (the caller has set it) and the result image, if any."""
         self.journal.finish(task, result)
+        self._index.put(task.seq, task.owner, task.state)
         self._reserved = max(0, self._reserved - result_reserve(task.params))
         left = self._unfinished.get(task.owner, 1) - 1
         if left > 0:
@@ -180,7 +244,7 @@ class TaskTable:
     def enqueue(self, task: Task, now: float) -> None:
         """Put an accepted task back in the queue at its original priority and place."""
         task.state, task.step, task.node, task.node_id = QUEUED, 0, None, None
-        self.journal.update(task)
+        self.update(task)
         self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
 
     def claim(self, task_id: str) -> Task | None:
@@ -203,20 +267,10 @@ class TaskTable:
     def listing(self, owner: str | None, status: str | None, limit: int,
                 before: int | None = None) -> tuple[list[Task], int | None]:
         """Newest first: up to `limit` tasks of `owner` (None: all) in `status` (None: any), accepted
-        before sequence `before`; and the cursor of the next page, None when there is none.
-
-        The table is in acceptance order (recovery reloads it so), so this walks it backwards;
-        a page costs what it skips, which the result retention bounds.
-        """
-        page: list[Task] = []
-        for task in reversed(self.tasks.values()):
-            if before is not None and task.seq >= before:
-                continue
-            if (owner is None or task.owner == owner) and (status is None or task.state == status):
-                if len(page) == limit:
-                    return page, page[-1].seq
-                page.append(task)
-        return page, None
+        before sequence `before`; and the cursor of the next page, None when there is none."""
+        seqs, more = self._index.page(owner, status, limit, before)
+        page = [self.tasks[self._by_seq[seq]] for seq in seqs]
+        return page, (page[-1].seq if more and page else None)
 
     def counts(self) -> dict[str, int]:
         """Number of tasks per state."""
@@ -246,12 +300,15 @@ class TaskTable:
                 task = self.tasks.pop(task_id, None)
                 if task is not None:
                     self.forget_idempotency_key(task)
+                    self._index.remove(task.seq)
+                    self._by_seq.pop(task.seq, None)
 
     def recover(self, now: float, grace: float) -> None:
         """Reload the journal after a (re)start."""
         for task in self.journal.load():
             self.tasks[task.task_id] = task
             self._seq = max(self._seq, task.seq)
+            self._indexed(task)
             if task.idem_key and task.error_code != EXPIRED:
                 self._idem[(task.owner, task.idem_key)] = task.task_id
             if task.final:
@@ -262,6 +319,7 @@ class TaskTable:
             heapq.heappush(self._deadlines, (task.deadline, task.task_id))
             if task.state == RUNNING:
                 task.state = QUEUED
+                self._index.put(task.seq, task.owner, QUEUED)
                 self._held[task.task_id] = now + grace
             else:
                 self.queue.push(task.task_id, task.model, task.priority, task.seq, now)

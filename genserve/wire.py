@@ -38,11 +38,13 @@ INFO = b"\x24"
 ADMIN = b"\x25"
 LEASE = b"\x26"  # rate-limit tokens for one key, granted in batches
 LIST = b"\x27"  # one page of tasks, newest first
+WATCH = b"\x28"  # (un)subscribe to tasks' events; the reply is their current views
 # Broker -> front
 ACK = b"\x30"
 REPLY = b"\x31"
 FAIL = b"\x32"
 DONE = b"\x33"  # pushed to the submitting front when a watched task ends
+EVENT = b"\x34"  # pushed to subscribed fronts when a task changes (event streams)
 
 # Task states, in lifecycle order.
 QUEUED = "queued"
@@ -130,6 +132,14 @@ class ListTasks(_Header, forbid_unknown_fields=True):
     before: int | None = None  # the cursor: only tasks accepted before this sequence number
 
 
+class Watch(_Header, forbid_unknown_fields=True):
+    """Subscribe this front to the events of these tasks (or unsubscribe); REPLY is a WatchBody."""
+
+    req: int
+    task_ids: list[str]
+    subscribe: bool = True
+
+
 class Ack(_Header):
     """A SUBMIT was accepted (or replayed under its Idempotency-Key)."""
 
@@ -176,12 +186,19 @@ class TaskListBody(msgspec.Struct, tag="list"):
     next_before: int | None
 
 
+class WatchBody(msgspec.Struct, tag="watch"):
+    """REPLY body: the watched tasks that exist, and the event counter now (later events are larger)."""
+
+    tasks: list[TaskView]
+    event_id: int
+
+
 class Reply(_Header):
-    """The answer to STATUS, FETCH, CANCEL_TASK, INFO, ADMIN, LEASE or LIST."""
+    """The answer to STATUS, FETCH, CANCEL_TASK, INFO, ADMIN, LEASE, LIST or WATCH."""
 
     req: int
     now: float
-    body: Union[TaskBody, InfoBody, NodeBody, LeaseBody, TaskListBody]
+    body: Union[TaskBody, InfoBody, NodeBody, LeaseBody, TaskListBody, WatchBody]
 
 
 class Fail(_Header):
@@ -198,6 +215,19 @@ class Fail(_Header):
 class Done(_Header):
     """A watched task ended; a completed one carries its image as a blob."""
 
+    task: TaskView
+
+
+# Event kinds: the queue position changed (also a re-queue), a node started it, a denoising step,
+# then one of the final states.
+EVENT_KINDS = ("position", "running", "progress", COMPLETED, FAILED, CANCELLED)
+
+
+class Event(_Header):
+    """A subscribed task changed; `event_id` grows with every event the broker sends."""
+
+    kind: str
+    event_id: int
     task: TaskView
 
 
@@ -289,14 +319,16 @@ HEADERS: dict[bytes, type[Any]] = {
     READY: Ready, HEARTBEAT: Heartbeat, PROGRESS: ProgressReport, RESULT: Result, ERROR: Error,
     DISCONNECT: Disconnect, JOB: Job, CANCEL: Cancel, RESULT_ACK: ResultAck,
     SUBMIT: Submit, STATUS: Status, FETCH: Fetch, CANCEL_TASK: CancelTask, INFO: InfoRequest,
-    ADMIN: Admin, LEASE: Lease, LIST: ListTasks, ACK: Ack, REPLY: Reply, FAIL: Fail, DONE: Done,
+    ADMIN: Admin, LEASE: Lease, LIST: ListTasks, WATCH: Watch, ACK: Ack, REPLY: Reply, FAIL: Fail,
+    DONE: Done, EVENT: Event,
 }
 COMMANDS: dict[type[Any], bytes] = {kind: command for command, kind in HEADERS.items()}
 COMMAND_NAMES: dict[bytes, str] = {
     READY: "READY", HEARTBEAT: "HEARTBEAT", PROGRESS: "PROGRESS", RESULT: "RESULT", ERROR: "ERROR",
     DISCONNECT: "DISCONNECT", JOB: "JOB", CANCEL: "CANCEL", RESULT_ACK: "RESULT_ACK", SUBMIT: "SUBMIT",
     STATUS: "STATUS", FETCH: "FETCH", CANCEL_TASK: "CANCEL_TASK", INFO: "INFO", ADMIN: "ADMIN",
-    LEASE: "LEASE", LIST: "LIST", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL", DONE: "DONE",
+    LEASE: "LEASE", LIST: "LIST", WATCH: "WATCH", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL", DONE: "DONE",
+    EVENT: "EVENT",
 }
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODERS = {command: msgspec.msgpack.Decoder(kind) for command, kind in HEADERS.items()}

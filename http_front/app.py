@@ -11,12 +11,14 @@ from http_front.auth import AuthMiddleware
 from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
 from http_front.errors import ApiError
+from http_front.events import EventHub, StreamSlots
 from http_front.keys import KeyStore
 from http_front.leases import LeasedLimiter, broker_lease
 from http_front.openapi import build_document
 from http_front.ratelimit import SlidingWindowLimiter
 from http_front.resources import keys_admin
 from http_front.resources.docs import DocsPage, OpenApiDocument
+from http_front.resources.events import TaskEvents
 from http_front.resources.generate import Generate, GenerateUpload
 from http_front.resources.info import Health, Loras, Models, Root, Status
 from http_front.resources.tasks import Task, TaskImage, Tasks
@@ -73,6 +75,8 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
     app.add_route("/generate/upload", GenerateUpload(services, waits))
     app.add_route("/task/{task_id}", Task(services))
     app.add_route("/task/{task_id}/image", TaskImage(services))
+    slots = StreamSlots(config.max_streams, config.max_streams_per_key)
+    app.add_route("/task/{task_id}/events", TaskEvents(services, EventHub(broker), slots))
     app.add_route("/tasks", Tasks(services))
     keys_admin.install(app, keys)
     document = OpenApiDocument()  # public, like /docs: see http_front.auth

@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 import zmq
@@ -66,6 +66,8 @@ class BrokerClient:
         self._orphans: OrderedDict[int, None] = OrderedDict()
         self._clock_offset: float | None = None  # broker clock minus ours, from its replies
         self._unsent: deque[tuple[int, list[bytes]]] = deque()  # I/O thread only
+        # Called with each EVENT push (task changes for event streams), on the I/O thread: keep them quick.
+        self.event_listeners: list[Callable[[w.Event], None]] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -121,6 +123,11 @@ class BrokerClient:
             extra = {k: v for k, v in (("served", h.served), ("supported", h.supported)) if v is not None}
             raise BrokerError(h.code, h.message, extra)
         return msg
+
+    def post(self, header: Any) -> None:
+        """Send a request whose answer nobody waits for (an unsubscribe, an orphan cancel)."""
+        self._outbox.put((0, w.encode(msgspec.structs.replace(header, req=0))))
+        self._wake()
 
     def watch(self, task_id: str) -> Future:
         """A Future resolved with the DONE message when the task ends (register before it can end)."""
@@ -188,6 +195,10 @@ class BrokerClient:
             except w.ProtocolError as exc:
                 log.warning("bad broker reply: %s", exc)
                 continue
+            if msg.command == w.EVENT:
+                for listener in self.event_listeners:
+                    listener(msg.header)
+                continue
             if msg.command == w.DONE:
                 task_id = msg.header.task.task_id
                 with self._lock:
@@ -211,8 +222,7 @@ class BrokerClient:
                 # (A replayed ACK names a task that another request created and may have been told of.)
                 task_id = msg.header.task_id
                 log.warning("task %s was accepted after its client was told it failed: cancelling it", task_id)
-                self._outbox.put((0, w.encode(w.CancelTask(0, task_id, orphaned=True))))
-                self._wake()
+                self.post(w.CancelTask(0, task_id, orphaned=True))
 
     def _flush(self, sock: zmq.Socket) -> None:
         """Send what waits; a request not sendable yet (no connection) is retried while its caller waits."""

@@ -18,6 +18,12 @@ class FrontConfig:
     # async submissions always find a free thread; past a cap, 429 with Retry-After.
     max_sync_waits: int = 32
     max_sync_waits_per_key: int = 16
+    # Event streams (GET /task/{id}/events) open at once, and per key: each holds a waitress
+    # thread for its life, so the pool has `threads + max_streams` threads. A comment line is
+    # written after `stream_keepalive` quiet seconds.
+    max_streams: int = 1000
+    max_streams_per_key: int = 100
+    stream_keepalive: float = 15.0
     # Waitress: open connections, seconds an idle connection is kept, seconds a client has to
     # send its request line and headers, listen backlog, the app's own header-size limit (431).
     connection_limit: int = 4000

@@ -16,11 +16,13 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error answered as ``{"success": false, "error", "detail"}``."""
 
-    def __init__(self, status: int, error: str, detail: str = "", **extra: Any) -> None:
+    def __init__(self, status: int, error: str, detail: str = "", retry_after: int | None = None,
+                 **extra: Any) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
         self.detail = detail or error
+        self.retry_after = retry_after
         self.extra = extra
 
 
@@ -69,6 +71,8 @@ def _error_body(error: str, detail: str, extra: dict[str, Any]) -> dict[str, Any
 
 def _api_error(req: falcon.Request, resp: falcon.Response, ex: ApiError, params: dict) -> None:
     resp.status = ex.status
+    if ex.retry_after is not None:
+        resp.set_header("Retry-After", str(ex.retry_after))
     resp.media = _error_body(ex.error, ex.detail, ex.extra)
 
 

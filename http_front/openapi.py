@@ -75,11 +75,15 @@ PREFER = {"name": "Prefer", "in": "header", "required": False,
 TASK_ID = {"name": "task_id", "in": "path", "required": True, "description": "as returned by /generate",
            "schema": {"type": "string", "minLength": 1}}
 SIGNED = (
-    {"name": "expires", "in": "query", "required": False, "description": "from image_url: Unix time it expires",
+    {"name": "expires", "in": "query", "required": False,
+     "description": "from image_url or events_url: the Unix time it expires",
      "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
-    {"name": "sig", "in": "query", "required": False, "description": "from image_url: its signature",
+    {"name": "sig", "in": "query", "required": False, "description": "from image_url or events_url: its signature",
      "schema": {"type": "string"}},
 )
+LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "description": "the id of the last event received, to resume a dropped stream",
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"}}
 LIST_PARAMS = (
     {"name": "status", "in": "query", "required": False, "description": "only tasks in this state",
      "schema": {"enum": ["queued", "running", "completed", "failed", "cancelled"]}},
@@ -146,6 +150,19 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         errors=(404, 409, 410, *BROKER), parameters=(TASK_ID, *SIGNED),
         description=("Instead of a key, the signed `expires` and `sig` of the task body's `image_url` may be "
                      "sent (for an `<img src>`). Sends ETag and Cache-Control; 304 for a matching If-None-Match.")),
+    ("GET", "/task/{task_id}/events"): Op(
+        "getTaskEvents", "A task's progress as Server-Sent Events (text/event-stream)", "tasks",
+        {200: ("an event stream: snapshot, position, running, progress, then completed, failed or cancelled",
+               "")},
+        errors=(400, 404, *BROKER), parameters=(TASK_ID, *SIGNED, LAST_EVENT_ID),
+        description=("Starts with a `snapshot` event (the task body without its image), then sends `position` "
+                     "(queue_position changed), `running` (node_id), `progress` (step, total), and ends with "
+                     "one `completed`, `failed` or `cancelled` event carrying the task body and its signed "
+                     "`image_url`. An ended task gets only its final event. Each `data:` is one JSON object; "
+                     "ids come from the broker, so `Last-Event-ID` resumes on any front (with a fresh "
+                     "snapshot). Comment lines keep idle streams open. Instead of a key, the signed `expires` "
+                     "and `sig` of the task body's `events_url` may be sent (for a browser's EventSource). "
+                     "429 past the open-stream caps (poll /task/{task_id} instead).")),
     ("GET", "/tasks"): Op(
         "listTasks", "The caller's tasks, newest first (every key's for admin keys), without images", "tasks",
         {200: ("one page; next_cursor fetches the next", "TaskListBody")},
@@ -209,6 +226,8 @@ def _response(status: int, description: str, component: str) -> dict[str, Any]:
         binary = {"schema": {"type": "string", "format": "binary"}}
         return {"description": description, "content": {m: binary for m in OUTPUT_FORMATS.values()},
                 "headers": {"ETag": {"schema": {"type": "string"}}, "Cache-Control": {"schema": {"type": "string"}}}}
+    if status == 200 and component == "" and description.startswith("an event stream"):
+        return {"description": description, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
     if status == 200 and component == "":
         media = "text/html" if description.startswith("an HTML") else "application/json"
         schema = {"type": "string"} if media == "text/html" else {"type": "object"}

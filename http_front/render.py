@@ -25,10 +25,11 @@ def auth_info(principal: Principal) -> dict[str, Any]:
 
 
 def render_task(task: TaskView, png: bytes | None, principal: Principal | None,
-                image_url: str | None = None) -> dict[str, Any]:
+                image_url: str | None = None, events_url: str | None = None) -> dict[str, Any]:
     """Body for /generate, /task/{id} and /tasks: status, progress, and the image once completed.
 
-    `image_url` is the task's signed image URL, shown once the task has an image.
+    `image_url` is the task's signed image URL, shown once the task has an image;
+    `events_url` the signed URL of its event stream, shown while it has not ended.
     """
     params, meta = task.params, task.meta
     body: dict[str, Any] = {
@@ -48,6 +49,8 @@ def render_task(task: TaskView, png: bytes | None, principal: Principal | None,
     }
     if principal is not None:
         body["auth_info"] = auth_info(principal)
+    if events_url is not None and task.status not in (COMPLETED, FAILED, CANCELLED):
+        body["events_url"] = events_url
     if task.queue_position is not None:
         body["queue_position"] = task.queue_position
     if task.progress is not None:
@@ -78,14 +81,14 @@ def render_task(task: TaskView, png: bytes | None, principal: Principal | None,
 
 
 def send_task(resp: falcon.Response, task: TaskView, png: bytes | None, principal: Principal,
-              image_url: str | None = None) -> None:
+              image_url: str | None = None, events_url: str | None = None) -> None:
     """Write a task body; the PNG goes in as base64 without passing through the JSON encoder.
 
     The image travels twice (the guide's `image` data URI and the legacy `image_base64`),
     about 0.4 MB for a small PNG: encoding it once and splicing the bytes in keeps the
     JSON encoder from scanning and re-encoding it (base64 never needs JSON escaping).
     """
-    body = render_task(task, png, principal, image_url)
+    body = render_task(task, png, principal, image_url, events_url)
     text = json.dumps(body, ensure_ascii=False)
     resp.content_type = falcon.MEDIA_JSON
     if body.get("image") != IMAGE_PLACEHOLDER:

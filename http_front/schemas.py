@@ -296,6 +296,9 @@ class TaskBody(msgspec.Struct):
     image_url: Annotated[str, Meta(description=(
         "GET it without a key: /task/{task_id}/image with a signed expires and sig, valid 15 minutes"))] \
         | UnsetType = UNSET
+    events_url: Annotated[str, Meta(description=(
+        "while the task has not ended: its event stream, /task/{task_id}/events with a signed expires and"
+        " sig (for a browser's EventSource, which cannot send a key), valid 15 minutes"))] | UnsetType = UNSET
     metadata: ImageMetadata | UnsetType = UNSET
     elapsed_time: float | None | UnsetType = UNSET
     queue_time: float | None | UnsetType = UNSET
@@ -319,6 +322,8 @@ class AcceptedBody(msgspec.Struct):
     task_id: str
     status: Literal["queued", "pending"]
     queue_position: int | None | UnsetType = UNSET
+    events_url: Annotated[str, Meta(description="the task's event stream, signed (no key needed)")] \
+        | UnsetType = UNSET
     detail: str | UnsetType = UNSET
 
 

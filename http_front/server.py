@@ -119,7 +119,9 @@ def raise_fd_limit(connection_limit: int) -> int:
 def adjustments(config: FrontConfig, connection_limit: int | None = None) -> dict[str, Any]:
     """Waitress settings derived from the config."""
     return {
-        "host": config.host, "port": config.port, "threads": config.threads, "ident": "GenServe",
+        # Event streams hold a thread each for their whole life: they get their own share.
+        "host": config.host, "port": config.port, "threads": config.threads + config.max_streams,
+        "ident": "GenServe",
         "connection_limit": connection_limit or config.connection_limit,
         "channel_timeout": config.channel_timeout,
         # Maintenance (idle and header deadlines) runs this often; it is cheap.

@@ -50,6 +50,12 @@ class Services:
             return None
         return self.signer.sign(f"/task/{task.task_id}/image")
 
+    def events_url(self, task: w.TaskView) -> str | None:
+        """A signed URL of the task's event stream (no key needed), while it has not ended."""
+        if task.status in w.FINAL_STATES:
+            return None
+        return self.signer.sign(f"/task/{task.task_id}/events")
+
     def loras(self) -> list[w.LoraInfo]:
         """LoRA files reported by live nodes, merged by name and sorted."""
         merged: dict[str, w.LoraInfo] = {}

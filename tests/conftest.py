@@ -161,7 +161,8 @@ class Stack:
     """Broker thread + real tiny-model node thread + BrokerClient + Falcon TestClient."""
 
     def __init__(self, data_dir: Path, models: Path, serve: tuple[str, ...], keys=None,
-                 front_overrides: dict[str, Any] | None = None, **broker_overrides: Any) -> None:
+                 front_overrides: dict[str, Any] | None = None, node_overrides: dict[str, Any] | None = None,
+                 **broker_overrides: Any) -> None:
         from falcon import testing
 
         from gpu_node.__main__ import build
@@ -176,7 +177,7 @@ class Stack:
         paths = resolve_model_paths(models, {}, "cpu", serve)
         self.node_config = NodeConfig(broker=self.broker.backend, device="cpu", model_paths=paths,
                                       lora_dir=models / "loras", node_id="test-node", heartbeat_interval=0.2,
-                                      max_sequence_length=32)
+                                      max_sequence_length=32, **(node_overrides or {}))
         self.node, self.generator = build(self.node_config)
         self.node_thread = threading.Thread(target=self.node.run, daemon=True)
         self.node_thread.start()

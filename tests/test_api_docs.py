@@ -256,6 +256,14 @@ def check_task_image(run: Run) -> None:
     assert (run.cwd / "signed.webp").read_bytes() == (run.cwd / "out.webp").read_bytes()
 
 
+def check_task_events(run: Run) -> None:
+    first, last, *rest = run.stdout.splitlines()
+    assert first == "event: snapshot" and last == "event: completed", run.stdout
+    assert json.loads("\n".join(rest)) == {"status": "completed", "has_url": True}
+    events = (run.cwd / "events.txt").read_text()
+    assert events.count("event: completed") == 1
+
+
 def check_task_list(run: Run) -> None:
     body = run.value
     assert body["success"] is True and 1 <= body["count"] <= 2 and body["has_urls"] is True
@@ -482,6 +490,7 @@ CHECKS: dict[str, Callable[[Run], None]] = {
     "retry-after": check_retry_after,
     "root": check_root,
     "task-image": check_task_image,
+    "task-events": check_task_events,
     "task-list": check_task_list,
     "openapi": check_openapi,
     "docs-page": check_docs_page,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import random
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -13,7 +14,7 @@ from PIL import Image
 
 from broker.journal import Journal
 from broker.queue import TaskQueue
-from broker.tasks import Task, TaskTable
+from broker.tasks import ListingIndex, Task, TaskTable
 from http_front.keys import KeyStore
 from http_front.signing import UrlSigner
 from tests.conftest import Stack
@@ -141,12 +142,59 @@ def test_the_task_table_lists_by_owner_and_status_with_a_cursor(tmp_path: Path) 
                     params=params(), owner="a" if seq % 2 else "b", created=float(seq), deadline=1e9)
         table.accept(task, 0.0)
     table.tasks["t7"].state = "completed"
+    table.finish(table.tasks["t7"], None)
     page, cursor = table.listing("a", None, 2)
     assert [t.task_id for t in page] == ["t7", "t5"] and cursor == 5
     page, cursor = table.listing("a", None, 2, cursor)
     assert [t.task_id for t in page] == ["t3", "t1"] and cursor is None
     assert [t.task_id for t in table.listing(None, "completed", 10)[0]] == ["t7"]
     assert [t.task_id for t in table.listing(None, None, 3)[0]] == ["t7", "t6", "t5"]
+
+
+def test_the_listing_index_matches_a_full_scan_through_random_changes(tmp_path: Path) -> None:
+    """Pages come from the index (a binary search per page); a brute-force scan must agree."""
+    rng = random.Random(5)
+    index = ListingIndex()
+    tasks: dict[int, tuple[str, str]] = {}
+    for seq in range(1, 400):
+        action = rng.random()
+        if action < 0.6 or not tasks:
+            tasks[seq] = (rng.choice("abc"), "queued")
+            index.put(seq, *tasks[seq])
+        elif action < 0.9:
+            old = rng.choice(list(tasks))
+            tasks[old] = (tasks[old][0], rng.choice(["running", "completed", "failed", "queued"]))
+            index.put(old, *tasks[old])
+        else:
+            gone = rng.choice(list(tasks))
+            del tasks[gone]
+            index.remove(gone)
+        owner, state = rng.choice([None, "a", "b", "c"]), rng.choice([None, "queued", "completed"])
+        limit, before = rng.randint(1, 7), rng.choice([None, rng.randint(1, seq + 1)])
+        expected = sorted((s for s, (o, st) in tasks.items() if (owner is None or o == owner)
+                           and (state is None or st == state) and (before is None or s < before)), reverse=True)
+        assert index.page(owner, state, limit, before) == (expected[:limit], len(expected) > limit)
+
+
+def test_listing_survives_a_restart_and_forgets_purged_tasks(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db")
+    table = TaskTable(journal, TaskQueue(30.0))
+    for seq in range(1, 5):
+        task = Task(task_id=f"t{seq}", model="flux1-dev", mode="text2img", priority=0, seq=table.next_seq(),
+                    params=params(), owner="a", created=float(seq), deadline=1e9)
+        table.accept(task, 0.0)
+    done = table.tasks["t2"]
+    done.state, done.finished = "completed", 10.0
+    table.finish(done, None)
+    journal.close()
+    again = TaskTable(Journal(tmp_path / "j.db"), TaskQueue(30.0))
+    again.recover(now=20.0, grace=1.0)
+    assert [t.task_id for t in again.listing("a", None, 10)[0]] == ["t4", "t3", "t2", "t1"]
+    assert [t.task_id for t in again.listing("a", "completed", 10)[0]] == ["t2"]
+    again.housekeeping(now=10.0 + 3600.5, result_ttl=3600.0)  # t2's retention is over
+    assert [t.task_id for t in again.listing("a", None, 10)[0]] == ["t4", "t3", "t1"]
+    assert again.listing(None, "completed", 10) == ([], None)
+    again.journal.close()
 
 
 def test_signed_urls_expire_and_bind_their_path() -> None:

@@ -91,7 +91,8 @@ class _Submitter:
             resp.status = 202
             resp.set_header("Location", f"/task/{task_id}")
             resp.media = {"success": True, "task_id": task_id, "status": "queued",
-                          "queue_position": ack.queue_position}
+                          "queue_position": ack.queue_position,
+                          "events_url": self.services.signer.sign(f"/task/{task_id}/events")}
             return
         future = broker.watch(task_id)
         try:

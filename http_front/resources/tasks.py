@@ -33,7 +33,8 @@ class Task:
         """Status while queued/running; the image once completed."""
         task, png = self.services.task(task_id, fetch=True)
         self._visible(req, task)
-        send_task(resp, task, png, req.context.principal, self.services.image_url(task))
+        send_task(resp, task, png, req.context.principal, self.services.image_url(task),
+                  self.services.events_url(task))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         """Cancel: a queued task leaves the queue; a running one stops at its next step.
