@@ -56,6 +56,26 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--insecure", action="store_true", default=env.get("GENSERVE_INSECURE", "") in ("1", "true"),
                     help="allow binding a non-loopback address without CURVE: anyone who reaches it can"
                          " submit, read results or pose as a node (env GENSERVE_INSECURE=1)")
+    ap.add_argument("--webhook-secret", default=env.get("GENSERVE_WEBHOOK_SECRET"),
+                    help="'whsec_<base64>' key that signs webhooks; default: one generated into"
+                         " DATA_DIR/webhook_secret (env GENSERVE_WEBHOOK_SECRET)")
+    ap.add_argument("--webhook-allow-private", action="store_true",
+                    default=env.get("GENSERVE_WEBHOOK_ALLOW_PRIVATE", "") in ("1", "true"),
+                    help="allow webhooks to loopback, private and link-local addresses (trusted networks"
+                         " and tests only; env GENSERVE_WEBHOOK_ALLOW_PRIVATE=1)")
+    ap.add_argument("--webhook-max-age", type=float,
+                    default=float(env.get("GENSERVE_WEBHOOK_MAX_AGE", d.webhook_max_age)),
+                    help="seconds a webhook is retried before it is given up (env GENSERVE_WEBHOOK_MAX_AGE)")
+    ap.add_argument("--webhook-first-delay", type=float,
+                    default=float(env.get("GENSERVE_WEBHOOK_FIRST_DELAY", d.webhook_first_delay)),
+                    help="seconds before the first retry, doubling up to --webhook-max-delay"
+                         " (env GENSERVE_WEBHOOK_FIRST_DELAY)")
+    ap.add_argument("--webhook-max-delay", type=float,
+                    default=float(env.get("GENSERVE_WEBHOOK_MAX_DELAY", d.webhook_max_delay)),
+                    help="longest wait between retries (env GENSERVE_WEBHOOK_MAX_DELAY)")
+    ap.add_argument("--webhook-timeout", type=float,
+                    default=float(env.get("GENSERVE_WEBHOOK_TIMEOUT", d.webhook_timeout)),
+                    help="seconds one delivery attempt may take (env GENSERVE_WEBHOOK_TIMEOUT)")
     ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,13 +86,19 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         max_queued_per_owner=a.max_queued_per_key, disk_budget_bytes=int(a.disk_budget_mb * MB),
         curve_secret_file=_path(a.curve_secret),
         curve_authorized_dir=_path(a.curve_authorized), insecure=a.insecure,
+        webhook_secret=a.webhook_secret, webhook_allow_private=a.webhook_allow_private,
+        webhook_max_age=a.webhook_max_age, webhook_first_delay=a.webhook_first_delay,
+        webhook_max_delay=a.webhook_max_delay, webhook_timeout=a.webhook_timeout,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the broker until SIGTERM or SIGINT."""
     config = parse_config(argv)
-    broker = Broker(config)
+    try:
+        broker = Broker(config)
+    except ValueError as exc:  # a malformed webhook secret or setting
+        raise SystemExit(f"genserve-broker: cannot start: {exc}") from None
     try:
         broker.bind()
     except InsecureBind as exc:

@@ -25,6 +25,16 @@ class BrokerConfig:
     curve_secret_file: Path | None = None
     curve_authorized_dir: Path | None = None
     insecure: bool = False  # allow a non-loopback bind without CURVE (trusted networks only)
+    # Webhooks: the "whsec_..." signing secret (None: generated once into data_dir/webhook_secret);
+    # whether loopback/private/link-local receivers are allowed; retries (doubling from first_delay up
+    # to max_delay) until max_age seconds after the event; per-attempt timeout; delivery threads.
+    webhook_secret: str | None = None
+    webhook_allow_private: bool = False
+    webhook_max_age: float = 3600.0
+    webhook_first_delay: float = 1.0
+    webhook_max_delay: float = 300.0
+    webhook_timeout: float = 10.0
+    webhook_workers: int = 4
 
     @property
     def node_timeout(self) -> float:

@@ -44,7 +44,7 @@ import msgspec
 from broker.tasks import Task
 from genserve.catalog import default_cfg
 from genserve.errors import GENERATION as E_GENERATION
-from genserve.spec import GenerationParams
+from genserve.spec import GenerationParams, WebhookSpec
 from genserve.wire import COMPLETED, FAILED, QUEUED, RUNNING, ResultMeta
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     attempts INTEGER NOT NULL DEFAULT 0, error_code TEXT, error TEXT, meta BLOB,
     inputs INTEGER NOT NULL DEFAULT 0, input_bytes INTEGER NOT NULL DEFAULT 0,
     result_bytes INTEGER, result_expired INTEGER NOT NULL DEFAULT 0,
-    idem_key TEXT, idem_hash TEXT
+    idem_key TEXT, idem_hash TEXT, webhook BLOB
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished);
@@ -153,6 +153,8 @@ class Journal:
         if columns and "idem_key" not in columns:
             self._db.execute("ALTER TABLE tasks ADD COLUMN idem_key TEXT")
             self._db.execute("ALTER TABLE tasks ADD COLUMN idem_hash TEXT")
+        if columns and "webhook" not in columns:
+            self._db.execute("ALTER TABLE tasks ADD COLUMN webhook BLOB")
         if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='blobs'").fetchone():
             return
         inputs: dict[str, list[int]] = {}
@@ -222,10 +224,12 @@ class Journal:
         size = sum(map(len, task.inputs))
         self._db.execute(
             "INSERT INTO tasks (task_id, seq, priority, model, mode, owner, state, params, image_names,"
-            " created, deadline, inputs, input_bytes, idem_key, idem_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " created, deadline, inputs, input_bytes, idem_key, idem_hash, webhook)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (task.task_id, task.seq, task.priority, task.model, task.mode, task.owner,
              task.state, _pack(task.params), _pack(task.image_names), task.created,
-             task.deadline, len(task.inputs), size, task.idem_key, task.idem_hash),
+             task.deadline, len(task.inputs), size, task.idem_key, task.idem_hash,
+             _pack(task.webhook) if task.webhook else None),
         )
         self.input_bytes += size
 
@@ -271,7 +275,7 @@ class Journal:
         rows = self._db.execute(
             "SELECT task_id, seq, priority, model, mode, owner, state, params, image_names,"
             " created, started, finished, deadline, attempts, error_code, error, meta,"
-            " inputs, result_expired, idem_key, idem_hash FROM tasks ORDER BY seq"
+            " inputs, result_expired, idem_key, idem_hash, webhook FROM tasks ORDER BY seq"
         ).fetchall()
         for row in rows:
             task = Task(
@@ -282,6 +286,7 @@ class Journal:
                 error=row[15], meta=msgspec.msgpack.decode(row[16], type=ResultMeta) if row[16] else None,
                 result_expired=bool(row[18]),
                 idem_key=row[19], idem_hash=row[20],
+                webhook=msgspec.msgpack.decode(row[21], type=WebhookSpec) if row[21] else None,
             )
             if task.state in (QUEUED, RUNNING):
                 task.inputs = [(self.blob_dir / _input_name(task.task_id, i)).read_bytes()

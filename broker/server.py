@@ -18,6 +18,7 @@ import zmq
 
 from broker.config import BrokerConfig
 from broker.events import Subscriptions
+from broker.hooks import TaskWebhooks, load_secret
 from broker.front_side import FrontSide, RequestError  # noqa: F401  (RequestError: part of the broker's API)
 from broker.journal import Journal
 from broker.node_side import NodeSide
@@ -25,6 +26,7 @@ from broker.nodes import BUSY, Node, NodeRegistry
 from broker.queue import TaskQueue
 from broker.ratelimit import TokenLedger
 from broker.tasks import Task, TaskTable
+from broker.webhooks import WebhookConfig, WebhookOutbox
 from genserve import errors as e
 from genserve import wire as w
 
@@ -68,6 +70,12 @@ class Broker(FrontSide, NodeSide):
         }
         self._warned_peers: set[bytes] = set()
         self.table.recover(self.clock(), grace=config.node_timeout)
+        self.outbox = WebhookOutbox(config.data_dir / "webhooks.sqlite3", WebhookConfig(
+            secret=load_secret(config.webhook_secret, config.data_dir), allow_private=config.webhook_allow_private,
+            max_age=config.webhook_max_age, first_delay=config.webhook_first_delay,
+            max_delay=config.webhook_max_delay, timeout=config.webhook_timeout, workers=config.webhook_workers))
+        self.webhooks = TaskWebhooks(self.outbox)
+        self.webhooks.recover(self.tasks.values(), self.clock())
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -90,15 +98,17 @@ class Broker(FrontSide, NodeSide):
         self._stop.set()
 
     def close(self) -> None:
-        """Close sockets with linger 0 and the journal."""
+        """Close sockets with linger 0, the webhook outbox (its threads joined with a timeout) and the journal."""
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
         if self._curve is not None:
             self._curve.stop()
+        self.outbox.close(timeout=5.0)
         self.journal.close()
 
     def run(self) -> None:
-        """Serve until stop(): poll both sockets, then run timers."""
+        """Serve until stop(): poll both sockets, then run timers; webhooks go out meanwhile."""
+        self.outbox.start()
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
@@ -171,6 +181,8 @@ class Broker(FrontSide, NodeSide):
             self._requeue_node_task(node, "node unreachable")
         else:
             self._publish(task, "running")
+            if not resumed:
+                self.webhooks.started(task, task.started)
 
     def _requeue_node_task(self, node: Node, why: str) -> None:
         """Put back the task a lost or re-registering node was running."""
@@ -214,6 +226,7 @@ class Broker(FrontSide, NodeSide):
             self._send(self.frontend, identity, done, blobs)
         task.watchers.clear()
         self._publish(task, task.state)
+        self.webhooks.ended(task, self.clock())
 
     # ---- events for streams ---------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from broker.queue import TaskQueue
 from genserve.errors import EXPIRED
-from genserve.spec import GenerationParams
+from genserve.spec import GenerationParams, WebhookSpec
 from genserve.wire import FINAL_STATES, QUEUED, RUNNING, Job, Progress, ResultMeta, TaskView
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ class Task:
     idem_key: str | None = None  # the client's Idempotency-Key, unique per owner
     idem_hash: str | None = None  # fingerprint of the request that first used it
     replayed: bool = False  # a retry under its Idempotency-Key was answered with it
+    webhook: WebhookSpec | None = None
     watchers: set[bytes] = field(default_factory=set)
 
     @property

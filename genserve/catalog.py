@@ -59,6 +59,8 @@ MAX_LORAS: Final = 8
 OUTPUT_FORMATS: Final[dict[str, str]] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_OUTPUT_FORMAT: Final = "png"
 DEFAULT_OUTPUT_QUALITY: Final = 90  # JPEG and WebP; PNG is lossless and ignores it
+# Webhook events a request may ask for (webhook_events_filter); all of them by default.
+WEBHOOK_EVENTS: Final = ("start", "completed", "failed", "cancelled")
 
 
 def default_model(mode: str, controlnet_type: str | None = None) -> str:

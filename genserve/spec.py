@@ -33,10 +33,18 @@ class GenerationParams(msgspec.Struct, forbid_unknown_fields=True):
     output_quality: int = 90  # 1-100, for jpeg and webp
 
 
+class WebhookSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where to POST the task's events, and which ones (genserve.catalog.WEBHOOK_EVENTS)."""
+
+    url: str
+    events: list[str]
+
+
 class TaskSpec(msgspec.Struct, forbid_unknown_fields=True):
-    """A validated generation request: model, mode, priority and parameters."""
+    """A validated generation request: model, mode, priority, parameters and an optional webhook."""
 
     model_id: str
     mode: str
     priority: int
     params: GenerationParams
+    webhook: WebhookSpec | None = None

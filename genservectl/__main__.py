@@ -152,6 +152,22 @@ def undrain(node: str, broker: str, curve_secret: str | None, curve_server: str 
     _admin("undrain", broker, node, (curve_secret, curve_server))
 
 
+@cli.command("webhook-secret")
+@click.option("--data-dir", envvar="GENSERVE_DATA_DIR", default="var/broker", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="the broker's data dir (env GENSERVE_DATA_DIR)")
+def webhook_secret(data_dir: Path) -> None:
+    """Print the "whsec_..." secret that signs webhooks, which receivers verify deliveries with.
+
+    The broker generates it on its first start unless GENSERVE_WEBHOOK_SECRET sets one.
+    """
+    path = data_dir / "webhook_secret"  # broker.hooks.SECRET_FILE
+    try:
+        click.echo(path.read_text().strip())
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror} (has the broker started with this"
+                                   " data dir, or is the secret set by GENSERVE_WEBHOOK_SECRET?)") from None
+
+
 @cli.command("curve-keypair")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("name")

@@ -39,6 +39,12 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--max-sync-waits-per-key", type=int,
                     default=int(env.get("GENSERVE_MAX_SYNC_WAITS_PER_KEY", d.max_sync_waits_per_key)),
                     help="the same, per API key (env GENSERVE_MAX_SYNC_WAITS_PER_KEY)")
+    ap.add_argument("--max-streams", type=int, default=int(env.get("GENSERVE_MAX_STREAMS", d.max_streams)),
+                    help="event streams open at once, each on a thread of its own; then 429"
+                         " (env GENSERVE_MAX_STREAMS)")
+    ap.add_argument("--max-streams-per-key", type=int,
+                    default=int(env.get("GENSERVE_MAX_STREAMS_PER_KEY", d.max_streams_per_key)),
+                    help="the same, per API key (env GENSERVE_MAX_STREAMS_PER_KEY)")
     ap.add_argument("--connection-limit", type=int,
                     default=int(env.get("GENSERVE_CONNECTION_LIMIT", d.connection_limit)),
                     help="open client connections (env GENSERVE_CONNECTION_LIMIT)")
@@ -70,6 +76,10 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     a = ap.parse_args(argv)
     if not 0 <= a.max_sync_waits < a.threads:
         ap.error("--max-sync-waits must be below --threads: /health, /task and async requests need threads too")
+    if a.max_streams < 0 or a.max_streams_per_key < 0:
+        ap.error("--max-streams and --max-streams-per-key must be 0 or more")
+    if a.max_streams >= a.connection_limit:
+        ap.error("--max-streams must be below --connection-limit: streams are connections too")
     if min(a.max_sync_waits_per_key, a.connection_limit, a.channel_timeout, a.header_timeout, a.backlog,
            a.max_header_bytes) < 1:
         ap.error("--max-sync-waits-per-key, --connection-limit, --channel-timeout, --header-timeout,"
@@ -78,6 +88,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     return FrontConfig(
         broker=a.broker, host=a.host, port=a.port, threads=a.threads, task_timeout=a.task_timeout,
         max_sync_waits=a.max_sync_waits, max_sync_waits_per_key=a.max_sync_waits_per_key,
+        max_streams=a.max_streams, max_streams_per_key=a.max_streams_per_key,
         connection_limit=a.connection_limit, channel_timeout=a.channel_timeout, header_timeout=a.header_timeout,
         backlog=a.backlog, max_header_bytes=a.max_header_bytes,
         max_prompt_length=int(env.get("MAX_PROMPT_LENGTH", d.max_prompt_length)),

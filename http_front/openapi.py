@@ -81,6 +81,16 @@ SIGNED = (
     {"name": "sig", "in": "query", "required": False, "description": "from image_url or events_url: its signature",
      "schema": {"type": "string"}},
 )
+# One event of a text/event-stream (OpenAPI before 3.2: `schema` describes each event).
+SSE_EVENT = {
+    "type": "object", "description": "one event: its id, kind and one JSON object as data",
+    "properties": {
+        "event": {"enum": ["snapshot", "position", "running", "progress", "completed", "failed", "cancelled"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "retry": {"type": "integer", "description": "milliseconds before a reconnect"},
+    },
+}
 LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False,
                  "description": "the id of the last event received, to resume a dropped stream",
                  "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"}}
@@ -227,7 +237,7 @@ def _response(status: int, description: str, component: str) -> dict[str, Any]:
         return {"description": description, "content": {m: binary for m in OUTPUT_FORMATS.values()},
                 "headers": {"ETag": {"schema": {"type": "string"}}, "Cache-Control": {"schema": {"type": "string"}}}}
     if status == 200 and component == "" and description.startswith("an event stream"):
-        return {"description": description, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        return {"description": description, "content": {"text/event-stream": {"schema": SSE_EVENT}}}
     if status == 200 and component == "":
         media = "text/html" if description.startswith("an HTML") else "application/json"
         schema = {"type": "string"} if media == "text/html" else {"type": "object"}

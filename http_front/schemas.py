@@ -16,12 +16,14 @@ from msgspec import UNSET, Meta, UnsetType
 
 from genserve import catalog
 from genserve.spec import LoraRef
+from genserve.urls import MAX_URL_LENGTH
 
 # Literals spelled out for readers and type checkers; tests/test_openapi.py checks them against the catalog.
 Mode = Literal["text2img", "img2img", "fill", "controlnet", "redux"]
 ControlType = Literal["depth", "canny", "openpose"]
 TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+WebhookEvent = Literal["start", "completed", "failed", "cancelled"]  # genserve.catalog.WEBHOOK_EVENTS
 Permission = Literal["generation", "readonly", "admin", "all"]
 
 MAX_SEED = 2**63 - 1
@@ -82,6 +84,11 @@ def generate_body_type(max_prompt: int = 1000, max_size: int = 2048) -> type[msg
          catalog.DEFAULT_OUTPUT_FORMAT),
         ("output_quality", Annotated[int, Meta(ge=1, le=100, description=(
             "jpeg and webp quality; png is lossless and ignores it"))], catalog.DEFAULT_OUTPUT_QUALITY),
+        ("webhook", Annotated[str, Meta(max_length=MAX_URL_LENGTH, description=(
+            "http(s) URL the server POSTs the task's events to, signed as Standard Webhooks; by default"
+            " loopback, private and link-local targets are refused"))] | UnsetType, UNSET),
+        ("webhook_events_filter", Annotated[list[WebhookEvent], Meta(min_length=1, max_length=4, description=(
+            "which events to send (default: all): start, completed, failed, cancelled"))] | UnsetType, UNSET),
         ("is_async", Annotated[bool, Meta(description="true: answer 202 at once and poll /task/{task_id}")],
          msgspec.field(default=False, name="async")),
         *((name, _image(_needed_by(name)) | UnsetType, UNSET) for name in catalog.IMAGE_FIELDS),

@@ -26,7 +26,8 @@ import msgspec
 from msgspec import UNSET
 
 from genserve import catalog
-from genserve.spec import GenerationParams, LoraRef, TaskSpec
+from genserve.spec import GenerationParams, LoraRef, TaskSpec, WebhookSpec
+from genserve.urls import WebhookRefused, check_url
 from http_front.errors import ApiError
 from http_front.images import from_base64, inspect
 from http_front.schemas import generate_body_type
@@ -220,7 +221,7 @@ class RequestValidator:
             strength=float(b.strength), controlnet_type=(own or control) if mode == "controlnet" else None,
             loras=[LoraRef(canonical_lora(lora.name), float(lora.weight)) for lora in b.loras],
             output_format=b.output_format, output_quality=b.output_quality)
-        spec = TaskSpec(model_id=model_id, mode=mode, priority=b.priority, params=params)
+        spec = TaskSpec(model_id=model_id, mode=mode, priority=b.priority, params=params, webhook=webhook(b))
         return GenerateRequest(spec, used, bool(b.is_async))
 
     def _output_size(self, b: Any, mode: str, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
@@ -234,6 +235,21 @@ class RequestValidator:
             scale = min(1.0, self.max_size / max(width, height))
             width, height = max(step, int(width * scale)), max(step, int(height * scale))
         return width // step * step, height // step * step
+
+
+def webhook(b: Any) -> WebhookSpec | None:
+    """The request's webhook: its URL checked (syntax only; the broker checks the address it
+    resolves to at delivery) and its event filter without duplicates."""
+    if b.webhook is UNSET:
+        if b.webhook_events_filter is not UNSET:
+            raise invalid("webhook_events_filter", "needs a webhook URL")
+        return None
+    try:
+        check_url(b.webhook)
+    except WebhookRefused as exc:
+        raise invalid("webhook", str(exc)) from None
+    events = catalog.WEBHOOK_EVENTS if b.webhook_events_filter is UNSET else b.webhook_events_filter
+    return WebhookSpec(b.webhook, [e for e in catalog.WEBHOOK_EVENTS if e in events])
 
 
 def integral(value: Any) -> Any:

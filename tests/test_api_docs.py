@@ -264,6 +264,12 @@ def check_task_events(run: Run) -> None:
     assert events.count("event: completed") == 1
 
 
+def check_webhook_submit(run: Run) -> None:
+    *accepted, refused = run.stdout.strip().splitlines()
+    assert json.loads("\n".join(accepted)) == {"success": True, "status": "queued"}, run.stdout
+    assert refused == "422", run.stdout
+
+
 def check_task_list(run: Run) -> None:
     body = run.value
     assert body["success"] is True and 1 <= body["count"] <= 2 and body["has_urls"] is True
@@ -491,6 +497,7 @@ CHECKS: dict[str, Callable[[Run], None]] = {
     "root": check_root,
     "task-image": check_task_image,
     "task-events": check_task_events,
+    "webhook-submit": check_webhook_submit,
     "task-list": check_task_list,
     "openapi": check_openapi,
     "docs-page": check_docs_page,

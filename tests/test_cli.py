@@ -77,3 +77,14 @@ def test_drain_and_undrain(broker_factory) -> None:
     finally:
         node.close()
         ctx.term()
+
+
+def test_webhook_secret_prints_the_brokers_generated_secret(broker_factory, tmp_path: Path) -> None:
+    from broker.webhooks import parse_secret
+
+    bt = broker_factory(data_dir=tmp_path / "data")
+    result = CliRunner().invoke(cli, ["webhook-secret", "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 0, result.output
+    assert parse_secret(result.output.strip()) == bt.broker.outbox.config.secret
+    missing = CliRunner().invoke(cli, ["webhook-secret", "--data-dir", str(tmp_path / "nowhere")])
+    assert missing.exit_code != 0 and "cannot read" in missing.output

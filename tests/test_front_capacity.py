@@ -50,6 +50,7 @@ class SlowBroker:
         self.futures: dict[str, Future] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self.event_listeners: list[Any] = []  # the BrokerClient attribute event streams register on
 
     def _task(self, task_id: str, status: str) -> w.TaskView:
         return w.TaskView(task_id=task_id, status=status, model_id="flux1-dev", mode="text2img", priority=0,
@@ -118,12 +119,18 @@ def test_front_capacity_flags_env_and_defaults() -> None:
     assert (c.threads, c.max_sync_waits, c.max_sync_waits_per_key) == (48, 32, 16)
     assert (c.connection_limit, c.channel_timeout, c.header_timeout, c.backlog) == (4000, 30, 20, 2048)
     env = {"GENSERVE_THREADS": "10", "GENSERVE_MAX_SYNC_WAITS": "6", "GENSERVE_MAX_SYNC_WAITS_PER_KEY": "2",
-           "GENSERVE_CONNECTION_LIMIT": "900", "GENSERVE_HEADER_TIMEOUT": "7"}
-    c = parse_config(["--max-sync-waits", "8", "--max-header-bytes", "4096"], env)
+           "GENSERVE_CONNECTION_LIMIT": "900", "GENSERVE_HEADER_TIMEOUT": "7", "GENSERVE_MAX_STREAMS": "300"}
+    c = parse_config(["--max-sync-waits", "8", "--max-header-bytes", "4096", "--max-streams-per-key", "5"], env)
     assert (c.threads, c.max_sync_waits, c.max_sync_waits_per_key) == (10, 8, 2)
     assert (c.connection_limit, c.header_timeout, c.max_header_bytes) == (900, 7, 4096)
+    assert (c.max_streams, c.max_streams_per_key) == (300, 5)
+    assert parse_config([], {}).max_streams == 1000
     with pytest.raises(SystemExit):
         parse_config(["--threads", "8", "--max-sync-waits", "8"], {})
+    with pytest.raises(SystemExit):  # every stream is a connection: the streams cannot take them all
+        parse_config(["--connection-limit", "500"], {})
+    with pytest.raises(SystemExit):
+        parse_config(["--max-streams", "-1"], {})
 
 
 def test_fd_limit_fits_the_connection_limit() -> None:

@@ -100,6 +100,11 @@ class FuzzBroker:
         self.submitted: list[tuple[str, TaskSpec]] = []  # (owner, spec) of every SUBMIT
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self.event_listeners: list[Any] = []  # tasks end at once: no EVENT is ever pushed
+
+    def post(self, header: Any) -> None:
+        """The BrokerClient.post contract (fire and forget)."""
+        w.encode(header)
 
     @staticmethod
     def _reply(body: Any) -> w.Message:
@@ -117,6 +122,16 @@ class FuzzBroker:
                 tasks = [t for t in reversed(self.tasks.values()) if header.owner in (None, t.owner)
                          and header.status in (None, t.status)][:header.limit]
             return self._reply(w.TaskListBody(tasks, None))
+        if isinstance(header, w.Watch):
+            # Only ended tasks: the TestClient reads a whole body, and a live stream never ends by itself.
+            views = []
+            for task_id in header.task_ids:
+                try:
+                    views.append(self._task(task_id))
+                except BrokerError:
+                    continue
+            ended = [v for v in views if v.status in w.FINAL_STATES]
+            return self._reply(w.WatchBody(ended, int(time.time() * 1000)))
         task = self._task(header.task_id)
         if isinstance(header, w.CancelTask) and task.status not in w.FINAL_STATES:
             task = msgspec.structs.replace(task, status=w.CANCELLED, error_code=e.CANCELLED, error="cancelled")

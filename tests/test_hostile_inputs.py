@@ -46,6 +46,7 @@ class FakeBroker:
         self.tasks: dict[str, dict[str, Any]] = {}
         self.submitted: list[dict[str, Any]] = []
         self.refuse_submit: BrokerError | None = None
+        self.event_listeners: list[Any] = []  # the BrokerClient attribute event streams register on
 
     def add(self, owner: str, status: str = w.QUEUED) -> str:
         task_id = uuid.uuid4().hex

@@ -90,7 +90,8 @@ class TaskImage:
             return
         fmt = task.meta.format if task.meta else "png"
         resp.content_type = OUTPUT_FORMATS.get(fmt, "application/octet-stream")
-        resp.set_header("Content-Disposition", f'inline; filename="{task_id}.{fmt}"')
+        stem = task.task_id if task.task_id.isascii() and task.task_id.isalnum() else "image"  # header-safe
+        resp.set_header("Content-Disposition", f'inline; filename="{stem}.{fmt}"')
         resp.data = image
 
 
