@@ -17,12 +17,13 @@ for its whole life, and the thread pool is sized for that cap (see http_front.se
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from genserve import wire as w
 from http_front.broker_client import BrokerClient, BrokerError, BrokerUnavailable
@@ -34,11 +35,22 @@ MAX_RENEW = 5000  # task ids per renewal WATCH (the broker's limit)
 
 
 class Stream:
-    """One client's stream of one task: the hub puts Events and renewed TaskViews on `items`."""
+    """One client's stream of one task: the hub puts Events and renewed TaskViews on `items`.
+
+    `notify`, when set, is called after each put (the stream pump's wake-up for this stream).
+    """
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
         self.items: queue.SimpleQueue[w.Event | w.TaskView] = queue.SimpleQueue()
+        self.notify: Callable[[], None] | None = None
+
+    def put(self, item: w.Event | w.TaskView) -> None:
+        """Queue an item for the stream's writer."""
+        self.items.put(item)
+        notify = self.notify
+        if notify is not None:
+            notify()
 
 
 class EventHub:
@@ -96,7 +108,7 @@ class EventHub:
         with self._lock:
             streams = tuple(self._streams.get(event.task.task_id, ()))
         for stream in streams:
-            stream.items.put(event)
+            stream.put(event)
 
     def maybe_renew(self) -> None:
         """Renew every subscription if it is time (one caller at a time; the others return at once)."""
@@ -117,7 +129,7 @@ class EventHub:
                 with self._lock:
                     streams = tuple(self._streams.get(view.task_id, ()))
                 for stream in streams:
-                    stream.items.put(view)
+                    stream.put(view)
         finally:
             self._renewing.release()
 
@@ -194,3 +206,60 @@ def event_data(kind: str, view: w.TaskView) -> dict[str, Any]:
     elif kind == "progress" and view.progress is not None:
         data.update(step=view.progress.step, total=view.progress.total, node_id=view.node_id)
     return data
+
+
+def sse(kind: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
+    """One event in the text/event-stream format (JSON never contains a raw newline)."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class EventWriter:
+    """Turns a stream's items into event-stream bytes, whoever writes them (a thread or the pump).
+
+    Events the snapshot already covered (ids up to `floor`) are skipped; renewed views are
+    compared with what the client was told and become events without an id.
+    """
+
+    def __init__(self, view: w.TaskView, floor: int, final: Callable[[w.TaskView, int | None], bytes]) -> None:
+        self.state = TaskState.of(view)
+        self.floor = floor
+        self.final = final
+        self.done = False
+
+    def feed(self, item: w.Event | w.TaskView) -> bytes:
+        """The bytes to send for one item (maybe none); sets `done` after the final event."""
+        if isinstance(item, w.Event):
+            if item.event_id <= self.floor:
+                return b""
+            self.floor, current, event_id = item.event_id, item.task, item.event_id
+        else:
+            current, event_id = item, None
+        out = []
+        for kind in self.state.changes(current):
+            if kind in w.FINAL_STATES:
+                out.append(self.final(current, event_id))
+                self.done = True
+                break
+            out.append(sse(kind, event_data(kind, current), event_id))
+        return b"".join(out)
+
+
+class Closer:
+    """A clean-up that runs once, by whoever owns the stream when it ends (`transfer` moves it)."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self._action: Callable[[], None] | None = action
+        self._lock = threading.Lock()
+
+    def transfer(self) -> "Closer":
+        """A new Closer with the action; this one becomes a no-op."""
+        with self._lock:
+            action, self._action = self._action, None
+        return Closer(action or (lambda: None))
+
+    def __call__(self) -> None:
+        with self._lock:
+            action, self._action = self._action, None
+        if action is not None:
+            action()

@@ -26,9 +26,10 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
-from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from http_front.config import FrontConfig
+from http_front.pump import StreamPump
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,53 @@ class _JsonErrorTask(ErrorTask):
         self.write(body)
 
 
+HAND_OVER = "genserve.hand_over"  # environ key: how a response gives its connection to the stream pump
+FLUSH_WAIT = 2.0  # seconds a stream's first bytes may take to leave before the hand-over gives up
+
+
+class _Task(WSGITask):
+    """Waitress's WSGI task, with a way for an event stream to hand its connection to the pump."""
+
+    handed_over = False
+
+    def get_environment(self) -> dict[str, Any]:
+        """Waitress's environ, plus HAND_OVER."""
+        environ = super().get_environment()
+        environ[HAND_OVER] = self.hand_over
+        return environ
+
+    def hand_over(self, make: Any) -> bool:
+        """Give the connection to the stream pump once what was written is sent; False if it cannot be.
+
+        `make(socket, chunked)` builds the pump's stream. Waitress then writes nothing more
+        (not even the last chunk) and closes its own descriptor; the pump owns a duplicate.
+        """
+        channel = self.channel
+        pump: StreamPump | None = getattr(channel.server, "pump", None)
+        if pump is None or not self.wrote_header:
+            return False
+        deadline = time.monotonic() + FLUSH_WAIT
+        while True:
+            with channel.outbuf_lock:
+                if not channel.connected:
+                    return False
+                if not channel.total_outbufs_len:
+                    sock = channel.socket.dup()
+                    break
+            if time.monotonic() > deadline:
+                return False  # a client that does not read: the stream ends here
+            time.sleep(0.01)
+        self.handed_over = True
+        self.close_on_finish = True
+        pump.adopt(make(sock, self.chunked_response))
+        return True
+
+    def finish(self) -> None:
+        """Waitress's end of the response, unless the pump now owns the connection."""
+        if not self.handed_over:
+            super().finish()
+
+
 class _Parser(HTTPRequestParser):
     """Waitress's request parser, remembering when the request's first byte arrived."""
 
@@ -65,6 +113,7 @@ class _Channel(HTTPChannel):
 
     error_task_class = _JsonErrorTask
     parser_class = _Parser
+    task_class = _Task
 
 
 class _Server(TcpWSGIServer):
@@ -72,6 +121,7 @@ class _Server(TcpWSGIServer):
 
     channel_class = _Channel
     header_timeout: float = 20.0
+    pump: StreamPump | None = None
 
     def handle_accept(self) -> None:
         """Accept up to ACCEPT_BATCH waiting connections: each loop pass costs O(open connections)."""
@@ -119,9 +169,7 @@ def raise_fd_limit(connection_limit: int) -> int:
 def adjustments(config: FrontConfig, connection_limit: int | None = None) -> dict[str, Any]:
     """Waitress settings derived from the config."""
     return {
-        # Event streams hold a thread each for their whole life: they get their own share.
-        "host": config.host, "port": config.port, "threads": config.threads + config.max_streams,
-        "ident": "GenServe",
+        "host": config.host, "port": config.port, "threads": config.threads, "ident": "GenServe",
         "connection_limit": connection_limit or config.connection_limit,
         "channel_timeout": config.channel_timeout,
         # Maintenance (idle and header deadlines) runs this often; it is cheap.
@@ -146,8 +194,10 @@ class FrontServer:
         self.map: dict[int, Any] = {}
         self.servers = [_Server(app, self.map, dispatcher=self.dispatcher, adj=self.adj, sockinfo=info)
                         for info in self.adj.listen]
+        self.pump = StreamPump(config.stream_keepalive)
         for server in self.servers:
             server.header_timeout = config.header_timeout
+            server.pump = self.pump
         self._stop = threading.Event()
 
     @property
@@ -159,6 +209,7 @@ class FrontServer:
         """Serve until close() or an interrupt; closes every socket before returning."""
         for host, port in self.addresses:
             log.info("listening on http://%s:%s", host, port)
+        self.pump.start()
         try:
             while not self._stop.is_set():
                 wasyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self.map, use_poll=True, count=1)
@@ -167,6 +218,7 @@ class FrontServer:
         finally:
             self.dispatcher.shutdown()
             wasyncore.close_all(self.map)
+            self.pump.close()
 
     def close(self) -> None:
         """Ask run() to return (thread-safe)."""

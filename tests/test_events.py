@@ -5,6 +5,7 @@ Last-Event-ID resumes on another front."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,9 +18,8 @@ from broker.events import MAX_PER_PEER, Subscriptions
 from genserve import wire as w
 from genserve.spec import TaskSpec
 from http_front.broker_client import BrokerClient
-from http_front.events import StreamSlots, TaskState, event_data
+from http_front.events import StreamSlots, TaskState, event_data, sse
 from http_front.keys import KeyStore
-from http_front.resources.events import sse
 from tests.conftest import Stack, wait_until
 from tests.fakes import FakeNode, params
 
@@ -308,8 +308,9 @@ class Front:
         from http_front.server import FrontServer
 
         self.client = BrokerClient(stack.broker.frontend, timeout=5.0).start()
-        config = FrontConfig(host="127.0.0.1", port=0, threads=4, max_streams=8, rate_limit=1_000_000,
-                             url_secret=b"s" * 32, **overrides)
+        settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "threads": 4, "max_streams": 8,
+                                    "rate_limit": 1_000_000, "url_secret": b"s" * 32, **overrides}
+        config = FrontConfig(**settings)
         self.app = create_app(self.client, stack.keys, config)
         self.server = FrontServer(self.app, config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -352,16 +353,17 @@ def read_events(response: requests.Response, until: Any) -> list[dict[str, Any]]
 
 def test_a_client_that_leaves_mid_task_frees_its_stream(stack: Stack, fronts) -> None:
     a, _ = fronts
-    task_id = start(stack)["task_id"]
-    r = requests.get(f"{a.url}/task/{task_id}/events", headers=as_("alice"), stream=True, timeout=30)
-    read_events(r, lambda ev: any(e["event"] == "progress" for e in ev))
-    assert a.hub().open_streams == 1
-    r.close()  # hang up mid-task
+    task_id = start(stack, body={**SLOW, "num_inference_steps": 100, "width": 512, "height": 512})["task_id"]
+    sock, data = raw_stream(a.url, task_id)
+    read_until(sock, data, b"event: progress")
+    assert a.hub().open_streams == 1 and a.server.pump.open_streams == 1
+    sock.close()  # hang up mid-task
     wait_until(lambda: a.hub().open_streams == 0, 15, 0.05, "the front to notice the hang-up")
     wait_until(lambda: stack.broker.broker.subs.peers(task_id) == (), 10, 0.05, "the broker subscription to end")
-    assert a.hub().open_streams == 0
-    r = requests.get(f"{a.url}/task/{task_id}", headers=as_("alice"), timeout=10)
-    assert r.status_code == 200  # the front serves on
+    assert a.server.pump.open_streams == 0
+    body = requests.get(f"{a.url}/task/{task_id}", headers=as_("alice"), timeout=10).json()
+    assert body["status"] == "running"  # leaving the stream does not cancel the task
+    stack.http.simulate_delete(f"/task/{task_id}", headers=as_("alice"))
 
 
 def test_last_event_id_resumes_on_another_front(stack: Stack, fronts) -> None:
@@ -377,8 +379,101 @@ def test_last_event_id_resumes_on_another_front(stack: Stack, fronts) -> None:
     rest = read_events(r, lambda ev: ev and ev[-1]["event"] in ("completed", "failed", "cancelled"))
     r.close()
     assert rest[0]["event"] == "snapshot"  # the state now, whatever was missed
-    assert int(rest[0]["id"]) > last_id and rest[-1]["event"] == "completed"
+    assert int(rest[0]["id"]) >= last_id and rest[-1]["event"] == "completed"
     later = [int(e["id"]) for e in rest[1:] if "id" in e]
     assert later == sorted(later) and all(i > last_id for i in later)
     snapshot_step = (rest[0]["data"].get("progress") or {}).get("step", 0)
     assert snapshot_step >= last_step or rest[0]["data"]["status"] == "completed"
+
+
+def raw_stream(url: str, task_id: str) -> tuple[socket.socket, bytes]:
+    """A stream opened on a plain socket (kept open until closed), and what it read up to its snapshot."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(f"GET /task/{task_id}/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEYS['alice']}"
+                 "\r\n\r\n".encode())
+    data = b""
+    while b"event: snapshot" not in data:
+        data += sock.recv(65536)
+    return sock, data
+
+
+def read_until(sock: socket.socket, data: bytes, marker: bytes) -> bytes:
+    while marker not in data:
+        more = sock.recv(65536)
+        assert more, data
+        data += more
+    return data
+
+
+def test_streams_hold_no_server_thread(stack: Stack) -> None:
+    """Ten streams on a front with four threads: each is handed to the pump after its snapshot."""
+    front = Front(stack, max_streams=20)  # threads=4
+    socks: list[socket.socket] = []
+    stack.client.request(w.Admin(0, "drain", "test-node"))  # the tasks stay queued while streamed
+    try:
+        tasks = [start(stack)["task_id"] for _ in range(10)]
+        opened = [raw_stream(front.url, task_id) for task_id in tasks]
+        socks = [sock for sock, _ in opened]
+        assert all(data.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in data for _, data in opened)
+        wait_until(lambda: front.server.pump.open_streams == 10, 10, 0.05, "ten pumped streams")
+        r = requests.get(f"{front.url}/task/{tasks[0]}", headers=as_("alice"), timeout=10)
+        assert r.status_code == 200  # threads are free for other requests
+        for task_id in tasks:
+            stack.http.simulate_delete(f"/task/{task_id}", headers=as_("alice"))
+        for sock, data in opened:
+            text = read_until(sock, data, b"0\r\n\r\n")
+            assert b"event: cancelled" in text and text.endswith(b"0\r\n\r\n")  # a well-formed chunked end
+        wait_until(lambda: front.server.pump.open_streams == 0, 10, 0.05, "the pump to end them")
+        assert front.hub().open_streams == 0
+    finally:
+        stack.client.request(w.Admin(0, "undrain", "test-node"))
+        for sock in socks:
+            sock.close()
+        front.close()
+
+
+def test_the_pump_frames_chunks_keeps_alive_and_drops_slow_readers() -> None:
+    from http_front.events import Closer, EventHub, EventWriter, Stream
+    from http_front.pump import MAX_BUFFER, Pumped, StreamPump
+
+    pump = StreamPump(keepalive=0.2, renew_every=60).start()
+    ours, theirs = socket.socketpair()
+    closed: list[str] = []
+    try:
+        hub = EventHub(None)  # type: ignore[arg-type]
+        stream = Stream("t1")
+        writer = EventWriter(view(position=3), 10, lambda v, i: b"FINAL")
+        pump.adopt(Pumped(ours, True, stream, writer, hub, Closer(lambda: closed.append("closed"))))
+        stream.put(w.Event("position", 11, view(position=2)))
+        theirs.settimeout(5)
+        data = b""
+        while b": keep-alive" not in data:
+            data += theirs.recv(65536)
+        head, _, rest = data.partition(b"\r\n")
+        size = int(head, 16)
+        assert parse(rest[:size].decode())[0] == {"id": "11", "event": "position",
+                                                   "data": {"task_id": "t1", "status": "queued",
+                                                            "queue_position": 2, "attempts": 0}}
+        stream.put(w.Event("completed", 12, view(w.COMPLETED, None)))
+        while not data.endswith(b"0\r\n\r\n"):
+            data += theirs.recv(65536)
+        assert b"FINAL" in data and theirs.recv(10) == b""  # the final event, the last chunk, then the close
+        wait_until(lambda: closed == ["closed"], 5, 0.01, "the stream's clean-up")
+        # A client that never reads: ended once MAX_BUFFER bytes are waiting, its clean-up run.
+        slow, slow_peer = socket.socketpair()
+        slow_peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stream2 = Stream("t2")
+        pump.adopt(Pumped(slow, True, stream2, EventWriter(view(position=0), 0, lambda v, i: b""), hub,
+                          Closer(lambda: closed.append("slow"))))
+        for i in range(1, 50_000):
+            stream2.put(w.Event("position", i, view(position=i % 7 + 1)))
+            if "slow" in closed:
+                break
+        wait_until(lambda: "slow" in closed, 10, 0.05, "the slow reader to be dropped")
+        assert pump.open_streams == 0
+        slow_peer.close()
+        assert MAX_BUFFER > 0
+    finally:
+        pump.close()
+        theirs.close()

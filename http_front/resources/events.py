@@ -10,7 +10,6 @@ on any front; comment lines keep idle connections open and reveal clients that l
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import time
@@ -20,7 +19,8 @@ import falcon
 
 from genserve import wire as w
 from http_front.errors import ApiError
-from http_front.events import EventHub, Stream, StreamSlots, TaskState, event_data
+from http_front.events import Closer, EventHub, EventWriter, Stream, StreamSlots, sse
+from http_front.pump import Pumped
 from http_front.render import render_task
 from http_front.resources.tasks import visible
 from http_front.services import Services
@@ -29,34 +29,27 @@ from http_front.waits import DISCONNECTED_KEY
 log = logging.getLogger(__name__)
 
 RETRY_MS = 2000  # how soon a browser's EventSource reconnects after a drop
-SLICE = 2.5  # seconds between hang-up checks of an idle stream
-
-
-def sse(kind: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
-    """One event in the text/event-stream format (JSON never contains a raw newline)."""
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+SLICE = 2.5  # seconds between hang-up checks of an idle stream written by its own thread
+HAND_OVER = "genserve.hand_over"  # http_front.server.HAND_OVER (waitress); absent elsewhere
 
 
 class _Body:
-    """The response iterable: `close()` (which waitress always calls) gives the stream's slot back.
+    """The response iterable: `close()` (which every WSGI server calls) runs the stream's clean-up.
 
     A plain generator would not do: one closed before its first item never runs its `finally`.
     """
 
-    def __init__(self, events: Iterator[bytes], on_close: Callable[[], None]) -> None:
+    def __init__(self, events: Iterator[bytes], closer: Closer) -> None:
         self._events = events
-        self._on_close: Callable[[], None] | None = on_close
+        self._closer = closer
 
     def __iter__(self) -> Iterator[bytes]:
         return self._events
 
     def close(self) -> None:
-        """End the stream (idempotent)."""
+        """End the stream here (a no-op for the part a pump took over)."""
         self._events.close()
-        if self._on_close is not None:
-            on_close, self._on_close = self._on_close, None
-            on_close()
+        self._closer()
 
 
 class TaskEvents:
@@ -80,24 +73,24 @@ class TaskEvents:
             self.hub.close(stream)
             raise ApiError(404, "task not found", "no task with this id for this API key")
         key = view.owner
-        refusal = None if view.status in w.FINAL_STATES else self.slots.acquire(key)
+        ended = view.status in w.FINAL_STATES
+        refusal = None if ended else self.slots.acquire(key)
         if refusal is not None:
             self.hub.close(stream)
             raise ApiError(429, "too many event streams", f"{refusal}; poll /task/{{task_id}} instead",
                            retry_after=5)
-        if view.status in w.FINAL_STATES:
-            body: Iterator[bytes] = self._ended(view, event_id)
-            on_close: Callable[[], None] = lambda: None  # noqa: E731
+        if ended:
+            body, closer = self._ended(view, event_id), Closer(lambda: None)
         else:
-            body = self._events(stream, view, event_id, req.env.get(DISCONNECTED_KEY))
-
-            def on_close() -> None:
+            def release() -> None:
                 self.hub.close(stream)
                 self.slots.release(key)
+            closer = Closer(release)
+            body = self._events(stream, EventWriter(view, event_id, self._final), view, event_id, req.env, closer)
         resp.content_type = "text/event-stream; charset=utf-8"
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("X-Accel-Buffering", "no")  # a reverse proxy must not hold events back
-        resp.stream = _Body(body, on_close)
+        resp.stream = _Body(body, closer)
 
     def _ended(self, view: w.TaskView, event_id: int) -> Iterator[bytes]:
         yield f"retry: {RETRY_MS}\n\n".encode()
@@ -106,14 +99,22 @@ class TaskEvents:
     def _final(self, view: w.TaskView, event_id: int | None) -> bytes:
         return sse(view.status, render_task(view, None, None, self.services.image_url(view)), event_id)
 
-    def _events(self, stream: Stream, view: w.TaskView, floor: int,
-                hung_up: Callable[[], bool] | None) -> Iterator[bytes]:
+    def _events(self, stream: Stream, writer: EventWriter, view: w.TaskView, snapshot_id: int,
+                env: dict[str, Any], closer: Closer) -> Iterator[bytes]:
+        yield f"retry: {RETRY_MS}\n\n".encode() + sse("snapshot", render_task(view, None, None), snapshot_id)
+        hand_over = env.get(HAND_OVER)
+        if hand_over is not None:
+            # Waitress: the stream pump writes the rest, and its end runs the clean-up.
+            hand_over(lambda sock, chunked: Pumped(sock, chunked, stream, writer, self.hub, closer.transfer()))
+            return
+        yield from self._on_this_thread(stream, writer, env.get(DISCONNECTED_KEY))
+
+    def _on_this_thread(self, stream: Stream, writer: EventWriter,
+                        hung_up: Callable[[], bool] | None) -> Iterator[bytes]:
+        """Another WSGI server (a test client): this thread writes the stream to its end."""
         keepalive = self.services.config.stream_keepalive
-        yield f"retry: {RETRY_MS}\n\n".encode()
-        yield sse("snapshot", render_task(view, None, None), floor)
-        state = TaskState.of(view)
         quiet_since = time.monotonic()
-        while True:
+        while not writer.done:
             try:
                 item = stream.items.get(timeout=SLICE)
             except queue.Empty:
@@ -124,15 +125,7 @@ class TaskEvents:
                     yield b": keep-alive\n\n"
                 self.hub.maybe_renew()
                 continue
-            if isinstance(item, w.Event):
-                if item.event_id <= floor:
-                    continue  # sent before the snapshot, which already shows it
-                floor, current, event_id = item.event_id, item.task, item.event_id
-            else:
-                current, event_id = item, None  # a renewal: say what changed, without a new id
-            for kind in state.changes(current):
+            data = writer.feed(item)
+            if data:
                 quiet_since = time.monotonic()
-                if kind in w.FINAL_STATES:
-                    yield self._final(current, event_id)
-                    return
-                yield sse(kind, event_data(kind, current), event_id)
+                yield data
