@@ -40,7 +40,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                     default=int(env.get("GENSERVE_MAX_SYNC_WAITS_PER_KEY", d.max_sync_waits_per_key)),
                     help="the same, per API key (env GENSERVE_MAX_SYNC_WAITS_PER_KEY)")
     ap.add_argument("--max-streams", type=int, default=int(env.get("GENSERVE_MAX_STREAMS", d.max_streams)),
-                    help="event streams open at once, each on a thread of its own; then 429"
+                    help="event streams open at once (they hold no thread); then 429"
                          " (env GENSERVE_MAX_STREAMS)")
     ap.add_argument("--max-streams-per-key", type=int,
                     default=int(env.get("GENSERVE_MAX_STREAMS_PER_KEY", d.max_streams_per_key)),

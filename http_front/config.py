@@ -18,9 +18,9 @@ class FrontConfig:
     # async submissions always find a free thread; past a cap, 429 with Retry-After.
     max_sync_waits: int = 32
     max_sync_waits_per_key: int = 16
-    # Event streams (GET /task/{id}/events) open at once, and per key: each holds a waitress
-    # thread for its life, so the pool has `threads + max_streams` threads. A comment line is
-    # written after `stream_keepalive` quiet seconds.
+    # Event streams (GET /task/{id}/events) open at once, and per key; they hold no waitress
+    # thread (the stream pump writes them). A comment line is written after `stream_keepalive`
+    # quiet seconds.
     max_streams: int = 1000
     max_streams_per_key: int = 100
     stream_keepalive: float = 15.0

@@ -2,17 +2,18 @@
 
 The broker pushes an EVENT for every change of a task some stream on this front follows
 (`EventHub.open` subscribes with WATCH; the last stream of a task to close unsubscribes).
-The broker-I/O thread only puts each event on the queues of that task's streams; every
-stream is read by the waitress thread serving it, which blocks on its own queue, so an
-idle stream costs no CPU and an event wakes only the streams of its task.
+The broker-I/O thread only puts each event on the queues of that task's streams and
+wakes their writer, so an idle stream costs no CPU and an event touches only the streams
+of its task.
 
 Pushes can be lost: a broker restart forgets subscriptions, and a full queue drops
 messages. So every few seconds one stream thread renews the subscriptions of every task
 this front follows, in one WATCH, and hands each stream its task's current view; the
 stream sends whatever changed since it last wrote (`TaskState.changes`).
 
-`StreamSlots` caps open streams, globally and per API key: each holds a waitress thread
-for its whole life, and the thread pool is sized for that cap (see http_front.server).
+`StreamSlots` caps open streams, globally and per API key. Under waitress a stream is
+written by the stream pump (http_front.pump) after its snapshot; elsewhere (a test client)
+by the thread that serves it.
 """
 
 from __future__ import annotations
