@@ -224,8 +224,8 @@ class Tally:
         def start(status: str, headers: Any, exc_info: Any = None) -> Any:
             route = environ.get("PATH_INFO", "")
             if route.startswith("/task/"):
-                route = "/task/{task_id}/image" if route.endswith("/image") and route.count("/") == 3 \
-                    else "/task/{task_id}"
+                tail = route.rsplit("/", 1)[1] if route.count("/") == 3 else ""
+                route = f"/task/{{task_id}}/{tail}" if tail in ("image", "events") else "/task/{task_id}"
             self.counts[(environ["REQUEST_METHOD"], route, int(status[:3]))] += 1
             return start_response(status, headers, exc_info)
         return self.app(environ, start)
@@ -320,7 +320,7 @@ def test_fuzzing_reached_every_operation_and_the_success_paths() -> None:
         pytest.skip("needs every fuzz test to have run first (the whole module)")
     succeeded = {(method, route) for method, route, status in TALLY.counts if status < 300}
     for method, route in (("POST", "/generate"), ("POST", "/generate/upload"), ("GET", "/task/{task_id}"),
-                          ("GET", "/tasks"),
+                          ("GET", "/tasks"), ("GET", "/task/{task_id}/events"),
                           ("POST", "/auth/generate-key"), ("GET", "/status"), ("GET", "/docs")):
         assert (method, route) in succeeded, (method, route, sorted(succeeded))
     assert {owner for owner, _ in BROKER.submitted} <= {owner_of(GENERATION), owner_of(ADMIN)}
