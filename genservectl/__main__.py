@@ -16,6 +16,7 @@ from genserve import wire as w
 from genserve.catalog import MODEL_IDS
 from genservectl.keys import crypto_key
 from genservectl.keys import keys as keys_group
+from genservectl.tasks import generate, tasks_group
 
 
 def broker_request(endpoint: str, header: Any, timeout: float = 2.0,
@@ -181,6 +182,8 @@ def curve_keypair(directory: Path, name: str) -> None:
 
 cli.add_command(keys_group)
 cli.add_command(crypto_key)
+cli.add_command(generate)
+cli.add_command(tasks_group)
 
 
 def main() -> None:
