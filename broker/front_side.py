@@ -86,6 +86,8 @@ class FrontSide:
             raise RequestError(e.QUEUE_FULL, f"queue is full ({self.config.max_queued} tasks waiting)")
         if h.owner and self.table.unfinished_for(h.owner) >= self.config.max_queued_per_owner:
             raise RequestError(e.QUEUE_FULL, f"this key already has {self.config.max_queued_per_owner} tasks waiting")
+        if spec.webhook is not None and self.outbox.full:
+            raise RequestError(e.QUEUE_FULL, "too many webhook deliveries are waiting; retry later")
         if len(h.images) != len(msg.blobs):
             raise RequestError(e.BAD_REQUEST, "image names and blob frames differ in number")
         now = self.clock()

@@ -105,7 +105,12 @@ class TaskWebhooks:
         if hook is None or event not in hook.events:
             return
         msg_id = f"msg_{task.task_id}_{event}"
-        if not self.outbox.enqueue(msg_id, hook.url, EVENT_TYPES[event], payload(task, event, now), now):
+        try:
+            queued = self.outbox.enqueue(msg_id, hook.url, EVENT_TYPES[event], payload(task, event, now), now)
+        except Exception:  # the outbox's database failing must not stop the broker loop
+            log.exception("webhook %s of task %s could not be journaled", event, task.task_id)
+            return
+        if not queued:
             log.warning("webhook %s of task %s not queued (see above)", event, task.task_id)
 
     def started(self, task: Task, now: float) -> None:

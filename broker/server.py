@@ -31,6 +31,7 @@ from genserve import errors as e
 from genserve import wire as w
 
 log = logging.getLogger(__name__)
+FRONT_HWM = 100_000  # messages queued per front (the front's DEALER takes as many)
 
 
 class Broker(FrontSide, NodeSide):
@@ -56,6 +57,8 @@ class Broker(FrontSide, NodeSide):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A tick may push one position event per streamed task to a front: room for bursts of them.
+        self.frontend.setsockopt(zmq.SNDHWM, FRONT_HWM)
         self._curve = None
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
@@ -237,10 +240,17 @@ class Broker(FrontSide, NodeSide):
             position = self.queue.position(task.task_id)
             if kind == "position":
                 self.subs.position_changed(task.task_id, position)
-            event = w.Event(kind, self.subs.next_id(), task.view(position))
+            frames = w.encode(w.Event(kind, self.subs.next_id(), task.view(position)))
             for peer in peers:
-                if not self._send(self.frontend, peer, event):
-                    self.subs.drop_peer(peer)  # that front is gone
+                try:
+                    self.frontend.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:  # that front's queue is full: its renewal resends the state
+                    log.debug("event for task %s dropped: front %r is not reading", task.task_id, peer)
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EHOSTUNREACH:
+                        self.subs.drop_peer(peer)  # that front is gone
+                    else:
+                        log.warning("cannot send an event to front %r: %s", peer, exc)
         if task.final:
             self.subs.forget(task.task_id)
 

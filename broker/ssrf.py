@@ -16,7 +16,9 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+import threading
 import time
+from typing import Any
 
 from genserve.urls import MAX_URL_LENGTH, WebhookRefused, check_url, refusal_reason
 
@@ -26,9 +28,39 @@ __all__ = ["MAX_URL_LENGTH", "WebhookRefused", "check_url", "refusal_reason", "r
 Address = tuple[int, tuple]  # (family, sockaddr) as socket.getaddrinfo gives them
 
 
-def resolve(host: str, port: int, allow_private: bool) -> list[Address]:
-    """Resolve host once; refuse it if any answer is not public (unless allow_private)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+MAX_LOOKUPS = 8  # name lookups running at once (each on a daemon thread, since none can be cancelled)
+_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
+
+
+def lookup(host: str, port: int, timeout: float | None = None) -> list[tuple]:
+    """socket.getaddrinfo, given up after `timeout` seconds (the lookup itself runs on to its end)."""
+    if timeout is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    if not _lookups.acquire(timeout=timeout):
+        raise TimeoutError(f"{MAX_LOOKUPS} name lookups are already running")
+    result: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
+        except OSError as exc:
+            result.append(exc)
+        finally:
+            _lookups.release()
+            done.set()
+
+    threading.Thread(target=run, name="dns-lookup", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"looking up {host!r} took over {timeout:g}s")
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
+
+
+def resolve(host: str, port: int, allow_private: bool, timeout: float | None = None) -> list[Address]:
+    """Resolve host once (within `timeout`); refuse it if any answer is not public (unless allow_private)."""
+    infos = lookup(host, port, timeout)
     addresses: list[Address] = []
     for family, _type, _proto, _name, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):

@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     msg_id TEXT PRIMARY KEY, url TEXT NOT NULL, event_type TEXT NOT NULL, payload BLOB NOT NULL,
     created REAL NOT NULL, next_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'pending', last_status INTEGER, last_error TEXT,
-    finished REAL, claimed_by TEXT
+    finished REAL, claimed_by TEXT, host TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries(finished) WHERE state != 'pending';
@@ -90,7 +90,7 @@ class WebhookConfig:
     first_delay: float = 1.0
     max_delay: float = 300.0
     timeout: float = 10.0
-    workers: int = 4
+    workers: int = 16  # threads mostly wait on the network; a dead host holds at most one (see _Host)
     max_pending: int = 10000
     jitter: float = 0.5  # each delay is scaled by a random factor in [1 - jitter, 1]
 
@@ -148,6 +148,31 @@ def _host(url: str) -> str:
         return "?"
 
 
+def _target(url: str) -> str:
+    """What a circuit breaker covers: the URL's host and port."""
+    try:
+        parts = urlsplit(url)
+        return f"{(parts.hostname or '?').lower()}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    except ValueError:
+        return "?"
+
+
+@dataclass
+class _Host:
+    """One receiver host's circuit breaker: after a failed attempt, one attempt at a time and a pause.
+
+    So a dead or slow host costs one worker once per pause, however many deliveries wait for
+    it, and never starves the deliveries to other hosts.
+    """
+
+    failures: int = 0
+    blocked_until: float = 0.0
+    inflight: int = 0
+
+
+MAX_PER_HOST = 4  # attempts at once to one healthy host
+
+
 class _Row(NamedTuple):
     msg_id: str
     url: str
@@ -195,6 +220,9 @@ class WebhookOutbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(deliveries)")}
+        if columns and "host" not in columns:
+            self._db.execute("ALTER TABLE deliveries ADD COLUMN host TEXT NOT NULL DEFAULT ''")
         self._db.executescript(SCHEMA)
         recovered = self._db.execute(
             "UPDATE deliveries SET claimed_by = NULL WHERE claimed_by IS NOT NULL").rowcount
@@ -211,6 +239,13 @@ class WebhookOutbox:
         self._rng = random.Random()
         self._watch_cond = threading.Condition()  # guards _inflight
         self._inflight: set[_Watch] = set()
+        self._hosts: dict[str, _Host] = {}  # guarded by _lock
+
+    @property
+    def full(self) -> bool:
+        """Whether enqueue would refuse a new delivery now (max_pending reached)."""
+        with self._lock:
+            return self._pending >= self.config.max_pending
 
     # -- the broker's side -------------------------------------------------------------
 
@@ -244,9 +279,9 @@ class WebhookOutbox:
             state, finished = (PENDING, None) if refused is None else (REFUSED, now)
             added = self._db.execute(
                 "INSERT OR IGNORE INTO deliveries (msg_id, url, event_type, payload, created, next_at,"
-                " state, last_error, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " state, last_error, finished, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (msg_id, url[:MAX_URL_LENGTH], event_type, payload, now, now, state, refused,
-                 finished)).rowcount
+                 finished, _target(url))).rowcount
             if added and refused is None:
                 self._pending += 1
                 self._wake.notify()
@@ -322,26 +357,54 @@ class WebhookOutbox:
         return self._db.execute("DELETE FROM deliveries WHERE state != ? AND finished < ?",
                                 (PENDING, now - self.config.max_age)).rowcount
 
+    def _excluded(self, now: float) -> list[str]:
+        """Hosts no worker may start an attempt for now: paused, or at their concurrency (lock held)."""
+        return [host for host, h in self._hosts.items()
+                if h.blocked_until > now or h.inflight >= (1 if h.failures else MAX_PER_HOST)]
+
     def _claim(self, worker: str) -> _Row | None:
-        """The next due unclaimed row, claimed for this worker (lock held)."""
+        """The next due unclaimed row of a host that may be tried, claimed for this worker (lock held)."""
+        now = self.clock()
+        excluded = self._excluded(now)
+        skip = f" AND host NOT IN ({','.join('?' * len(excluded))})" if excluded else ""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             row = self._db.execute(
                 "SELECT msg_id, url, payload, created, attempts FROM deliveries WHERE state = ?"
-                " AND claimed_by IS NULL AND next_at <= ? ORDER BY next_at LIMIT 1",
-                (PENDING, self.clock())).fetchone()
+                f" AND claimed_by IS NULL AND next_at <= ?{skip} ORDER BY next_at LIMIT 1",
+                (PENDING, now, *excluded)).fetchone()
             if row is not None:
                 self._db.execute("UPDATE deliveries SET claimed_by = ? WHERE msg_id = ?", (worker, row[0]))
-        return _Row(*row) if row is not None else None
+        if row is None:
+            return None
+        self._hosts.setdefault(_target(row[1]), _Host()).inflight += 1
+        return _Row(*row)
 
     def _idle_wait(self) -> float:
-        """Seconds until the next unclaimed row is due, at most IDLE_WAIT (lock held)."""
+        """Seconds until a row may be due or a host may be tried again, at most IDLE_WAIT (lock held)."""
+        now = self.clock()
+        excluded = self._excluded(now)
+        skip = f" AND host NOT IN ({','.join('?' * len(excluded))})" if excluded else ""
         (next_at,) = self._db.execute(
-            "SELECT MIN(next_at) FROM deliveries WHERE state = ? AND claimed_by IS NULL",
-            (PENDING,)).fetchone()
-        if next_at is None:
-            return IDLE_WAIT
-        return min(IDLE_WAIT, max(0.001, next_at - self.clock()))
+            f"SELECT MIN(next_at) FROM deliveries WHERE state = ? AND claimed_by IS NULL{skip}",
+            (PENDING, *excluded)).fetchone()
+        waits = [IDLE_WAIT] + ([next_at - now] if next_at is not None else [])
+        waits += [h.blocked_until - now for h in self._hosts.values() if h.blocked_until > now]
+        return max(0.001, min(waits))
+
+    def _host_done(self, url: str, state: str, now: float) -> None:
+        """Update the host's breaker after an attempt (lock held)."""
+        name = _target(url)
+        host = self._hosts.setdefault(name, _Host())
+        host.inflight = max(0, host.inflight - 1)
+        if state == PENDING:  # no answer, or not a 2xx: the host may be down
+            host.failures += 1
+            host.blocked_until = now + backoff_delay(host.failures, self.config, self._rng)
+        else:
+            host.failures, host.blocked_until = 0, 0.0
+        if not host.failures and not host.inflight:
+            del self._hosts[name]
+        self._wake.notify_all()  # a host below its limit again, or a retry scheduled
 
     def _work(self) -> None:
         worker = threading.current_thread().name
@@ -374,7 +437,7 @@ class WebhookOutbox:
             host = parts.hostname or host
             https = parts.scheme.lower() == "https"
             port = parts.port or (443 if https else 80)
-            addresses = resolve(host, port, self.config.allow_private)
+            addresses = resolve(host, port, self.config.allow_private, timeout=self.config.timeout)
         except WebhookRefused as exc:
             return _Outcome(REFUSED, None, str(exc))
         except OSError as exc:
@@ -432,6 +495,7 @@ class WebhookOutbox:
             if self._closed:
                 log.info("webhook %s: attempt ended after close; it is retried after restart", row.msg_id)
                 return
+            self._host_done(row.url, state, now)
             if self._stopping and state == PENDING:
                 # Abandoned, not failed: keep the attempt count, due at once after a restart.
                 self._db.execute("UPDATE deliveries SET claimed_by = NULL WHERE msg_id = ?", (row.msg_id,))

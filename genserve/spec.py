@@ -40,7 +40,7 @@ class WebhookSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     events: list[str]
 
 
-class TaskSpec(msgspec.Struct, forbid_unknown_fields=True):
+class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A validated generation request: model, mode, priority, parameters and an optional webhook."""
 
     model_id: str

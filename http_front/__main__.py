@@ -78,8 +78,6 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         ap.error("--max-sync-waits must be below --threads: /health, /task and async requests need threads too")
     if a.max_streams < 0 or a.max_streams_per_key < 0:
         ap.error("--max-streams and --max-streams-per-key must be 0 or more")
-    if a.max_streams >= a.connection_limit:
-        ap.error("--max-streams must be below --connection-limit: streams are connections too")
     if min(a.max_sync_waits_per_key, a.connection_limit, a.channel_timeout, a.header_timeout, a.backlog,
            a.max_header_bytes) < 1:
         ap.error("--max-sync-waits-per-key, --connection-limit, --channel-timeout, --header-timeout,"

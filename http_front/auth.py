@@ -93,6 +93,10 @@ class AuthMiddleware:
             if self.signer is None or not self.signer.verify(req.path, req.get_param("expires"),
                                                              req.get_param("sig")):
                 raise AuthError(403, BAD_SIGNATURE)
+            ok, retry_after = self.limiter.hit(f"signed:{req.path}")  # each signed URL has the key's limit
+            if not ok:
+                raise AuthError(429, RATE_LIMITED.format(int(self.limiter.window), self.limiter.limit),
+                                retry_after=retry_after)
             req.context.signed, req.context.principal = True, None
             return
         client = req.remote_addr or "?"

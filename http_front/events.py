@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from genserve import wire as w
 from http_front.broker_client import BrokerClient, BrokerError, BrokerUnavailable
@@ -35,6 +35,13 @@ RENEW_INTERVAL = 5.0  # seconds between renewals of every subscription of this f
 MAX_RENEW = 5000  # task ids per renewal WATCH (the broker's limit)
 
 
+class Renewal(NamedTuple):
+    """A task's view from a renewal WATCH, and the broker's event id when it was taken."""
+
+    view: w.TaskView
+    event_id: int
+
+
 class Stream:
     """One client's stream of one task: the hub puts Events and renewed TaskViews on `items`.
 
@@ -43,10 +50,10 @@ class Stream:
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
-        self.items: queue.SimpleQueue[w.Event | w.TaskView] = queue.SimpleQueue()
+        self.items: queue.SimpleQueue[w.Event | Renewal] = queue.SimpleQueue()
         self.notify: Callable[[], None] | None = None
 
-    def put(self, item: w.Event | w.TaskView) -> None:
+    def put(self, item: w.Event | Renewal) -> None:
         """Queue an item for the stream's writer."""
         self.items.put(item)
         notify = self.notify
@@ -99,11 +106,10 @@ class EventHub:
             if streams is None or stream not in streams:
                 return
             streams.discard(stream)
-            last = not streams
-            if last:
+            if not streams:
                 del self._streams[stream.task_id]
-        if last:
-            self.broker.post(w.Watch(0, [stream.task_id], subscribe=False))
+                # Queued under the lock: a concurrent open() of this task sends its WATCH after it.
+                self.broker.post(w.Watch(0, [stream.task_id], subscribe=False))
 
     def _on_event(self, event: w.Event) -> None:
         with self._lock:
@@ -118,19 +124,18 @@ class EventHub:
         try:
             self._next_renewal = time.monotonic() + self.renew_interval
             with self._lock:
-                task_ids = list(self._streams)[:MAX_RENEW]
-            if not task_ids:
-                return
-            try:
-                body: w.WatchBody = self.broker.request(w.Watch(0, task_ids)).header.body
-            except (BrokerError, BrokerUnavailable) as exc:
-                log.warning("renewing %d event subscriptions failed: %s", len(task_ids), exc)
-                return
-            for view in body.tasks:
-                with self._lock:
-                    streams = tuple(self._streams.get(view.task_id, ()))
-                for stream in streams:
-                    stream.put(view)
+                task_ids = list(self._streams)
+            for start in range(0, len(task_ids), MAX_RENEW):
+                try:
+                    body: w.WatchBody = self.broker.request(w.Watch(0, task_ids[start:start + MAX_RENEW])).header.body
+                except (BrokerError, BrokerUnavailable) as exc:
+                    log.warning("renewing %d event subscriptions failed: %s", len(task_ids), exc)
+                    return
+                for view in body.tasks:
+                    with self._lock:
+                        streams = tuple(self._streams.get(view.task_id, ()))
+                    for stream in streams:
+                        stream.put(Renewal(view, body.event_id))
         finally:
             self._renewing.release()
 
@@ -144,6 +149,13 @@ class StreamSlots:
         self._total = 0
         self._by_key: dict[str, int] = {}
         self._lock = threading.Lock()
+
+    def full(self) -> str | None:
+        """Why no stream can open now (the global cap is reached), or None."""
+        with self._lock:
+            if self._total >= self.limit:
+                return f"{self._total} event streams are open on this server (limit {self.limit})"
+        return None
 
     def acquire(self, key: str) -> str | None:
         """Take a slot for `key`; None when granted, else why not."""
@@ -228,14 +240,16 @@ class EventWriter:
         self.final = final
         self.done = False
 
-    def feed(self, item: w.Event | w.TaskView) -> bytes:
+    def feed(self, item: w.Event | Renewal) -> bytes:
         """The bytes to send for one item (maybe none); sets `done` after the final event."""
         if isinstance(item, w.Event):
             if item.event_id <= self.floor:
                 return b""
             self.floor, current, event_id = item.event_id, item.task, item.event_id
+        elif item.event_id < self.floor:
+            return b""  # taken before an event already written: older than what the client knows
         else:
-            current, event_id = item, None
+            current, event_id = item.view, None
         out = []
         for kind in self.state.changes(current):
             if kind in w.FINAL_STATES:

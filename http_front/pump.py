@@ -49,6 +49,7 @@ class Pumped:
         self.out = bytearray()
         self.last_write = time.monotonic()
         self.closed = False
+        self.registered = False
 
 
 class StreamPump:
@@ -86,9 +87,9 @@ class StreamPump:
     def adopt(self, pumped: Pumped) -> None:
         """Take over a stream (thread-safe); its queued items are written at once."""
         pumped.sock.setblocking(False)
-        pumped.stream.notify = lambda: self._notify(pumped)
         with self._lock:
-            self._new.append(pumped)
+            self._new.append(pumped)  # before any notify: the loop registers new streams first
+            pumped.stream.notify = lambda: self._notify(pumped)
         self._wake()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -129,19 +130,19 @@ class StreamPump:
                 pumped: Pumped | None = key.data
                 if pumped is None:
                     self._drain_wake()
-                elif mask & selectors.EVENT_READ:
-                    self._read(pumped)
-                if pumped is not None and not pumped.closed and mask & selectors.EVENT_WRITE:
-                    self._flush(pumped)
+                    continue
+                if mask & selectors.EVENT_READ:
+                    self._guarded(pumped, self._read)
+                if mask & selectors.EVENT_WRITE:
+                    self._guarded(pumped, self._flush)
             with self._lock:
                 new, self._new = self._new, []
                 dirty, self._dirty = self._dirty, set()
                 self._streams.update(new)
             for pumped in new:
-                self._sel.register(pumped.sock, selectors.EVENT_READ, pumped)
+                self._guarded(pumped, self._register)
             for pumped in (*new, *dirty):
-                if not pumped.closed:
-                    self._drain(pumped)
+                self._guarded(pumped, self._drain)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
@@ -149,7 +150,21 @@ class StreamPump:
                     streams = list(self._streams)
                 for pumped in streams:
                     if now - pumped.last_write >= self.keepalive:
-                        self._write(pumped, b": keep-alive\n\n")
+                        self._guarded(pumped, lambda p: self._write(p, b": keep-alive\n\n"))
+
+    def _guarded(self, pumped: Pumped, step: Callable[[Pumped], None]) -> None:
+        """Run one step for one stream; a failure ends that stream, never the pump."""
+        if pumped.closed:
+            return
+        try:
+            step(pumped)
+        except Exception:  # one stream's bug must not stop every other stream
+            log.exception("event stream of task %s failed; ending it", pumped.stream.task_id)
+            self._end(pumped, None)
+
+    def _register(self, pumped: Pumped) -> None:
+        self._sel.register(pumped.sock, selectors.EVENT_READ, pumped)
+        pumped.registered = True
 
     def _drain_wake(self) -> None:
         try:
@@ -193,19 +208,20 @@ class StreamPump:
         if pumped.writer.done and not pumped.out:
             self._end(pumped, None)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if pumped.out else 0)
-        self._sel.modify(pumped.sock, events, pumped)
+        if pumped.registered:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if pumped.out else 0)
+            self._sel.modify(pumped.sock, events, pumped)
 
     def _read(self, pumped: Pumped) -> None:
-        """A stream's client sends nothing more: data is discarded, end of file means it left."""
+        """An event-stream client sends nothing after its request: end of file means it left, and
+        anything else ends the stream too (reading junk at line rate would cost every stream)."""
         try:
-            if pumped.sock.recv(4096):
-                return
+            data = pumped.sock.recv(1)
         except BlockingIOError:
             return
         except OSError:
-            pass
-        self._end(pumped, None)
+            data = b""
+        self._end(pumped, "its client sent data after the request" if data else None)
 
     def _end(self, pumped: Pumped, why: str | None) -> None:
         if pumped.closed:
@@ -216,10 +232,12 @@ class StreamPump:
             log.info("ending the event stream of task %s: %s", pumped.stream.task_id, why)
         with self._lock:
             self._streams.discard(pumped)
-        try:
-            self._sel.unregister(pumped.sock)
-        except (KeyError, ValueError):
-            pass  # not registered yet (ended before its first pass) or the selector is closed
+        if pumped.registered:
+            pumped.registered = False
+            try:
+                self._sel.unregister(pumped.sock)
+            except (KeyError, ValueError, OSError):
+                log.debug("stream of task %s was already out of the selector", pumped.stream.task_id)
         try:
             pumped.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -235,7 +253,10 @@ class StreamPump:
             with self._lock:
                 hubs: dict[int, Any] = {id(p.hub): p.hub for p in self._streams}
             for hub in hubs.values():
-                hub.maybe_renew()
+                try:
+                    hub.maybe_renew()
+                except Exception:  # the next pass tries again; the streams keep their pushed events
+                    log.exception("renewing event subscriptions failed")
 
 
 HandOver = Callable[[Callable[[socket.socket, bool], Pumped]], bool]

@@ -228,4 +228,6 @@ class FrontServer:
 
 def serve(app: Any, config: FrontConfig) -> None:
     """Raise the descriptor limit as needed, then serve `app` until interrupted."""
-    FrontServer(app, config, raise_fd_limit(config.connection_limit)).run()
+    # Streams handed to the pump leave waitress's connection count but keep their descriptor.
+    limit = raise_fd_limit(config.connection_limit + config.max_streams)
+    FrontServer(app, config, max(1, limit - config.max_streams)).run()

@@ -293,7 +293,7 @@ def test_past_the_stream_cap_a_client_is_told_to_poll(stack: Stack) -> None:
     wait_until(lambda: stack.http.simulate_get(f"/task/{task_id}", headers=as_("alice")).json["status"]
                == "completed", 60, 0.05, "the task to end")
     done = capped.simulate_get(f"/task/{task_id}/events", headers=as_("alice"))
-    assert done.status_code == 200  # an ended task holds no thread: served past the cap
+    assert done.status_code == 429  # refused before asking the broker anything, whatever the task's state
 
 
 # ---- two real waitress fronts on one broker -------------------------------------------------
@@ -477,3 +477,23 @@ def test_the_pump_frames_chunks_keeps_alive_and_drops_slow_readers() -> None:
     finally:
         pump.close()
         theirs.close()
+
+
+def test_an_ended_tasks_stream_tells_a_reconnecting_browser_to_stop(stack: Stack) -> None:
+    task_id = start(stack, body={**SLOW, "num_inference_steps": 2})["task_id"]
+    wait_until(lambda: stack.http.simulate_get(f"/task/{task_id}", headers=as_("alice")).json["status"]
+               == "completed", 30, 0.05, "the task to end")
+    again = stack.http.simulate_get(f"/task/{task_id}/events", headers={**as_("alice"), "Last-Event-ID": "5"})
+    assert again.status_code == 204 and again.text == ""  # EventSource stops reconnecting on a 204
+    first = stack.http.simulate_get(f"/task/{task_id}/events", headers=as_("alice"))
+    assert first.status_code == 200 and parse(first.text)[-1]["event"] == "completed"
+
+
+def test_renewed_views_older_than_a_written_event_are_ignored() -> None:
+    from http_front.events import EventWriter, Renewal
+
+    writer = EventWriter(view(position=3), 100, lambda v, i: b"FINAL")
+    assert b"position" in writer.feed(w.Event("position", 105, view(position=1)))
+    assert writer.feed(Renewal(view(position=2), 103)) == b""  # taken before event 105
+    assert b"position" in writer.feed(Renewal(view(position=0), 106))  # newer: what changed is sent
+    assert writer.feed(w.Event("position", 104, view(position=2))) == b""  # an old push

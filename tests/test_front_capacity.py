@@ -127,8 +127,6 @@ def test_front_capacity_flags_env_and_defaults() -> None:
     assert parse_config([], {}).max_streams == 1000
     with pytest.raises(SystemExit):
         parse_config(["--threads", "8", "--max-sync-waits", "8"], {})
-    with pytest.raises(SystemExit):  # every stream is a connection: the streams cannot take them all
-        parse_config(["--connection-limit", "500"], {})
     with pytest.raises(SystemExit):
         parse_config(["--max-streams", "-1"], {})
 

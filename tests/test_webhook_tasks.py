@@ -176,3 +176,16 @@ def test_a_malformed_secret_stops_the_broker_with_a_clear_message(tmp_path: Path
     with pytest.raises(SystemExit, match="webhook secret"):
         main(["--data-dir", str(tmp_path), "--frontend", "tcp://127.0.0.1:0", "--backend", "tcp://127.0.0.1:0",
               "--webhook-secret", "not-a-secret"])
+
+
+def test_a_backed_up_outbox_refuses_new_webhooks_at_submit(hooks: Stack, receiver: Receiver) -> None:
+    outbox = hooks.broker.broker.outbox
+    with outbox._lock:
+        saved, outbox._pending = outbox._pending, outbox.config.max_pending  # as if 10,000 were waiting
+    try:
+        r = hooks.http.simulate_post("/generate", json={**QUICK, "webhook": receiver.url()})
+        assert r.status_code == 429 and "webhook" in r.json["detail"] and r.headers["retry-after"]
+        assert hooks.http.simulate_post("/generate", json=QUICK).status_code == 202  # no webhook: accepted
+    finally:
+        with outbox._lock:
+            outbox._pending = saved

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from broker import ssrf
+from broker import ssrf, webhooks
 from broker.webhooks import (
     WebhookConfig,
     WebhookOutbox,
@@ -545,3 +545,51 @@ def test_purge_removes_finished_rows_older_than_max_age(make_outbox: Callable[..
     assert outbox.purge(now=time.time() + 1.0) == 0
     assert outbox.purge(now=time.time() + 3.0) == 1
     assert outbox.status("msg_done") is None and state_of(outbox, "msg_later") == "pending"
+
+
+def test_a_failing_host_is_paused_and_tried_one_attempt_at_a_time(make_outbox: Callable[..., WebhookOutbox]) -> None:
+    """The circuit breaker, driven by hand (no delivery threads): a failure pauses its host and
+    limits it to one attempt at a time, while other hosts' deliveries go on."""
+    clock = Clock()
+    outbox = make_outbox(start=False, clock=clock, jitter=0.0, first_delay=1.0, max_delay=8.0, max_age=100.0)
+    for i in range(3):
+        assert outbox.enqueue(f"msg_dead_{i}", "http://dead.example:8080/hook", "task.completed", PAYLOAD)
+    clock.offset += 0.01
+    assert outbox.enqueue("msg_live", "http://live.example/hook", "task.completed", PAYLOAD)
+    with outbox._lock:
+        first = outbox._claim("w1")
+        second = outbox._claim("w2")  # a healthy host takes several attempts at once
+    assert (first.msg_id, second.msg_id) == ("msg_dead_0", "msg_dead_1")
+    outbox._finish(first, webhooks._Outcome("pending", None, "timed out after 10s"))
+    with outbox._lock:
+        assert outbox._claim("w1").msg_id == "msg_live"  # the paused host is skipped
+        assert outbox._claim("w3") is None
+        assert 0.9 < outbox._idle_wait() <= 1.0  # wakes when the pause ends
+    clock.offset += 1.5  # the pause is over, but msg_dead_1 is still in flight: one at a time now
+    with outbox._lock:
+        assert outbox._claim("w3") is None
+    outbox._finish(second, webhooks._Outcome("pending", 503, "HTTP 503"))
+    clock.offset += 2.5  # the second failure doubled the pause (2 s)
+    with outbox._lock:
+        retry = outbox._claim("w3")
+        assert retry is not None and retry.msg_id.startswith("msg_dead") and outbox._claim("w4") is None
+    outbox._finish(retry, webhooks._Outcome("delivered", 200, None))
+    with outbox._lock:
+        assert "dead.example:8080" not in outbox._hosts  # healthy again: its breaker is forgotten
+        assert outbox._claim("w4") is not None  # and several attempts may run at once again
+        assert outbox._claim("w5") is not None
+
+
+def test_a_name_lookup_that_hangs_is_given_up_at_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> list[Any]:
+        release.wait(5)
+        return []
+
+    monkeypatch.setattr(ssrf.socket, "getaddrinfo", slow)
+    try:
+        with pytest.raises(TimeoutError):
+            ssrf.resolve("slow.example", 80, allow_private=False, timeout=0.2)
+    finally:
+        release.set()

@@ -68,12 +68,20 @@ class TaskEvents:
         last = req.get_header("Last-Event-ID")
         if last is not None and not (last.isascii() and last.isdigit() and len(last) <= 20):
             raise ApiError(400, "invalid Last-Event-ID", "Last-Event-ID must be an id this API sent (digits)")
+        refusal = self.slots.full()  # before the broker round trip
+        if refusal is not None:
+            raise ApiError(429, "too many event streams", f"{refusal}; poll /task/{{task_id}} instead",
+                           retry_after=5)
         stream, view, event_id = self.hub.open(task_id)
         if view is None or not visible(req, view):
             self.hub.close(stream)
             raise ApiError(404, "task not found", "no task with this id for this API key")
         key = view.owner
         ended = view.status in w.FINAL_STATES
+        if ended and last is not None:
+            # A browser's EventSource reconnects whenever a stream closes; 204 tells it to stop.
+            resp.status = 204
+            return
         refusal = None if ended else self.slots.acquire(key)
         if refusal is not None:
             self.hub.close(stream)
