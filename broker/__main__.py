@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 from pathlib import Path
 
 from broker.config import BrokerConfig
 from broker.server import Broker
+from genserve import logs
 from genserve.curve import InsecureBind
 
 MB = 1 << 20
@@ -77,8 +77,10 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                     default=float(env.get("GENSERVE_WEBHOOK_TIMEOUT", d.webhook_timeout)),
                     help="seconds one delivery attempt may take (env GENSERVE_WEBHOOK_TIMEOUT)")
     ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
+    ap.add_argument("--log-format", choices=logs.FORMATS, default=env.get("GENSERVE_LOG_FORMAT", "text"),
+                    help="text lines or JSON lines with task_id/node_id/key_id fields (env GENSERVE_LOG_FORMAT)")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(a.log_level, a.log_format, "broker")
     return BrokerConfig(
         frontend=a.frontend, backend=a.backend, data_dir=Path(a.data_dir),
         heartbeat_interval=a.heartbeat, liveness=a.liveness, task_timeout=a.task_timeout,

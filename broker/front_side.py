@@ -17,6 +17,7 @@ from broker.tasks import Task
 from genserve import errors as e
 from genserve import wire as w
 from genserve.catalog import MODEL_MODES
+from genserve.logs import ids, key_ref
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -103,6 +104,8 @@ class FrontSide:
             raise RequestError(e.DISK_FULL, f"result storage is full ({self.table.disk_used} of"
                                f" {self.config.disk_budget_bytes} bytes in use or reserved); retry later")
         self.table.accept(task, now)  # journaled before the ACK
+        log.info("task %s accepted: %s %s, priority %d", task.task_id, task.model, task.mode, task.priority,
+                 extra=ids(task.task_id, key_id=key_ref(task.owner)))
         self._send(self.frontend, identity, w.Ack(h.req, now, task.task_id, self.queue.position(task.task_id)))
         self._dispatch()
 

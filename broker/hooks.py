@@ -24,6 +24,7 @@ import msgspec
 
 from broker.tasks import Task
 from broker.webhooks import WebhookOutbox, new_secret, parse_secret
+from genserve.logs import ids, key_ref
 from genserve.views import ResultMeta
 from genserve.wire import CANCELLED, COMPLETED, FAILED, FINAL_STATES
 
@@ -108,10 +109,12 @@ class TaskWebhooks:
         try:
             queued = self.outbox.enqueue(msg_id, hook.url, EVENT_TYPES[event], payload(task, event, now), now)
         except Exception:  # the outbox's database failing must not stop the broker loop
-            log.exception("webhook %s of task %s could not be journaled", event, task.task_id)
+            log.exception("webhook %s of task %s could not be journaled", event, task.task_id,
+                          extra=ids(task.task_id, key_id=key_ref(task.owner)))
             return
         if not queued:
-            log.warning("webhook %s of task %s not queued (see above)", event, task.task_id)
+            log.warning("webhook %s of task %s not queued (see above)", event, task.task_id,
+                        extra=ids(task.task_id, key_id=key_ref(task.owner)))
 
     def started(self, task: Task, now: float) -> None:
         """A node started the task (only its first start is delivered)."""

@@ -13,6 +13,7 @@ from broker.results import check_image
 from broker.tasks import Task
 from genserve import errors as e
 from genserve import wire as w
+from genserve.logs import ids, key_ref
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -114,7 +115,8 @@ class NodeSide:
         expected = task.params if task is not None else h.meta
         wrong = check_image(result, h.meta.format, expected.width, expected.height)
         if task is not None and wrong:
-            log.warning("node %s returned %s for task %s: failing it", node.node_id, wrong, h.task_id)
+            log.warning("node %s returned %s for task %s: failing it", node.node_id, wrong, h.task_id,
+                        extra=ids(h.task_id, node.node_id, key_ref(task.owner)))
             self._fail(task, w.FAILED, e.GENERATION, f"the node returned an invalid result: {wrong}")
         elif task is not None:
             self._detach(task)
@@ -149,7 +151,8 @@ class NodeSide:
         task = self.tasks.get(task_id)
         if task is None or task.final:
             return None
-        log.info("adopting the late result of task %s (it was %s)", task_id, task.state)
+        log.info("adopting the late result of task %s (it was %s)", task_id, task.state,
+                 extra=ids(task_id, key_id=key_ref(task.owner)))
         return task
 
     def _on_disconnect(self: Broker, identity: bytes, node: Node | None, msg: w.Message) -> None:
@@ -169,6 +172,7 @@ class NodeSide:
         if task is not None and task.final:
             return None
         if task is None or task.node != node.identity or task.state != w.RUNNING:
-            log.info("discarding late message for task %s from %s", task_id, node.node_id)
+            log.info("discarding late message for task %s from %s", task_id, node.node_id,
+                     extra=ids(task_id, node.node_id))
             return None
         return task

@@ -18,8 +18,8 @@ import zmq
 
 from broker.config import BrokerConfig
 from broker.events import Subscriptions
-from broker.hooks import TaskWebhooks, load_secret
 from broker.front_side import FrontSide, RequestError  # noqa: F401  (RequestError: part of the broker's API)
+from broker.hooks import TaskWebhooks, load_secret
 from broker.journal import Journal
 from broker.node_side import NodeSide
 from broker.nodes import BUSY, Node, NodeRegistry
@@ -29,6 +29,7 @@ from broker.tasks import Task, TaskTable
 from broker.webhooks import WebhookConfig, WebhookOutbox
 from genserve import errors as e
 from genserve import wire as w
+from genserve.logs import ids, key_ref
 
 log = logging.getLogger(__name__)
 FRONT_HWM = 100_000  # messages queued per front (the front's DEALER takes as many)
@@ -177,6 +178,8 @@ class Broker(FrontSide, NodeSide):
         task.attempts += 0 if resumed else 1
         task.step, task.total = 0, task.params.num_inference_steps
         node.state, node.task_id = BUSY, task.task_id
+        log.info("task %s %s on node %s (attempt %d)", task.task_id, "resumed" if resumed else "started",
+                 node.node_id, task.attempts, extra=ids(task.task_id, node.node_id, key_ref(task.owner)))
         self.table.update(task)
         if not resumed and not self._to_node(node, task.job(), task.inputs):
             self.nodes.remove(node.identity)
@@ -201,7 +204,8 @@ class Broker(FrontSide, NodeSide):
             self._fail(task, w.FAILED, e.NODE_LOST,
                        f"{why}; gave up after {task.attempts} attempts")
             return
-        log.warning("re-queueing task %s (%s, attempt %d)", task.task_id, why, task.attempts)
+        log.warning("re-queueing task %s (%s, attempt %d)", task.task_id, why, task.attempts,
+                    extra=ids(task.task_id, key_id=key_ref(task.owner)))
         self.table.enqueue(task, self.clock())
         self._publish(task, "position")
 
@@ -223,6 +227,8 @@ class Broker(FrontSide, NodeSide):
         self._notify(task, [])
 
     def _notify(self, task: Task, blobs: list[bytes]) -> None:
+        log.info("task %s %s%s", task.task_id, task.state, f" ({task.error_code})" if task.error_code else "",
+                 extra=ids(task.task_id, task.node_id, key_ref(task.owner)))
         task.inputs = []
         done = w.Done(task.view())
         for identity in task.watchers:
@@ -245,7 +251,8 @@ class Broker(FrontSide, NodeSide):
                 try:
                     self.frontend.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:  # that front's queue is full: its renewal resends the state
-                    log.debug("event for task %s dropped: front %r is not reading", task.task_id, peer)
+                    log.debug("event for task %s dropped: front %r is not reading", task.task_id, peer,
+                              extra=ids(task.task_id))
                 except zmq.ZMQError as exc:
                     if exc.errno == zmq.EHOSTUNREACH:
                         self.subs.drop_peer(peer)  # that front is gone

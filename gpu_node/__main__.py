@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+from genserve import logs
 from gpu_node.catalog import resolve_model_paths, servable_modes
 from gpu_node.config import NodeConfig
 
@@ -52,8 +53,10 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--curve-server", default=env.get("GENSERVE_CURVE_SERVER"),
                     help="the broker's public key file (env GENSERVE_CURVE_SERVER)")
     ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
+    ap.add_argument("--log-format", choices=logs.FORMATS, default=env.get("GENSERVE_LOG_FORMAT", "text"),
+                    help="text lines or JSON lines with task_id/node_id/key_id fields (env GENSERVE_LOG_FORMAT)")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(a.log_level, a.log_format, "node")
     device = a.device
     if device == "cuda" and a.device_index is not None:
         device = f"cuda:{a.device_index}"

@@ -25,6 +25,7 @@ import zmq
 from genserve import errors as e
 from genserve import wire as w
 from genserve.curve import setup_client
+from genserve.logs import ids
 from gpu_node.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Node:
                            memory_free=caps.memory_free, loaded=caps.loaded, loras=caps.loras or [],
                            busy_task=keeps, busy=self.current is not None))
         for task_id, frames in self._unacked.items():
-            log.info("re-sending the unacknowledged report of task %s", task_id)
+            log.info("re-sending the unacknowledged report of task %s", task_id, extra=ids(task_id, self.node_id))
             self._send_frames(frames)
 
     def _send(self, header: Any, blobs: list[bytes] | tuple = ()) -> None:
@@ -141,7 +142,7 @@ class Node:
                 if self.current is not None and self.current not in self._abandoned:
                     # The broker has expired us by now and may give the task to another node:
                     # stop at the next step so that it never runs twice at once.
-                    log.warning("abandoning task %s", self.current)
+                    log.warning("abandoning task %s", self.current, extra=ids(self.current, self.node_id))
                     self._abandoned.add(self.current)
                 poller.unregister(self.dealer)
                 if self._stop.wait(backoff):
@@ -181,7 +182,8 @@ class Node:
             elif msg.command == w.CANCEL and msg.header.task_id == self.current:
                 self._cancelled.add(msg.header.task_id)  # first, so the worker stops at most one step later
                 self._cancel_step = self._step
-                log.info("cancel %s (%s) at step %d", msg.header.task_id, msg.header.reason, self._step)
+                log.info("cancel %s (%s) at step %d", msg.header.task_id, msg.header.reason, self._step,
+                         extra=ids(msg.header.task_id, self.node_id))
             elif msg.command == w.DISCONNECT:
                 # After a broker restart every message we sent meanwhile earns one of these:
                 # register once, not once per message.
@@ -226,7 +228,8 @@ class Node:
         self._unacked[task_id] = frames
         while len(self._unacked) > MAX_UNACKED:
             dropped, _ = self._unacked.popitem(last=False)
-            log.warning("dropping the unacknowledged report of task %s (more than %d kept)", dropped, MAX_UNACKED)
+            log.warning("dropping the unacknowledged report of task %s (more than %d kept)", dropped, MAX_UNACKED,
+                        extra=ids(dropped, self.node_id))
 
     def _shutdown(self) -> None:
         """Let the running job stop at its next step, report it, leave the broker; every wait bounded."""
@@ -234,7 +237,8 @@ class Node:
         if self.dealer is not None:
             self._send(self._heartbeat(leaving=True))  # no new JOB, please
         if self.current is not None:
-            log.info("stopping: task %s will be re-queued after its current step", self.current)
+            log.info("stopping: task %s will be re-queued after its current step", self.current,
+                     extra=ids(self.current, self.node_id))
         while self._worker.is_alive() and time.monotonic() < deadline:
             if self._pair.poll(50):
                 self._drain_worker()
@@ -268,7 +272,7 @@ class Node:
                     pair.send_multipart(self._run_job(msg.header, msg.blobs, pair), copy=False)
                 except zmq.Again:
                     log.warning("could not hand the report of task %s back; the broker re-queues it",
-                                msg.header.task_id)
+                                msg.header.task_id, extra=ids(msg.header.task_id, self.node_id))
         finally:
             pair.close(linger=0)
 
@@ -279,6 +283,9 @@ class Node:
 
         task_id = h.task_id
         job = Job(task_id, h.model_id, h.mode, h.params, dict(zip(h.images, blobs)))
+        tagged = ids(task_id, self.node_id)
+        log.info("task %s: %s %s %dx%d, %d steps (attempt %d)", task_id, h.model_id, h.mode, h.params.width,
+                 h.params.height, h.params.num_inference_steps, h.attempt, extra=tagged)
         self._step = 0
         last_progress = time.monotonic()
 
@@ -302,14 +309,14 @@ class Node:
             png, meta = self.runner(job, on_step, should_stop)
         except Cancelled:
             at = self._cancel_step if self._cancel_step is not None else self._step
-            log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self._step, at)
+            log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self._step, at, extra=tagged)
             # Only the broker's own CANCEL ends a task; stopping or losing the broker re-queues it.
             code = e.CANCELLED if task_id in self._cancelled else e.ABANDONED
             return w.encode(w.Error(task_id, code, f"stopped at step {self._step}"))
         except JobError as exc:
             return w.encode(w.Error(task_id, exc.code, str(exc)))
         except Exception as exc:  # any failure fails this job only; the node keeps serving
-            log.exception("task %s failed", task_id)
+            log.exception("task %s failed", task_id, extra=tagged)
             return w.encode(w.Error(task_id, e.GENERATION, f"{type(exc).__name__}: {exc}"))
-        log.info("task %s done in %.3fs (seed %s)", task_id, meta.generation_time, meta.seed)
+        log.info("task %s done in %.3fs (seed %s)", task_id, meta.generation_time, meta.seed, extra=tagged)
         return w.encode(w.Result(task_id, meta), [png])

@@ -28,9 +28,14 @@ from typing import Any
 
 import diffusers
 import torch
+import transformers
 
 log = logging.getLogger(__name__)
-diffusers.utils.logging.disable_progress_bar()
+# Their progress bars and own stderr handlers would break JSON logs: their records go to ours.
+for _library in (diffusers.utils.logging, transformers.utils.logging):
+    _library.disable_progress_bar()
+    _library.disable_default_handler()
+    _library.enable_propagation()
 
 SAMPLE_CHUNKS = 16
 CHUNK = 64 * 1024

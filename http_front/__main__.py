@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from genserve import logs
 from genserve.keyfile import KeyFile, KeyFileError, make_fernet
 from http_front.app import create_app
 from http_front.broker_client import BrokerClient
@@ -73,6 +74,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--curve-secret", default=env.get("GENSERVE_CURVE_SECRET"))
     ap.add_argument("--curve-server", default=env.get("GENSERVE_CURVE_SERVER"))
     ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
+    ap.add_argument("--log-format", choices=logs.FORMATS, default=env.get("GENSERVE_LOG_FORMAT", "text"),
+                    help="text lines or JSON lines with task_id/node_id/key_id fields (env GENSERVE_LOG_FORMAT)")
     a = ap.parse_args(argv)
     if not 0 <= a.max_sync_waits < a.threads:
         ap.error("--max-sync-waits must be below --threads: /health, /task and async requests need threads too")
@@ -82,7 +85,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
            a.max_header_bytes) < 1:
         ap.error("--max-sync-waits-per-key, --connection-limit, --channel-timeout, --header-timeout,"
                  " --backlog and --max-header-bytes must be positive")
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(a.log_level, a.log_format, "front")
     return FrontConfig(
         broker=a.broker, host=a.host, port=a.port, threads=a.threads, task_timeout=a.task_timeout,
         max_sync_waits=a.max_sync_waits, max_sync_waits_per_key=a.max_sync_waits_per_key,

@@ -26,6 +26,7 @@ import zmq
 
 from genserve import wire as w
 from genserve.curve import setup_client
+from genserve.logs import ids
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,8 @@ class BrokerClient:
             elif orphan and msg.command == w.ACK and not msg.header.replayed:
                 # (A replayed ACK names a task that another request created and may have been told of.)
                 task_id = msg.header.task_id
-                log.warning("task %s was accepted after its client was told it failed: cancelling it", task_id)
+                log.warning("task %s was accepted after its client was told it failed: cancelling it", task_id,
+                            extra=ids(task_id))
                 self.post(w.CancelTask(0, task_id, orphaned=True))
 
     def _flush(self, sock: zmq.Socket) -> None:

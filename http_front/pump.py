@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from genserve.logs import ids
 from http_front.events import Closer, EventHub, EventWriter, Stream
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,8 @@ class StreamPump:
         try:
             step(pumped)
         except Exception:  # one stream's bug must not stop every other stream
-            log.exception("event stream of task %s failed; ending it", pumped.stream.task_id)
+            log.exception("event stream of task %s failed; ending it", pumped.stream.task_id,
+                          extra=ids(pumped.stream.task_id))
             self._end(pumped, None)
 
     def _register(self, pumped: Pumped) -> None:
@@ -229,7 +231,8 @@ class StreamPump:
         pumped.closed = True
         pumped.stream.notify = None
         if why:
-            log.info("ending the event stream of task %s: %s", pumped.stream.task_id, why)
+            log.info("ending the event stream of task %s: %s", pumped.stream.task_id, why,
+                     extra=ids(pumped.stream.task_id))
         with self._lock:
             self._streams.discard(pumped)
         if pumped.registered:

@@ -9,6 +9,7 @@ import falcon
 
 from genserve import wire as w
 from genserve.catalog import IMAGE_FIELDS
+from genserve.logs import ids, key_ref
 from http_front.broker_client import BrokerError, BrokerUnavailable
 from http_front.errors import ApiError, from_task_error
 from http_front.images import MAX_IMAGE_BYTES
@@ -63,14 +64,17 @@ class _Submitter:
 
     def _abandon(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         """The client hung up mid-wait: cancel its task, unless an Idempotency-Key lets a retry claim it."""
+        tagged = ids(task_id, key_id=key_ref(req.context.principal.owner))
         if req.get_header("Idempotency-Key"):
-            log.info("client hung up waiting for task %s; kept for a retry with its Idempotency-Key", task_id)
+            log.info("client hung up waiting for task %s; kept for a retry with its Idempotency-Key", task_id,
+                     extra=tagged)
         else:
             try:
                 self.services.broker.request(w.CancelTask(0, task_id))
-                log.info("client hung up waiting for task %s; task cancelled", task_id)
+                log.info("client hung up waiting for task %s; task cancelled", task_id, extra=tagged)
             except (BrokerError, BrokerUnavailable) as exc:
-                log.warning("client hung up waiting for task %s; cancelling it failed: %s", task_id, exc)
+                log.warning("client hung up waiting for task %s; cancelling it failed: %s", task_id, exc,
+                            extra=tagged)
         resp.status = 499  # nginx's "client closed request"; nobody reads it
         resp.media = {"success": False, "error": "client closed request",
                       "detail": "the client hung up before the task ended", "task_id": task_id}
