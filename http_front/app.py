@@ -22,6 +22,7 @@ from http_front.resources.events import TaskEvents
 from http_front.resources.generate import Generate, GenerateUpload
 from http_front.resources.info import Health, Loras, Models, Root, Status
 from http_front.resources.tasks import Task, TaskImage, Tasks
+from http_front.resources.ui import UiAsset, UiPage
 from http_front.services import Services
 from http_front.signing import UrlSigner
 from http_front.validation import RequestValidator
@@ -82,5 +83,7 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
     document = OpenApiDocument()  # public, like /docs: see http_front.auth
     app.add_route("/openapi.json", document)
     app.add_route("/docs", DocsPage())
+    app.add_route("/ui", UiPage())  # public page and assets: see http_front.resources.ui
+    app.add_route("/ui/{name}", UiAsset())
     document.set_document(build_document(app, config, services.version))
     return app
