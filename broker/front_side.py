@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from broker.metrics import CONTENT_TYPE
 from broker.tasks import Task
 from genserve import errors as e
 from genserve import wire as w
@@ -104,6 +105,7 @@ class FrontSide:
             raise RequestError(e.DISK_FULL, f"result storage is full ({self.table.disk_used} of"
                                f" {self.config.disk_budget_bytes} bytes in use or reserved); retry later")
         self.table.accept(task, now)  # journaled before the ACK
+        self.metrics.submitted(task)
         log.info("task %s accepted: %s %s, priority %d", task.task_id, task.model, task.mode, task.priority,
                  extra=ids(task.task_id, key_id=key_ref(task.owner)))
         self._send(self.frontend, identity, w.Ack(h.req, now, task.task_id, self.queue.position(task.task_id)))
@@ -215,6 +217,9 @@ class FrontSide:
                 self.subs.position_changed(task_id, position)
                 views.append(task.view(position))
         self._reply(identity, h.req, w.WatchBody(views, self.subs.last_id))
+
+    def _on_metrics(self: Broker, identity: bytes, msg: w.Message) -> None:
+        self._reply(identity, msg.header.req, w.MetricsBody(CONTENT_TYPE), [self.metrics.text()])
 
     def _on_admin(self: Broker, identity: bytes, msg: w.Message) -> None:
         h: w.Admin = msg.header

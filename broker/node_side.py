@@ -90,6 +90,8 @@ class NodeSide:
             node.memory_free = h.memory_free
         if h.loras is not None:
             node.loras = list(h.loras)
+        if h.stats is not None:
+            node.stats = h.stats
         if h.leaving and not node.leaving:
             node.draining = node.leaving = True  # a stopping node: no new work while its job winds down
             log.info("node %s is stopping", node.node_id)

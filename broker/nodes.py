@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from genserve.wire import LoraInfo, NodeView, Ready, ServedModel
+from genserve.wire import LoraInfo, NodeStats, NodeView, Ready, ServedModel
 
 IDLE = "idle"
 BUSY = "busy"
@@ -31,6 +31,7 @@ class Node:
     last_seen: float = 0.0
     last_sent: float = 0.0
     jobs_done: int = 0
+    stats: NodeStats | None = None  # the node's own totals, from its last heartbeat
 
     @property
     def available(self) -> bool:

@@ -107,6 +107,14 @@ class TaskQueue:
         ahead = sum(len(seqs) for prio, seqs in self._seqs.items() if prio < own.priority)
         return ahead + bisect.bisect_left(self._seqs[own.priority], own.seq)
 
+    def depths(self) -> dict[tuple[str, int], int]:
+        """Queued tasks per (model, priority), for metrics (walks the queue: call it per scrape)."""
+        out: dict[tuple[str, int], int] = {}
+        for entry in self._live.values():
+            key = (entry.model, entry.priority)
+            out[key] = out.get(key, 0) + 1
+        return out
+
     def models_waiting(self) -> dict[str, int]:
         """Count of queued tasks per model."""
         return dict(self._per_model)

@@ -21,6 +21,7 @@ from broker.events import Subscriptions
 from broker.front_side import FrontSide, RequestError  # noqa: F401  (RequestError: part of the broker's API)
 from broker.hooks import TaskWebhooks, load_secret
 from broker.journal import Journal
+from broker.metrics import BrokerMetrics
 from broker.node_side import NodeSide
 from broker.nodes import BUSY, Node, NodeRegistry
 from broker.queue import TaskQueue
@@ -67,6 +68,7 @@ class Broker(FrontSide, NodeSide):
             w.SUBMIT: self._on_submit, w.STATUS: self._on_status, w.FETCH: self._on_fetch,
             w.CANCEL_TASK: self._on_cancel, w.INFO: self._on_info, w.ADMIN: self._on_admin,
             w.LEASE: self._on_lease, w.LIST: self._on_list, w.WATCH: self._on_watch,
+            w.METRICS: self._on_metrics,
         }
         self._node_handlers: dict[bytes, Callable[[bytes, Any, w.Message], None]] = {
             w.READY: self._on_ready, w.HEARTBEAT: self._on_heartbeat, w.PROGRESS: self._on_progress,
@@ -79,6 +81,7 @@ class Broker(FrontSide, NodeSide):
             max_age=config.webhook_max_age, first_delay=config.webhook_first_delay,
             max_delay=config.webhook_max_delay, timeout=config.webhook_timeout, workers=config.webhook_workers))
         self.webhooks = TaskWebhooks(self.outbox)
+        self.metrics = BrokerMetrics(self)
         self.webhooks.recover(self.tasks.values(), self.clock())
 
     # ---- lifecycle -------------------------------------------------------
@@ -189,6 +192,7 @@ class Broker(FrontSide, NodeSide):
             self._publish(task, "running")
             if not resumed:
                 self.webhooks.started(task, task.started)
+                self.metrics.started(task)
 
     def _requeue_node_task(self, node: Node, why: str) -> None:
         """Put back the task a lost or re-registering node was running."""
@@ -236,6 +240,7 @@ class Broker(FrontSide, NodeSide):
         task.watchers.clear()
         self._publish(task, task.state)
         self.webhooks.ended(task, self.clock())
+        self.metrics.ended(task)
 
     # ---- events for streams ---------------------------------------------
 

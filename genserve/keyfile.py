@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 log = logging.getLogger(__name__)
 
-PERMISSIONS = ("generation", "readonly", "admin", "all")
+PERMISSIONS = ("generation", "readonly", "admin", "all", "metrics")  # metrics: /metrics only, for scrapers
 DEFAULT_KEY = "genserve-default-key-2024"
 MIN_KEY_LENGTH = 20
 OWNER_HEX = 32

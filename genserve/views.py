@@ -62,6 +62,16 @@ class TaskView(msgspec.Struct, omit_defaults=True):
     result_expired: bool = False
 
 
+class NodeStats(msgspec.Struct):
+    """A node's running totals since it started, reported in its heartbeats (for metrics)."""
+
+    busy_seconds: float = 0.0  # time inside pipeline calls
+    jobs: int = 0
+    model_loads: int = 0
+    load_seconds: float = 0.0
+    evictions: int = 0
+
+
 class NodeView(msgspec.Struct):
     """A registered node as INFO reports it."""
 

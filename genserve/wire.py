@@ -14,7 +14,16 @@ from typing import Any, Literal, Sequence, Union
 import msgspec
 
 from genserve.spec import GenerationParams, TaskSpec
-from genserve.views import LoraInfo, NodeView, Progress, QueueView, ResultMeta, ServedModel, TaskView  # noqa: F401  (re-exported: the views are part of this contract)
+from genserve.views import (  # noqa: F401  (re-exported: the views are part of this contract)
+    LoraInfo,
+    NodeStats,
+    NodeView,
+    Progress,
+    QueueView,
+    ResultMeta,
+    ServedModel,
+    TaskView,
+)
 
 VERSION = b"GS2"  # GS1 carried free-form msgpack maps
 
@@ -39,6 +48,7 @@ ADMIN = b"\x25"
 LEASE = b"\x26"  # rate-limit tokens for one key, granted in batches
 LIST = b"\x27"  # one page of tasks, newest first
 WATCH = b"\x28"  # (un)subscribe to tasks' events; the reply is their current views
+METRICS = b"\x29"  # the broker's and nodes' figures in Prometheus text format (a blob)
 # Broker -> front
 ACK = b"\x30"
 REPLY = b"\x31"
@@ -140,6 +150,12 @@ class Watch(_Header, forbid_unknown_fields=True):
     subscribe: bool = True
 
 
+class MetricsRequest(_Header, forbid_unknown_fields=True):
+    """The cluster's figures: REPLY is a MetricsBody and one blob of Prometheus text."""
+
+    req: int
+
+
 class Ack(_Header):
     """A SUBMIT was accepted (or replayed under its Idempotency-Key)."""
 
@@ -193,12 +209,18 @@ class WatchBody(msgspec.Struct, tag="watch"):
     event_id: int
 
 
+class MetricsBody(msgspec.Struct, tag="metrics"):
+    """REPLY body: the media type of the Prometheus text in the blob."""
+
+    content_type: str
+
+
 class Reply(_Header):
-    """The answer to STATUS, FETCH, CANCEL_TASK, INFO, ADMIN, LEASE, LIST or WATCH."""
+    """The answer to STATUS, FETCH, CANCEL_TASK, INFO, ADMIN, LEASE, LIST, WATCH or METRICS."""
 
     req: int
     now: float
-    body: Union[TaskBody, InfoBody, NodeBody, LeaseBody, TaskListBody, WatchBody]
+    body: Union[TaskBody, InfoBody, NodeBody, LeaseBody, TaskListBody, WatchBody, MetricsBody]
 
 
 class Fail(_Header):
@@ -258,6 +280,7 @@ class Heartbeat(_Header):
     idle: bool | None = None
     task_id: str | None = None
     leaving: bool = False  # the node is stopping: give it no new work
+    stats: NodeStats | None = None
 
 
 class ProgressReport(_Header):
@@ -319,7 +342,8 @@ HEADERS: dict[bytes, type[Any]] = {
     READY: Ready, HEARTBEAT: Heartbeat, PROGRESS: ProgressReport, RESULT: Result, ERROR: Error,
     DISCONNECT: Disconnect, JOB: Job, CANCEL: Cancel, RESULT_ACK: ResultAck,
     SUBMIT: Submit, STATUS: Status, FETCH: Fetch, CANCEL_TASK: CancelTask, INFO: InfoRequest,
-    ADMIN: Admin, LEASE: Lease, LIST: ListTasks, WATCH: Watch, ACK: Ack, REPLY: Reply, FAIL: Fail,
+    ADMIN: Admin, LEASE: Lease, LIST: ListTasks, WATCH: Watch, METRICS: MetricsRequest, ACK: Ack,
+    REPLY: Reply, FAIL: Fail,
     DONE: Done, EVENT: Event,
 }
 COMMANDS: dict[type[Any], bytes] = {kind: command for command, kind in HEADERS.items()}
@@ -327,7 +351,8 @@ COMMAND_NAMES: dict[bytes, str] = {
     READY: "READY", HEARTBEAT: "HEARTBEAT", PROGRESS: "PROGRESS", RESULT: "RESULT", ERROR: "ERROR",
     DISCONNECT: "DISCONNECT", JOB: "JOB", CANCEL: "CANCEL", RESULT_ACK: "RESULT_ACK", SUBMIT: "SUBMIT",
     STATUS: "STATUS", FETCH: "FETCH", CANCEL_TASK: "CANCEL_TASK", INFO: "INFO", ADMIN: "ADMIN",
-    LEASE: "LEASE", LIST: "LIST", WATCH: "WATCH", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL", DONE: "DONE",
+    LEASE: "LEASE", LIST: "LIST", WATCH: "WATCH", METRICS: "METRICS", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL",
+    DONE: "DONE",
     EVENT: "EVENT",
 }
 _ENCODER = msgspec.msgpack.Encoder()

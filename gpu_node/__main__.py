@@ -104,7 +104,8 @@ def build(config: NodeConfig):
 
     def capabilities(full: bool) -> Capabilities:
         return Capabilities(modes, int(total), memory_free(), list(cache.loaded),
-                            scan(config.lora_dir) if full else None)
+                            scan(config.lora_dir) if full else None, cache.loads, cache.load_seconds,
+                            cache.evictions)
 
     for model_id in config.preload:
         if model_id == "flux1-redux-dev":

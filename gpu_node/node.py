@@ -46,6 +46,9 @@ class Capabilities:
     memory_free: int
     loaded: list[str]
     loras: list[w.LoraInfo] | None = None
+    model_loads: int = 0
+    load_seconds: float = 0.0
+    evictions: int = 0
 
 
 class Node:
@@ -68,6 +71,8 @@ class Node:
         # every registration, so work finished while the broker was away is never redone.
         self._unacked: OrderedDict[str, list[bytes]] = OrderedDict()
         self.current: str | None = None
+        self.busy_seconds = 0.0  # inside the runner, written by the worker thread only
+        self.jobs = 0
         self._step = 0  # last denoising step of the current job (written by the worker)
         self._cancel_step: int | None = None  # the step at which the current job's CANCEL arrived
         self._endpoint = WORKER_ENDPOINT.format(uuid.uuid4().hex)
@@ -159,8 +164,10 @@ class Node:
         self._beats += 1
         # Every FULL_EVERY-th heartbeat re-reports LoRAs, so files added later become visible.
         live = self.capabilities(self._beats % FULL_EVERY == 0)
+        stats = w.NodeStats(busy_seconds=round(self.busy_seconds, 3), jobs=self.jobs, model_loads=live.model_loads,
+                            load_seconds=round(live.load_seconds, 3), evictions=live.evictions)
         return w.Heartbeat(loaded=live.loaded, memory_free=live.memory_free, loras=live.loras,
-                           idle=self.current is None, task_id=self.current, leaving=leaving)
+                           idle=self.current is None, task_id=self.current, leaving=leaving, stats=stats)
 
     def _drain_broker(self) -> None:
         assert self.dealer is not None
@@ -306,7 +313,12 @@ class Node:
             return task_id in self._cancelled or task_id in self._abandoned or self._stop.is_set()
 
         try:
-            png, meta = self.runner(job, on_step, should_stop)
+            started = time.perf_counter()
+            try:
+                png, meta = self.runner(job, on_step, should_stop)
+            finally:
+                self.busy_seconds += time.perf_counter() - started
+                self.jobs += 1
         except Cancelled:
             at = self._cancel_step if self._cancel_step is not None else self._step
             log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self._step, at, extra=tagged)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,8 @@ class PipelineCache:
         self._components: dict[str, _Component] = {}
         self.loaded: tuple[str, ...] = ()
         self.loads = 0
+        self.load_seconds = 0.0  # totals for metrics (read by the socket thread: plain numbers)
+        self.evictions = 0
 
     @property
     def used_bytes(self) -> int:
@@ -175,8 +178,10 @@ class PipelineCache:
         self._make_room(self._estimate(folder, shared), pinned)
         cls = getattr(diffusers, CATALOG[model_id].pipeline)
         log.info("loading %s from %s (reusing %s)", model_id, source, sorted(shared) or "nothing")
+        started = time.perf_counter()
         pipe = cls.from_pretrained(source, dtype=self.dtype, **shared).to(self.device)
         self.loads += 1
+        self.load_seconds += time.perf_counter() - started
         return self._register(model_id, pipe, prints)
 
     def add(self, model_id: str, pipe: Any) -> None:
@@ -217,6 +222,7 @@ class PipelineCache:
                 if not comp.users:
                     del self._components[fp]
         self.loaded = tuple(self._models)
+        self.evictions += 1
         del entry
         gc.collect()
         if self.device.startswith("cuda"):

@@ -14,6 +14,7 @@ from http_front.errors import ApiError
 from http_front.events import EventHub, StreamSlots
 from http_front.keys import KeyStore
 from http_front.leases import LeasedLimiter, broker_lease
+from http_front.metrics import ClusterMetrics, FrontMetrics, Metrics, MetricsMiddleware
 from http_front.openapi import build_document
 from http_front.ratelimit import SlidingWindowLimiter
 from http_front.resources import keys_admin
@@ -62,9 +63,10 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
     failures = failures or SlidingWindowLimiter(config.auth_failure_limit, config.auth_failure_window)
     signer = UrlSigner(config.url_secret or secrets.token_bytes(32), config.url_ttl)
     services = Services(broker, config, RequestValidator(config.max_prompt_length, config.max_image_size), signer)
-    app = falcon.App(middleware=[HeaderLimit(config.max_header_bytes),
+    metrics = FrontMetrics()
+    app = falcon.App(middleware=[MetricsMiddleware(metrics), HeaderLimit(config.max_header_bytes),
                                  AuthMiddleware(keys, limiter, failures, config.default_key_remote,
-                                                signer=signer)])
+                                                signer=signer, metrics=metrics)])
     errors.install(app)
     app.add_route("/", Root(services))
     app.add_route("/health", Health(services))
@@ -79,6 +81,11 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
     slots = StreamSlots(config.max_streams, config.max_streams_per_key)
     app.add_route("/task/{task_id}/events", TaskEvents(services, EventHub(broker), slots))
     app.add_route("/tasks", Tasks(services))
+    app.add_route("/metrics", Metrics(metrics))
+    app.add_route("/metrics/cluster", ClusterMetrics(services))
+    metrics.gauge("genserve_event_streams", "Event streams open on this front", lambda: slots.in_use)
+    metrics.gauge("genserve_sync_waits", "Synchronous /generate requests waiting on this front",
+                  lambda: waits.in_use)
     keys_admin.install(app, keys)
     document = OpenApiDocument()  # public, like /docs: see http_front.auth
     app.add_route("/openapi.json", document)

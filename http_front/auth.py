@@ -17,6 +17,7 @@ import falcon
 
 from http_front.errors import AuthError
 from http_front.keys import KeyStore, Principal, owner_of
+from http_front.metrics import FrontMetrics
 from http_front.ratelimit import RecentSet, SlidingWindowLimiter
 from http_front.signing import UrlSigner
 
@@ -74,8 +75,10 @@ class AuthMiddleware:
 
     def __init__(self, keys: KeyStore, limiter: SlidingWindowLimiter,
                  failures: SlidingWindowLimiter, default_key_remote: bool = False,
-                 known: RecentSet | None = None, signer: UrlSigner | None = None) -> None:
+                 known: RecentSet | None = None, signer: UrlSigner | None = None,
+                 metrics: FrontMetrics | None = None) -> None:
         self.keys = keys
+        self.metrics = metrics
         self.signer = signer
         self.limiter = limiter
         self.failures = failures
@@ -84,7 +87,18 @@ class AuthMiddleware:
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          params: dict) -> None:
-        """Runs after routing, before the responder."""
+        """Runs after routing, before the responder; counts every refusal by its reason."""
+        try:
+            self._check(req, resource)
+        except AuthError as exc:
+            if self.metrics is not None:
+                if exc.reason == "rate_limited":
+                    self.metrics.rate_limited.inc()
+                else:
+                    self.metrics.auth_rejections.labels(exc.reason).inc()
+            raise
+
+    def _check(self, req: falcon.Request, resource: object) -> None:
         if resource is None or is_public(resource) or not hasattr(resource, f"on_{req.method.lower()}"):
             return  # public, or Falcon answers 405 (a method no key could use reveals nothing)
         req.context.signed = False
@@ -92,33 +106,33 @@ class AuthMiddleware:
             # A signed URL stands in for a key on this one path (browsers cannot send key headers).
             if self.signer is None or not self.signer.verify(req.path, req.get_param("expires"),
                                                              req.get_param("sig")):
-                raise AuthError(403, BAD_SIGNATURE)
+                raise AuthError(403, BAD_SIGNATURE, reason="bad_signature")
             ok, retry_after = self.limiter.hit(f"signed:{req.path}")  # each signed URL has the key's limit
             if not ok:
                 raise AuthError(429, RATE_LIMITED.format(int(self.limiter.window), self.limiter.limit),
-                                retry_after=retry_after)
+                                retry_after=retry_after, reason="rate_limited")
             req.context.signed, req.context.principal = True, None
             return
         client = req.remote_addr or "?"
         raw = extract_key(req)
         if self.failures.count(client) >= self.failures.limit and \
                 (raw is None or (client, owner_of(raw)) not in self.known):
-            raise AuthError(429, TOO_MANY_FAILURES, retry_after=int(self.failures.window))
+            raise AuthError(429, TOO_MANY_FAILURES, retry_after=int(self.failures.window), reason="throttled")
         if raw is None:
             self.failures.hit(client)
-            raise AuthError(401, MISSING_KEY)
+            raise AuthError(401, MISSING_KEY, reason="missing_key")
         principal = self.keys.authenticate(raw)
         if principal is None:
             self.failures.hit(client)
-            raise AuthError(401, INVALID_KEY)
+            raise AuthError(401, INVALID_KEY, reason="invalid_key")
         self.known.add((client, principal.owner))
         if principal.source == "default" and not self.default_key_remote and not is_loopback(client):
-            raise AuthError(403, DEFAULT_KEY_REMOTE)
+            raise AuthError(403, DEFAULT_KEY_REMOTE, reason="default_key_remote")
         needed = getattr(resource, "auth", {}).get(req.method, ())
         if not allowed(principal, needed):
-            raise AuthError(403, FORBIDDEN.format(" 或 ".join(needed) or "admin"))
+            raise AuthError(403, FORBIDDEN.format(" 或 ".join(needed) or "admin"), reason="forbidden")
         ok, retry_after = self.limiter.hit(principal.owner)
         if not ok:
             raise AuthError(429, RATE_LIMITED.format(int(self.limiter.window), self.limiter.limit),
-                            retry_after=retry_after)
+                            retry_after=retry_after, reason="rate_limited")
         req.context.principal = principal

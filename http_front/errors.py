@@ -29,11 +29,12 @@ class ApiError(Exception):
 class AuthError(Exception):
     """An authentication/authorisation error answered as ``{"detail": ...}`` (guide 5.3)."""
 
-    def __init__(self, status: int, detail: str, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, detail: str, retry_after: int | None = None, reason: str = "other") -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
+        self.reason = reason  # for metrics: missing_key, invalid_key, forbidden, throttled, rate_limited, ...
 
 
 # Broker error code -> (HTTP status, short error).

@@ -150,6 +150,12 @@ class StreamSlots:
         self._by_key: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    @property
+    def in_use(self) -> int:
+        """Streams open now."""
+        with self._lock:
+            return self._total
+
     def full(self) -> str | None:
         """Why no stream can open now (the global cap is reached), or None."""
         with self._lock:

@@ -33,11 +33,12 @@ SECURITY_SCHEMES = {
 DESCRIPTION = """Flux image generation behind one authenticated REST API.
 
 Every endpoint needs an API key, sent as `Authorization: Bearer KEY` or `X-API-Key: KEY`,
-except this description itself (`GET /openapi.json`, `GET /docs`), which is public. Each
-operation lists the permissions that grant it in `x-permissions`; `admin` and `all` grant
-everything. Errors have two shapes: `AuthErrorBody` (`{"detail"}`: 401, 403 and per-key
+except this description itself (`GET /openapi.json`, `GET /docs`) and the web page
+(`GET /ui`), which are public. Each operation lists the permissions that grant it in
+`x-permissions`; `admin` and `all` grant everything. Errors have two shapes: `AuthErrorBody` (`{"detail"}`: 401, 403 and per-key
 429s) and `ErrorBody` (`{"success": false, "error", "detail", ...}`: everything else).
-Every answer, errors included, is JSON (except the HTML page at /docs)."""
+Every answer, errors included, is JSON, except the pages (/docs, /ui and its files), the
+images, the event streams and the Prometheus text at /metrics."""
 
 # Error statuses: what they mean and which body shapes they carry.
 ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
@@ -195,6 +196,22 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                              also={403: ("ErrorBody",)}, description=_DELETE_NOTE),
     ("POST", "/auth/reload-keys"): Op("reloadKeys", "Re-read the key file", "keys",
                                       {200: ("reloaded", "ReloadBody")}),
+    ("GET", "/metrics"): Op(
+        "getMetrics", "This front's figures in the Prometheus text format", "operate",
+        {200: ("Prometheus text: HTTP requests by route and status, latency, auth and rate-limit refusals", "")},
+        description="Scrape every front. A key with only the `metrics` permission can read figures and nothing "
+                    "else."),
+    ("GET", "/metrics/cluster"): Op(
+        "getClusterMetrics", "The broker's and nodes' figures in the Prometheus text format", "operate",
+        {200: ("Prometheus text: tasks by model and mode, queue depth, waits, generation times, nodes", "")},
+        errors=BROKER,
+        description="Counted once by the broker and the same on every front: scrape it from one front only."),
+    ("GET", "/ui"): Op("getUi", "The web page for generating images (public; the key is typed in the page)",
+                       "docs", {200: ("an HTML page", "")}),
+    ("GET", "/ui/{name}"): Op("getUiAsset", "The web page's script and style (public)", "docs",
+                              {200: ("a JavaScript or CSS file", "")}, errors=(404,),
+                              parameters=({"name": "name", "in": "path", "required": True,
+                                           "schema": {"enum": ["ui.js", "ui.css"]}},)),
     ("GET", "/openapi.json"): Op("getOpenApi", "This document (public)", "docs",
                                  {200: ("the OpenAPI 3.1 document", "")}),
     ("GET", "/docs"): Op("getDocs", "This document as a self-contained HTML page (public)", "docs",
@@ -236,6 +253,11 @@ def _response(status: int, description: str, component: str) -> dict[str, Any]:
         binary = {"schema": {"type": "string", "format": "binary"}}
         return {"description": description, "content": {m: binary for m in OUTPUT_FORMATS.values()},
                 "headers": {"ETag": {"schema": {"type": "string"}}, "Cache-Control": {"schema": {"type": "string"}}}}
+    if status == 200 and component == "" and description.startswith("Prometheus text"):
+        return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
+    if status == 200 and component == "" and description.startswith("a JavaScript or CSS"):
+        return {"description": description, "content": {m: {"schema": {"type": "string"}}
+                                                        for m in ("text/javascript", "text/css")}}
     if status == 200 and component == "" and description.startswith("an event stream"):
         return {"description": description, "content": {"text/event-stream": {"schema": SSE_EVENT}}}
     if status == 200 and component == "":
@@ -310,7 +332,7 @@ def build_document(app: falcon.App, config: FrontConfig, version: str) -> dict[s
         "openapi": "3.1.0",
         "info": {"title": "GenServe API", "version": version,
                  "description": DESCRIPTION},
-        "tags": [{"name": t} for t in ("info", "generation", "tasks", "keys", "docs")],
+        "tags": [{"name": t} for t in ("info", "generation", "tasks", "keys", "operate", "docs")],
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": SECURITY_SCHEMES},
         "security": SECURITY,

@@ -24,7 +24,7 @@ ControlType = Literal["depth", "canny", "openpose"]
 TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 WebhookEvent = Literal["start", "completed", "failed", "cancelled"]  # genserve.catalog.WEBHOOK_EVENTS
-Permission = Literal["generation", "readonly", "admin", "all"]
+Permission = Literal["generation", "readonly", "admin", "all", "metrics"]
 
 MAX_SEED = 2**63 - 1
 IMAGE_NOTE = "a data URI (data:image/png;base64,...) or bare base64 of a PNG, JPEG or WebP image, at most 10 MB"

@@ -270,6 +270,28 @@ def check_webhook_submit(run: Run) -> None:
     assert refused == "422", run.stdout
 
 
+def check_ui_page(run: Run) -> None:
+    csp, count = run.stdout.strip().splitlines()
+    assert "default-src 'none'" in csp and count == "1", run.stdout
+
+
+def check_ui_asset(run: Run) -> None:
+    asset, escape = run.stdout.strip().splitlines()
+    assert asset.startswith("200 text/javascript") and escape == "404", run.stdout
+
+
+def check_metrics(run: Run) -> None:
+    lines = run.stdout.strip().splitlines()
+    assert 1 <= len(lines) <= 3 and all(re.match(r'genserve_http_requests_total\{method="\w+",route="[^"]+",'
+                                                  r'status="\d{3}"\} \d+\.0$', line) for line in lines), run.stdout
+
+
+def check_metrics_cluster(run: Run) -> None:
+    found = dict(line.rsplit(" ", 1) for line in run.stdout.strip().splitlines())
+    assert set(found) == {f'genserve_nodes{{state="{s}"}}' for s in ("busy", "draining", "idle", "leaving")}
+    assert float(found['genserve_nodes{state="idle"}']) + float(found['genserve_nodes{state="busy"}']) >= 1
+
+
 def check_task_list(run: Run) -> None:
     body = run.value
     assert body["success"] is True and 1 <= body["count"] <= 2 and body["has_urls"] is True
@@ -497,6 +519,10 @@ CHECKS: dict[str, Callable[[Run], None]] = {
     "root": check_root,
     "task-image": check_task_image,
     "task-events": check_task_events,
+    "ui-page": check_ui_page,
+    "ui-asset": check_ui_asset,
+    "metrics": check_metrics,
+    "metrics-cluster": check_metrics_cluster,
     "webhook-submit": check_webhook_submit,
     "task-list": check_task_list,
     "openapi": check_openapi,

@@ -68,7 +68,7 @@ def test_every_route_is_described_and_nothing_else(served) -> None:
     described = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
     assert served_ops == described
     assert served_ops == set(OPERATIONS)  # no route falls back to a minimal description
-    assert len(served_ops) == 20
+    assert len(served_ops) == 24
 
 
 def test_permissions_come_from_the_resources(served) -> None:
@@ -83,8 +83,9 @@ def test_permissions_come_from_the_resources(served) -> None:
             assert op["security"] == [{"bearerAuth": []}, {"apiKeyAuth": []}]
             assert {"401", "403", "429"} <= set(op["responses"])
     public = {(m, p) for p, ops in doc["paths"].items() for m, op in ops.items() if op["security"] == []}
-    assert public == {("get", "/openapi.json"), ("get", "/docs")}
+    assert public == {("get", "/openapi.json"), ("get", "/docs"), ("get", "/ui"), ("get", "/ui/{name}")}
     assert doc["paths"]["/task/{task_id}"]["get"]["x-permissions"] == ["readonly", "generation", "admin", "all"]
+    assert doc["paths"]["/metrics"]["get"]["x-permissions"] == ["metrics", "admin", "all"]
     assert doc["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http", "scheme": "bearer", "description": "`Authorization: Bearer KEY` (preferred)"}
     assert doc["components"]["securitySchemes"]["apiKeyAuth"]["name"] == "X-API-Key"
@@ -132,12 +133,12 @@ def test_literals_match_the_catalog() -> None:
 
 # ---- public resources and /docs ------------------------------------------------------------
 
-def test_only_the_description_is_public() -> None:
+def test_only_the_description_and_the_page_are_public() -> None:
     app, client = build()
-    assert client.simulate_get("/openapi.json").status_code == 200
-    assert client.simulate_get("/docs").status_code == 200
+    for path in ("/openapi.json", "/docs", "/ui", "/ui/ui.js"):
+        assert client.simulate_get(path).status_code == 200, path
     for method, path, resource in routes(app):
-        if path in ("/openapi.json", "/docs"):
+        if path in ("/openapi.json", "/docs", "/ui", "/ui/{name}"):
             continue
         r = client.simulate_request(method, path.replace("{task_id}", "x"))
         assert r.status_code == 401 and set(r.json) == {"detail"}, (method, path)

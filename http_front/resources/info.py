@@ -24,8 +24,9 @@ class Root:
         """Service banner."""
         resp.media = {"service": "GenServe", "version": self.services.version, "status": "running",
                       "endpoints": ["/health", "/status", "/models", "/loras", "/generate",
-                                    "/generate/upload", "/task/{task_id}", "/auth/keys", "/openapi.json",
-                                    "/docs"]}
+                                    "/generate/upload", "/task/{task_id}", "/task/{task_id}/events",
+                                    "/task/{task_id}/image", "/tasks", "/auth/keys", "/metrics",
+                                    "/metrics/cluster", "/openapi.json", "/docs", "/ui"]}
 
 
 class Health:
