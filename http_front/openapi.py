@@ -164,7 +164,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/task/{task_id}/events"): Op(
         "getTaskEvents", "A task's progress as Server-Sent Events (text/event-stream)", "tasks",
         {200: ("an event stream: snapshot, position, running, progress, then completed, failed or cancelled",
-               "")},
+               ""),
+         204: ("the task has ended and the request carried Last-Event-ID: a browser's EventSource stops "
+               "reconnecting", "")},
         errors=(400, 404, *BROKER), parameters=(TASK_ID, *SIGNED, LAST_EVENT_ID),
         description=("Starts with a `snapshot` event (the task body without its image), then sends `position` "
                      "(queue_position changed), `running` (node_id), `progress` (step, total), and ends with "
@@ -249,6 +251,8 @@ def _content(*components: str) -> dict[str, Any]:
 
 
 def _response(status: int, description: str, component: str) -> dict[str, Any]:
+    if status == 204:
+        return {"description": description}
     if status == 200 and component == "" and description.startswith("the image"):
         binary = {"schema": {"type": "string", "format": "binary"}}
         return {"description": description, "content": {m: binary for m in OUTPUT_FORMATS.values()},

@@ -122,6 +122,9 @@ class FuzzBroker:
                 tasks = [t for t in reversed(self.tasks.values()) if header.owner in (None, t.owner)
                          and header.status in (None, t.status)][:header.limit]
             return self._reply(w.TaskListBody(tasks, None))
+        if isinstance(header, w.MetricsRequest):
+            return w.Message(w.REPLY, w.Reply(0, time.time(), w.MetricsBody("text/plain; version=0.0.4")),
+                             [b"# HELP genserve_nodes Registered nodes by state\n"])
         if isinstance(header, w.Watch):
             # Only ended tasks: the TestClient reads a whole body, and a live stream never ends by itself.
             views = []
@@ -226,6 +229,8 @@ class Tally:
             if route.startswith("/task/"):
                 tail = route.rsplit("/", 1)[1] if route.count("/") == 3 else ""
                 route = f"/task/{{task_id}}/{tail}" if tail in ("image", "events") else "/task/{task_id}"
+            elif route.startswith("/ui/"):
+                route = "/ui/{name}"
             self.counts[(environ["REQUEST_METHOD"], route, int(status[:3]))] += 1
             return start_response(status, headers, exc_info)
         return self.app(environ, start)
@@ -320,7 +325,8 @@ def test_fuzzing_reached_every_operation_and_the_success_paths() -> None:
         pytest.skip("needs every fuzz test to have run first (the whole module)")
     succeeded = {(method, route) for method, route, status in TALLY.counts if status < 300}
     for method, route in (("POST", "/generate"), ("POST", "/generate/upload"), ("GET", "/task/{task_id}"),
-                          ("GET", "/tasks"), ("GET", "/task/{task_id}/events"),
+                          ("GET", "/tasks"), ("GET", "/metrics"),
+                          ("GET", "/metrics/cluster"), ("GET", "/ui"),
                           ("POST", "/auth/generate-key"), ("GET", "/status"), ("GET", "/docs")):
         assert (method, route) in succeeded, (method, route, sorted(succeeded))
     assert {owner for owner, _ in BROKER.submitted} <= {owner_of(GENERATION), owner_of(ADMIN)}
