@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from genserve import wire as w
 from http_front.broker_client import BrokerClient, BrokerError, BrokerUnavailable
+from http_front.slots import KeyedSlots
 
 log = logging.getLogger(__name__)
 
@@ -140,50 +141,11 @@ class EventHub:
             self._renewing.release()
 
 
-class StreamSlots:
-    """Counts open streams, globally and per key; `acquire` refuses past either cap."""
+class StreamSlots(KeyedSlots):
+    """Open event streams, globally and per key."""
 
     def __init__(self, limit: int, per_key: int) -> None:
-        self.limit = limit
-        self.per_key = per_key
-        self._total = 0
-        self._by_key: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def in_use(self) -> int:
-        """Streams open now."""
-        with self._lock:
-            return self._total
-
-    def full(self) -> str | None:
-        """Why no stream can open now (the global cap is reached), or None."""
-        with self._lock:
-            if self._total >= self.limit:
-                return f"{self._total} event streams are open on this server (limit {self.limit})"
-        return None
-
-    def acquire(self, key: str) -> str | None:
-        """Take a slot for `key`; None when granted, else why not."""
-        with self._lock:
-            mine = self._by_key.get(key, 0)
-            if self._total >= self.limit:
-                return f"{self._total} event streams are open on this server (limit {self.limit})"
-            if mine >= self.per_key:
-                return f"this API key already has {mine} event streams open (limit {self.per_key})"
-            self._total += 1
-            self._by_key[key] = mine + 1
-        return None
-
-    def release(self, key: str) -> None:
-        """Give a slot back."""
-        with self._lock:
-            self._total -= 1
-            left = self._by_key.get(key, 1) - 1
-            if left > 0:
-                self._by_key[key] = left
-            else:
-                self._by_key.pop(key, None)
+        super().__init__(limit, per_key, "event streams are open on this server", "event streams open")
 
 
 @dataclass

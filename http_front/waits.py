@@ -11,7 +11,6 @@ within `POLL_INTERVAL` instead of when its task ends.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -22,6 +21,7 @@ import falcon
 
 from genserve import wire as w
 from http_front.broker_client import BrokerClient, BrokerUnavailable
+from http_front.slots import KeyedSlots
 
 log = logging.getLogger(__name__)
 
@@ -40,36 +40,16 @@ def waiter_key(principal: Any) -> str:
     return str(getattr(principal, "owner", None) or principal.key_id)
 
 
-class SyncWaits:
+class SyncWaits(KeyedSlots):
     """Counts synchronous waits in progress, globally and per key; refuses past either cap."""
 
     def __init__(self, limit: int, per_key: int) -> None:
-        self.limit = limit
-        self.per_key = per_key
-        self._total = 0
-        self._by_key: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def in_use(self) -> int:
-        """Synchronous waits in progress now."""
-        with self._lock:
-            return self._total
+        super().__init__(limit, per_key, "synchronous requests are already waiting", "synchronous requests waiting")
 
     @contextmanager
     def slot(self, key: str) -> Iterator[None]:
         """Hold one wait for `key` for the duration of the block; raises 429 past a cap."""
-        with self._lock:
-            mine = self._by_key.get(key, 0)
-            if self._total >= self.limit:
-                refusal = f"{self._total} synchronous requests are already waiting (limit {self.limit})"
-            elif mine >= self.per_key:
-                refusal = (f"this API key already has {mine} synchronous requests waiting "
-                           f"(limit {self.per_key})")
-            else:
-                refusal = None
-                self._total += 1
-                self._by_key[key] = mine + 1
+        refusal = self.acquire(key)
         if refusal is not None:
             log.debug("sync wait refused for %s: %s", key, refusal)
             raise falcon.HTTPTooManyRequests(
@@ -78,13 +58,7 @@ class SyncWaits:
         try:
             yield
         finally:
-            with self._lock:
-                self._total -= 1
-                left = self._by_key[key] - 1
-                if left:
-                    self._by_key[key] = left
-                else:
-                    del self._by_key[key]
+            self.release(key)
 
 
 def wait_for_task(broker: BrokerClient, task_id: str, future: Future, timeout: float,

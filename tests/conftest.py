@@ -65,6 +65,14 @@ class BrokerThread:
 
 
 @pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    """A ZeroMQ context of its own, terminated at teardown."""
+    context = zmq.Context()
+    yield context
+    context.term()
+
+
+@pytest.fixture
 def broker_factory(tmp_path: Path) -> Iterator[Any]:
     """Start brokers (closed at teardown); same data dir unless told otherwise."""
     started: list[BrokerThread] = []
@@ -194,6 +202,40 @@ class Stack:
         self.node_thread.join(timeout=30)
         self.client.close()
         self.broker.close()
+
+
+class Front:
+    """create_app on a real waitress server in a thread, sharing a Stack's broker and keys.
+
+    Several fronts of one stack share the URL-signing secret, as a deployment's fronts do.
+    """
+
+    def __init__(self, stack: Stack, **overrides: Any) -> None:
+        from http_front.app import create_app
+        from http_front.broker_client import BrokerClient
+        from http_front.config import FrontConfig
+        from http_front.server import FrontServer
+
+        self.client = BrokerClient(stack.broker.frontend, timeout=5.0).start()
+        settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "threads": 4, "max_streams": 8,
+                                    "rate_limit": 1_000_000, "url_secret": b"s" * 32, **overrides}
+        config = FrontConfig(**settings)
+        self.app = create_app(self.client, stack.keys, config)
+        self.server = FrontServer(self.app, config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        host, port = self.server.addresses[0]
+        self.url = f"http://{host}:{port}"
+
+    def hub(self) -> Any:
+        """The EventHub of this front's event streams."""
+        return self.app._router.find("/task/x/events")[0].hub
+
+    def close(self) -> None:
+        """Stop the server (its pump too) and the broker client."""
+        self.server.close()
+        self.thread.join(timeout=10)
+        self.client.close()
 
 
 @pytest.fixture(scope="module")

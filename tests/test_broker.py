@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -22,12 +22,6 @@ def spec(model: str = "flux1-dev", mode: str = "text2img", priority: int = 0, **
               "strength": 0.8, **params}
     return TaskSpec(model, mode, priority, GenerationParams(**fields))
 
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.term()
 
 
 @pytest.fixture

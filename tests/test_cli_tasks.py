@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,9 +15,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from genservectl.__main__ import cli
-from http_front.broker_client import BrokerClient
 from http_front.keys import KeyStore
-from tests.conftest import BIN, Stack, wait_until
+from tests.conftest import BIN, Front, Stack, wait_until
 
 ALICE = "alice-cli-key-0123456789abcdef"
 BOB = "bob-cli-key-0123456789abcdefgh"
@@ -26,29 +24,6 @@ SMALL = ["--width", "64", "--height", "64", "--steps", "3", "--seed", "7"]
 LONG = {"prompt": "a long one", "width": 512, "height": 512, "num_inference_steps": 100, "async": True}
 
 
-class Front:
-    """create_app on waitress in a thread, sharing the stack's broker (as in test_events.py)."""
-
-    def __init__(self, stack: Stack, **overrides: Any) -> None:
-        from http_front.app import create_app
-        from http_front.config import FrontConfig
-        from http_front.server import FrontServer
-
-        self.client = BrokerClient(stack.broker.frontend, timeout=5.0).start()
-        settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "threads": 4, "max_streams": 8,
-                                    "rate_limit": 1_000_000, "url_secret": b"s" * 32, **overrides}
-        config = FrontConfig(**settings)
-        self.app = create_app(self.client, stack.keys, config)
-        self.server = FrontServer(self.app, config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        host, port = self.server.addresses[0]
-        self.url = f"http://{host}:{port}"
-
-    def close(self) -> None:
-        self.server.close()
-        self.thread.join(timeout=10)
-        self.client.close()
 
 
 @pytest.fixture(scope="module")

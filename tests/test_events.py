@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import requests
-import zmq
 
 from broker.events import MAX_PER_PEER, Subscriptions
 from genserve import wire as w
@@ -20,7 +18,7 @@ from genserve.spec import TaskSpec
 from http_front.broker_client import BrokerClient
 from http_front.events import StreamSlots, TaskState, event_data, sse
 from http_front.keys import KeyStore
-from tests.conftest import Stack, wait_until
+from tests.conftest import Front, Stack, wait_until
 from tests.fakes import FakeNode, params
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdefgh",
@@ -107,12 +105,6 @@ def test_stream_slots_cap_globally_and_per_key() -> None:
 
 # ---- the broker on real sockets, with a fake node -----------------------------------------
 
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.term()
 
 
 @pytest.fixture
@@ -299,33 +291,6 @@ def test_past_the_stream_cap_a_client_is_told_to_poll(stack: Stack) -> None:
 # ---- two real waitress fronts on one broker -------------------------------------------------
 
 
-class Front:
-    """create_app on waitress in a thread, sharing the stack's broker (and its URL secret)."""
-
-    def __init__(self, stack: Stack, **overrides: Any) -> None:
-        from http_front.app import create_app
-        from http_front.config import FrontConfig
-        from http_front.server import FrontServer
-
-        self.client = BrokerClient(stack.broker.frontend, timeout=5.0).start()
-        settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "threads": 4, "max_streams": 8,
-                                    "rate_limit": 1_000_000, "url_secret": b"s" * 32, **overrides}
-        config = FrontConfig(**settings)
-        self.app = create_app(self.client, stack.keys, config)
-        self.server = FrontServer(self.app, config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        host, port = self.server.addresses[0]
-        self.url = f"http://{host}:{port}"
-
-    def hub(self) -> Any:
-        route = self.app._router.find("/task/x/events")
-        return route[0].hub
-
-    def close(self) -> None:
-        self.server.close()
-        self.thread.join(timeout=10)
-        self.client.close()
 
 
 @pytest.fixture

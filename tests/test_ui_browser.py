@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -20,7 +19,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from http_front.auth import INVALID_KEY
 from http_front.keys import KeyStore
-from tests.conftest import Stack
+from tests.conftest import Front, Stack
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -50,30 +49,6 @@ def make_driver() -> webdriver.Chrome:
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-class Front:
-    """create_app on waitress in a thread, sharing the stack's broker (as in tests/test_events.py)."""
-
-    def __init__(self, stack: Stack, **overrides: Any) -> None:
-        from http_front.app import create_app
-        from http_front.broker_client import BrokerClient
-        from http_front.config import FrontConfig
-        from http_front.server import FrontServer
-
-        self.client = BrokerClient(stack.broker.frontend, timeout=5.0).start()
-        settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "threads": 4, "max_streams": 8,
-                                    "rate_limit": 1_000_000, "url_secret": b"s" * 32, **overrides}
-        config = FrontConfig(**settings)
-        self.app = create_app(self.client, stack.keys, config)
-        self.server = FrontServer(self.app, config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        host, port = self.server.addresses[0]
-        self.url = f"http://{host}:{port}"
-
-    def close(self) -> None:
-        self.server.close()
-        self.thread.join(timeout=10)
-        self.client.close()
 
 
 @pytest.fixture(scope="module")
