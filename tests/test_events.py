@@ -206,7 +206,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterat
     s.close()
 
 
-SLOW = {"prompt": "a slow one", "width": 256, "height": 256, "num_inference_steps": 24, "async": True}
+SLOW = {"prompt": "a slow one", "width": 512, "height": 512, "num_inference_steps": 24, "async": True}
 
 
 def start(stack: Stack, who: str = "alice", body: dict | None = None) -> dict:
@@ -333,7 +333,7 @@ def test_a_client_that_leaves_mid_task_frees_its_stream(stack: Stack, fronts) ->
 
 def test_last_event_id_resumes_on_another_front(stack: Stack, fronts) -> None:
     a, b = fronts
-    task_id = start(stack, body={**SLOW, "num_inference_steps": 40})["task_id"]
+    task_id = start(stack, body={**SLOW, "num_inference_steps": 100})["task_id"]
     r = requests.get(f"{a.url}/task/{task_id}/events", headers=as_("alice"), stream=True, timeout=30)
     first = read_events(r, lambda ev: sum(e["event"] == "progress" for e in ev) >= 2)
     r.close()
