@@ -48,7 +48,8 @@ class BrokerMetrics:
 
     def started(self, task: Task) -> None:
         """A task started on a node; its first start gives its queue wait."""
-        if task.attempts == 1 and task.started is not None:
+        if not task.waited and task.started is not None:
+            task.waited = True
             self.queue_wait.labels(task.model).observe(max(0.0, task.started - task.created))
 
     def ended(self, task: Task) -> None:
@@ -109,10 +110,12 @@ class _StateCollector:
             families["load_seconds"].add_metric([node.node_id], stats.load_seconds)
             families["evictions"].add_metric([node.node_id], stats.evictions)
         yield from families.values()
-        deliveries = GaugeMetricFamily("genserve_webhook_deliveries", "Webhook deliveries by state",
-                                       labels=["state"])
-        for state, count in broker.outbox.stats().items():
-            deliveries.add_metric([state], count)
-        yield deliveries
+        pending, ended = broker.outbox.counts()
+        yield GaugeMetricFamily("genserve_webhook_pending", "Webhook deliveries waiting to be made", value=pending)
+        outcomes = CounterMetricFamily("genserve_webhook_deliveries", "Webhook deliveries ended since the"
+                                       " broker started, by outcome", labels=["state"])
+        for state, count in sorted(ended.items()):
+            outcomes.add_metric([state], count)
+        yield outcomes
         yield GaugeMetricFamily("genserve_event_subscriptions", "Tasks some front streams events of",
                                 value=len(broker.subs))

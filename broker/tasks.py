@@ -49,6 +49,7 @@ class Task:
     idem_key: str | None = None  # the client's Idempotency-Key, unique per owner
     idem_hash: str | None = None  # fingerprint of the request that first used it
     replayed: bool = False  # a retry under its Idempotency-Key was answered with it
+    waited: bool = False  # its queue wait (acceptance to first start) is in the metrics
     webhook: WebhookSpec | None = None
     watchers: set[bytes] = field(default_factory=set)
 

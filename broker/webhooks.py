@@ -240,6 +240,7 @@ class WebhookOutbox:
         self._watch_cond = threading.Condition()  # guards _inflight
         self._inflight: set[_Watch] = set()
         self._hosts: dict[str, _Host] = {}  # guarded by _lock
+        self._ended = dict.fromkeys((DELIVERED, FAILED, REFUSED), 0)  # since this start, for metrics
 
     @property
     def full(self) -> bool:
@@ -285,6 +286,8 @@ class WebhookOutbox:
             if added and refused is None:
                 self._pending += 1
                 self._wake.notify()
+            elif added:
+                self._ended[REFUSED] += 1
         if refused is not None:
             log.warning("webhook %s to %s refused: %s", msg_id, _host(url), refused)
             return False
@@ -325,6 +328,11 @@ class WebhookOutbox:
         with self._lock:
             self._closed = True
             self._db.close()
+
+    def counts(self) -> tuple[int, dict[str, int]]:
+        """Deliveries pending now, and deliveries ended since this start by state (memory only, cheap)."""
+        with self._lock:
+            return self._pending, dict(self._ended)
 
     def stats(self) -> dict[str, int]:
         """Number of deliveries in each state: pending, delivered, failed, refused."""
@@ -514,6 +522,7 @@ class WebhookOutbox:
                  row.msg_id))
             if state != PENDING:
                 self._pending -= 1
+                self._ended[state] = self._ended.get(state, 0) + 1
         host = _host(row.url)
         if state == DELIVERED:
             log.info("webhook %s delivered to %s (attempt %d, HTTP %s)", row.msg_id, host, attempts, status)

@@ -17,6 +17,17 @@ from genserve.keyfile import DEFAULT_KEY
 DEFAULT_URL = "http://127.0.0.1:12411"
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would send the Authorization header on to wherever they point."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        """Never follow."""
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def call(url: str, key: str, method: str, path: str, fields: dict[str, str] | None = None,
          timeout: float = 10.0) -> dict[str, Any]:
     """One admin API call; raises ClickException with the server's message on failure."""
@@ -26,7 +37,7 @@ def call(url: str, key: str, method: str, path: str, fields: dict[str, str] | No
     if data is not None:
         request.add_header("Content-Type", "application/x-www-form-urlencoded")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             return json.loads(response.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
         try:

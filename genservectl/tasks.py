@@ -6,6 +6,7 @@ import base64
 import http.client
 import json
 import math
+import re
 import sys
 import time
 import urllib.error
@@ -45,7 +46,33 @@ def server_message(body: Any, fallback: str) -> str:
         value = ", ".join(map(str, value)) if isinstance(value, list) else str(value or "")
         if value and value not in text:
             text += f" ({name.replace('_', ' ')}: {value})"
-    return text
+    return printable(text)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would send the Authorization header on to wherever they point."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        """Never follow."""
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+TASK_ID = re.compile(r"[0-9a-f]{32}")
+FORMATS = ("png", "jpeg", "webp")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: Any) -> str:
+    """Server text made safe for a terminal: control characters (escape sequences) removed."""
+    return _CONTROL.sub("", str(text))
+
+
+def checked_task_id(value: Any) -> str:
+    """A task id from the server, refused unless it has the server's own form (it goes into paths)."""
+    if not isinstance(value, str) or not TASK_ID.fullmatch(value):
+        raise click.ClickException(f"the server answered an unexpected task id {printable(value)[:40]!r}")
+    return value
 
 
 def open_url(url: str, key: str, method: str, path: str, body: Any = None,
@@ -57,7 +84,7 @@ def open_url(url: str, key: str, method: str, path: str, body: Any = None,
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
-        return urllib.request.urlopen(request, timeout=timeout)
+        return _OPENER.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         with exc:
             try:
@@ -108,6 +135,7 @@ class Display:
         self.open = False  # a redrawn line is on screen, not yet ended
 
     def _write(self, text: str, redraw: bool) -> None:
+        text = printable(text)  # node ids and messages come from the server
         if self.tty and redraw:
             click.echo("\r" + text + "\x1b[K", err=True, nl=False)
             self.open = True
@@ -262,7 +290,7 @@ def generate(ctx: click.Context, prompt: str | None, model: str | None, mode: st
         body["loras"] = loras
     body["async"] = True
     try:
-        task_id = api(url, api_key, "POST", "/generate", body)["task_id"]
+        task_id = checked_task_id(api(url, api_key, "POST", "/generate", body).get("task_id"))
     except KeyboardInterrupt:
         click.echo("interrupted while submitting; the task may have been accepted (see `genservectl tasks list`)",
                    err=True)
@@ -275,13 +303,16 @@ def generate(ctx: click.Context, prompt: str | None, model: str | None, mode: st
         status = final.get("status")
         if status != "completed":
             code = f" ({final['error_code']})" if final.get("error_code") else ""
-            raise click.ClickException(f"task {task_id} {status}{code}: {final.get('error') or 'no reason given'}")
+            reason = printable(final.get("error") or "no reason given")
+            raise click.ClickException(f"task {task_id} {printable(status)}{printable(code)}: {reason}")
         with open_url(url, api_key, "GET", f"/task/{task_id}/image", timeout=60.0) as response:
             data = response.read()
     except KeyboardInterrupt:
         display.close()
         ctx.exit(cancel_on_interrupt(url, api_key, task_id))
     extension = output_format or (final.get("metadata") or {}).get("format") or "png"
+    if extension not in FORMATS:
+        extension = "png"  # the server's word only picks among the known formats
     target = output or Path(f"{task_id}.{extension}")
     if target.is_dir():
         target = target / f"{task_id}.{extension}"
@@ -347,7 +378,7 @@ def list_tasks(status: str | None, limit: int | None, cursor: str | None, url: s
                  for t in body["tasks"]]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            click.echo(printable("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()))
     if body.get("next_cursor"):
         click.echo(f"more: genservectl tasks list --cursor {body['next_cursor']}", err=True)
 
@@ -385,7 +416,7 @@ def show(task_id: str, url: str, api_key: str, as_json: bool) -> None:
     ]
     for name, value in fields:
         if value is not None and value != "-":
-            click.echo(f"{name + ':':<17}{value}")
+            click.echo(f"{name + ':':<17}{printable(value)}")
 
 
 @tasks_group.command("cancel")

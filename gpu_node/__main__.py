@@ -53,9 +53,11 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--curve-server", default=env.get("GENSERVE_CURVE_SERVER"),
                     help="the broker's public key file (env GENSERVE_CURVE_SERVER)")
     ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
-    ap.add_argument("--log-format", choices=logs.FORMATS, default=env.get("GENSERVE_LOG_FORMAT", "text"),
+    ap.add_argument("--log-format", choices=logs.FORMATS, default=env.get("GENSERVE_LOG_FORMAT", "text").lower(),
                     help="text lines or JSON lines with task_id/node_id/key_id fields (env GENSERVE_LOG_FORMAT)")
     a = ap.parse_args(argv)
+    if a.log_format not in logs.FORMATS:  # argparse checks choices on the command line only
+        ap.error(f"GENSERVE_LOG_FORMAT must be one of {list(logs.FORMATS)}")
     logs.setup(a.log_level, a.log_format, "node")
     device = a.device
     if device == "cuda" and a.device_index is not None:

@@ -74,10 +74,11 @@ class MetricsMiddleware:
         """Count the answer and time it."""
         started = getattr(req.context, "metrics_started", None)
         route = req.uri_template or "unmatched"
+        method = req.method if req.method in falcon.COMBINED_METHODS else "other"  # clients choose methods
         status = resp.status if isinstance(resp.status, int) else int(str(resp.status)[:3])
-        self.metrics.requests.labels(route, req.method, str(status)).inc()
+        self.metrics.requests.labels(route, method, str(status)).inc()
         if started is not None:
-            self.metrics.latency.labels(route, req.method).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
 
 
 class Metrics:

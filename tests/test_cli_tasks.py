@@ -241,3 +241,24 @@ def test_a_terminal_gets_one_redrawn_line(capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err  # (click drops the erase-line codes when stderr is not a terminal)
     assert err.startswith("\rqueued: 2 ahead\rqueued: 1 ahead\nrunning on n1\n\r[##........] 1/4\r"), repr(err)
     assert err.endswith("\r[#######...] 3/4\r[##########] 4/4\n")
+
+
+def test_the_cli_never_follows_redirects_nor_trusts_server_text_with_paths_or_escapes() -> None:
+    import click as click_module
+
+    from genservectl.tasks import ApiError, checked_task_id, open_url, printable
+    from tests.receiver import Receiver
+
+    receiver = Receiver()
+    receiver.default = "302"  # Location: /target
+    try:
+        with pytest.raises(ApiError) as refused:
+            open_url(receiver.url("/"), "secret-key-0123456789abcdef", "GET", "/task/x")
+        assert refused.value.status == 302 and receiver.paths() == ["/task/x"]  # /target never asked, key kept
+    finally:
+        receiver.close()
+    for hostile in ("../../.bashrc", "0" * 31 + "/", None, 42):
+        with pytest.raises(click_module.ClickException):
+            checked_task_id(hostile)
+    assert checked_task_id("0123456789abcdef0123456789abcdef") == "0123456789abcdef0123456789abcdef"
+    assert printable("cat\x1b]52;c;ZXZpbA==\x07 on a mat\x9b") == "cat]52;c;ZXZpbA== on a mat"

@@ -119,3 +119,13 @@ def test_a_metrics_key_reads_figures_and_nothing_else(metered: Stack) -> None:
 
     assert parse_permissions("metrics") == ("metrics",)  # what key creation and API_KEY_N accept
     assert parse_env_keys({"API_KEY_1": "scrape-0123456789abcdefghij:prom:metrics"})[0][2] == ("metrics",)
+
+
+def test_methods_that_no_route_has_cannot_create_label_values(metered: Stack) -> None:
+    app = create_app(metered.client, metered.keys, FrontConfig(rate_limit=1_000_000))
+    client = testing.TestClient(app)
+    for method in ("FOO1", "X9999", "BREW"):
+        client.simulate_request(method, "/health")
+    found = samples(client.simulate_get("/metrics", headers=as_("root")).text)
+    methods = {dict(labels).get("method") for name, labels in found if name == "genserve_http_requests_total"}
+    assert methods <= {"GET", "other"} and "other" in methods, methods

@@ -593,3 +593,13 @@ def test_a_name_lookup_that_hangs_is_given_up_at_the_timeout(monkeypatch: pytest
             ssrf.resolve("slow.example", 80, allow_private=False, timeout=0.2)
     finally:
         release.set()
+
+
+def test_counts_for_metrics_come_from_memory(make_outbox: Callable[..., WebhookOutbox], receiver: Receiver) -> None:
+    outbox = make_outbox()
+    assert outbox.counts() == (0, {"delivered": 0, "failed": 0, "refused": 0})
+    outbox.enqueue("msg_ok", receiver.url(), "task.completed", PAYLOAD)
+    outbox.enqueue("msg_no", "ftp://example.com/x", "task.completed", PAYLOAD)
+    wait(lambda: outbox.counts()[1]["delivered"] == 1, "the delivery")
+    assert outbox.counts() == (0, {"delivered": 1, "failed": 0, "refused": 1})
+    assert outbox.stats() == {"pending": 0, "delivered": 1, "failed": 0, "refused": 1}

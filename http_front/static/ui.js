@@ -36,7 +36,14 @@ function showError(message) {
 
 // Only this server's own paths: a URL from a response never becomes a javascript: or foreign link.
 function localUrl(url) {
-  return typeof url === 'string' && url.startsWith('/') && !url.startsWith('//') ? url : null;
+  // Only this front's own paths: resolved against the page, so "/\\host" tricks fail the origin test.
+  if (typeof url !== 'string' || !url.startsWith('/')) return null;
+  try {
+    const parsed = new URL(url, window.location.href);
+    return parsed.origin === window.location.origin ? parsed.pathname + parsed.search : null;
+  } catch (err) {
+    return null;
+  }
 }
 
 // ---- the key -------------------------------------------------------------------------------
