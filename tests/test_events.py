@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -462,3 +463,32 @@ def test_renewed_views_older_than_a_written_event_are_ignored() -> None:
     assert writer.feed(Renewal(view(position=2), 103)) == b""  # taken before event 105
     assert b"position" in writer.feed(Renewal(view(position=0), 106))  # newer: what changed is sent
     assert writer.feed(w.Event("position", 104, view(position=2))) == b""  # an old push
+
+
+def test_an_event_that_arrives_before_the_stream_is_registered_is_still_written() -> None:
+    """The broker-I/O thread does not wait for the pump: a stream may be woken before the pump
+    has registered it. Its events are written once it is, and the pump thread lives on."""
+    from http_front.events import Closer, EventHub, EventWriter, Stream
+    from http_front.pump import Pumped, StreamPump
+
+    pump = StreamPump(keepalive=60, renew_every=60).start()
+    ours, theirs = socket.socketpair()
+    try:
+        stream = Stream("t1")
+        pumped = Pumped(ours, False, stream, EventWriter(view(position=5), 0, lambda v, e: b"END\n"),
+                        EventHub(None), Closer(lambda: None))  # type: ignore[arg-type]
+        stream.notify = lambda: pump._notify(pumped)  # woken before adopt() has handed it over
+        stream.put(w.Event("position", 1, view(position=4)))
+        time.sleep(0.2)  # the pump's pass sees it dirty and unregistered
+        pump.adopt(pumped)
+        stream.put(w.Event("completed", 2, view(w.COMPLETED, None)))
+        theirs.settimeout(10)
+        data = b""
+        while not data.endswith(b"END\n"):
+            more = theirs.recv(65536)
+            assert more, data
+            data += more
+        assert b"event: position" in data and all(t.is_alive() for t in pump._threads)
+    finally:
+        pump.close()
+        theirs.close()

@@ -129,3 +129,21 @@ def test_methods_that_no_route_has_cannot_create_label_values(metered: Stack) ->
     found = samples(client.simulate_get("/metrics", headers=as_("root")).text)
     methods = {dict(labels).get("method") for name, labels in found if name == "genserve_http_requests_total"}
     assert methods <= {"GET", "other"} and "other" in methods, methods
+
+
+def test_a_tasks_queue_wait_is_observed_once_even_when_its_start_is_redone() -> None:
+    from types import SimpleNamespace
+
+    from broker.metrics import BrokerMetrics
+    from broker.tasks import Task
+    from tests.fakes import params
+
+    metrics = BrokerMetrics(SimpleNamespace())  # the state collector is only read when scraped
+    task = Task(task_id="t1", model="flux1-dev", mode="text2img", priority=0, seq=1, params=params(),
+                created=10.0, started=12.0, attempts=1)
+    metrics.started(task)
+    task.started = 30.0  # its node could not take it: attempts went back to 0, then a new start
+    metrics.started(task)
+    count = metrics.registry.get_sample_value("genserve_queue_wait_seconds_count", {"model": "flux1-dev"})
+    total = metrics.registry.get_sample_value("genserve_queue_wait_seconds_sum", {"model": "flux1-dev"})
+    assert (count, total) == (1.0, 2.0)
