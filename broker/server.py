@@ -17,6 +17,7 @@ from typing import Any, Callable
 import zmq
 
 from broker.config import BrokerConfig
+from broker.dispatch import plan
 from broker.events import Subscriptions
 from broker.front_side import FrontSide, RequestError  # noqa: F401  (RequestError: part of the broker's API)
 from broker.hooks import TaskWebhooks, load_secret
@@ -155,23 +156,8 @@ class Broker(FrontSide, NodeSide):
     # ---- scheduling and task transitions --------------------------------
 
     def _dispatch(self) -> None:
-        """Pair idle nodes with tasks: best task first, and a node that has its model loaded first."""
-        now = self.clock()
-        idle = self.nodes.available()
-        while idle and len(self.queue):
-            best = None
-            for node in idle:
-                entry = self.queue.peek_for(node.models, node.loaded, now)
-                if entry is None:
-                    continue
-                key = (entry.priority, entry.model not in node.loaded, entry.seq)
-                if best is None or key < best[0]:
-                    best = (key, node, entry)
-            if best is None:
-                return
-            _, node, entry = best
-            self.queue.remove(entry.task_id)
-            idle.remove(node)
+        """Start what the dispatch plan pairs: best task first, on a node with its model loaded first."""
+        for node, entry in plan(self.queue, self.nodes.available(), self.clock()):
             self._start(self.tasks[entry.task_id], node)
 
     def _start(self, task: Task, node: Node, resumed: bool = False) -> None:

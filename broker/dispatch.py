@@ -1,0 +1,49 @@
+"""The dispatch decision, apart from any socket: which idle node starts which queued task now.
+
+`Broker._dispatch` calls `plan` and sends the JOBs; `bench/scheduler_sim.py` calls the same
+`plan` on a simulated clock to compare policies. Today's policy (`affinity=True`):
+
+1. Among all (idle node, task it may run) pairs, the best task goes first: lower priority
+   number, then a task whose model the node has loaded (within the queue's affinity
+   window), then acceptance order.
+2. Each pick takes its node and its task out of the running, and the next pick follows.
+
+With `affinity=False` the loaded models are ignored: first come, first served on any idle
+node that serves the model (the baseline the simulator compares against).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol, Sequence
+
+from broker.queue import Entry, TaskQueue
+
+
+class Worker(Protocol):
+    """What the decision reads of a node."""
+
+    models: dict[str, list[str]]
+    loaded: list[str]
+
+
+def plan(queue: TaskQueue, idle: Sequence[Worker], now: float, affinity: bool = True) -> list[tuple[Worker, Entry]]:
+    """Pairs to start now; each chosen task is taken out of `queue`."""
+    free = list(idle)
+    chosen: list[tuple[Worker, Entry]] = []
+    while free and len(queue):
+        best: tuple[tuple[int, bool, int], Worker, Entry] | None = None
+        for node in free:
+            loaded: Iterable[str] = node.loaded if affinity else ()
+            entry = queue.peek_for(node.models, loaded, now)
+            if entry is None:
+                continue
+            key = (entry.priority, affinity and entry.model not in node.loaded, entry.seq)
+            if best is None or key < best[0]:
+                best = (key, node, entry)
+        if best is None:
+            break
+        _, node, entry = best
+        queue.remove(entry.task_id)
+        free.remove(node)
+        chosen.append((node, entry))
+    return chosen
