@@ -317,7 +317,8 @@ def upload_form(body: dict[str, Any]) -> dict[str, Any]:
                        "description": props[name].get("description", "").replace(
                            "a data URI (data:image/png;base64,...) or bare base64 of ", "")}
     return {**body, "title": "GenerateUploadForm", "properties": props,
-            "description": "A generation request as form fields; images are file parts."}
+            "description": "A generation request as form fields; images are file parts.",
+            "examples": [{"prompt": "a cat in a garden", "width": 64, "height": 64, "num_inference_steps": 2}]}
 
 
 def build_document(app: falcon.App, config: FrontConfig, version: str) -> dict[str, Any]:
