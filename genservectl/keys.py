@@ -25,7 +25,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+OPENER = urllib.request.build_opener(_NoRedirect)  # every genservectl request to a front goes through it
 
 
 def call(url: str, key: str, method: str, path: str, fields: dict[str, str] | None = None,
@@ -37,7 +37,7 @@ def call(url: str, key: str, method: str, path: str, fields: dict[str, str] | No
     if data is not None:
         request.add_header("Content-Type", "application/x-www-form-urlencoded")
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with OPENER.open(request, timeout=timeout) as response:
             return json.loads(response.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
         try:

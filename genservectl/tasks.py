@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import click
 
-from genservectl.keys import DEFAULT_URL
+from genservectl.keys import DEFAULT_URL, OPENER
 
 FINAL = ("completed", "failed", "cancelled")
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
@@ -49,15 +49,6 @@ def server_message(body: Any, fallback: str) -> str:
     return printable(text)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Refuse redirects: urllib would send the Authorization header on to wherever they point."""
-
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
-        """Never follow."""
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
 TASK_ID = re.compile(r"[0-9a-f]{32}")
 FORMATS = ("png", "jpeg", "webp")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -84,7 +75,7 @@ def open_url(url: str, key: str, method: str, path: str, body: Any = None,
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
-        return _OPENER.open(request, timeout=timeout)
+        return OPENER.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         with exc:
             try:
