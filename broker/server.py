@@ -34,7 +34,6 @@ from genserve import wire as w
 from genserve.logs import ids, key_ref
 
 log = logging.getLogger(__name__)
-FRONT_HWM = 100_000  # messages queued per front (the front's DEALER takes as many)
 
 
 class Broker(FrontSide, NodeSide):
@@ -61,7 +60,7 @@ class Broker(FrontSide, NodeSide):
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # A tick may push one position event per streamed task to a front: room for bursts of them.
-        self.frontend.setsockopt(zmq.SNDHWM, FRONT_HWM)
+        self.frontend.setsockopt(zmq.SNDHWM, w.FRONT_HWM)
         self._curve = None
         self.frontend_endpoint = ""
         self.backend_endpoint = ""

@@ -242,13 +242,16 @@ class Done(_Header):
 
 # Event kinds: the queue position changed (also a re-queue), a node started it, a denoising step,
 # then one of the final states.
-EVENT_KINDS = ("position", "running", "progress", COMPLETED, FAILED, CANCELLED)
+EventKind = Literal["position", "running", "progress", "completed", "failed", "cancelled"]
+# Messages the broker may queue for one front, and one front for the broker: bursts of events
+# (one per streamed task when the queue moves) must fit.
+FRONT_HWM = 100_000
 
 
 class Event(_Header):
     """A subscribed task changed; `event_id` grows with every event the broker sends."""
 
-    kind: str
+    kind: EventKind
     event_id: int
     task: TaskView
 

@@ -164,7 +164,7 @@ class BrokerClient:
         # No queueing for a broker we are not connected to: such a request fails at once
         # (503) instead of being delivered, and run, after its client was told it failed.
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.RCVHWM, 100_000)  # bursts of stream events (broker.server.FRONT_HWM)
+        sock.setsockopt(zmq.RCVHWM, w.FRONT_HWM)  # bursts of stream events
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         setup_client(sock, *self._curve)

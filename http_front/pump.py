@@ -260,6 +260,3 @@ class StreamPump:
                     hub.maybe_renew()
                 except Exception:  # the next pass tries again; the streams keep their pushed events
                     log.exception("renewing event subscriptions failed")
-
-
-HandOver = Callable[[Callable[[socket.socket, bool], Pumped]], bool]

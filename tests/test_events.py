@@ -492,3 +492,11 @@ def test_an_event_that_arrives_before_the_stream_is_registered_is_still_written(
     finally:
         pump.close()
         theirs.close()
+
+
+def test_an_event_of_an_unknown_kind_is_refused_on_the_wire() -> None:
+    good = w.encode(w.Event("progress", 3, view(w.RUNNING, None, 1, "n1")))
+    assert w.decode(good).header.kind == "progress"
+    forged = [good[0], good[1], good[2].replace(b"progress", b"exploded")]
+    with pytest.raises(w.ProtocolError):
+        w.decode(forged)
