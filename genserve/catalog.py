@@ -59,6 +59,8 @@ MAX_LORAS: Final = 8
 OUTPUT_FORMATS: Final[dict[str, str]] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_OUTPUT_FORMAT: Final = "png"
 DEFAULT_OUTPUT_QUALITY: Final = 90  # JPEG and WebP; PNG is lossless and ignores it
+# "fast": the step cache on (fewer transformer passes); "quality": off. Unset: the node's default.
+SPEEDS: Final = ("quality", "fast")
 # Webhook events a request may ask for (webhook_events_filter); all of them by default.
 WEBHOOK_EVENTS: Final = ("start", "completed", "failed", "cancelled")
 

@@ -31,6 +31,7 @@ class GenerationParams(msgspec.Struct, forbid_unknown_fields=True):
     loras: list[LoraRef] = []
     output_format: str = "png"  # png, jpeg or webp (genserve.catalog.OUTPUT_FORMATS)
     output_quality: int = 90  # 1-100, for jpeg and webp
+    speed: str | None = None  # quality or fast (genserve.catalog.SPEEDS); None: the node's default
 
 
 class WebhookSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

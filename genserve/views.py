@@ -37,6 +37,9 @@ class ResultMeta(msgspec.Struct, omit_defaults=True):
     device: str
     cfg: float | None = None
     format: str = "png"
+    speed: str | None = None  # what ran: "fast" (step cache on) or "quality"
+    lora_load: str | None = None  # "hotswap" (packed into resident slots) or "reload"
+    lora_seconds: float | None = None  # time spent putting the LoRAs on the model
 
 
 class TaskView(msgspec.Struct, omit_defaults=True):

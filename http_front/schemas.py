@@ -23,6 +23,7 @@ Mode = Literal["text2img", "img2img", "fill", "controlnet", "redux"]
 ControlType = Literal["depth", "canny", "openpose"]
 TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+Speed = Literal["quality", "fast"]
 WebhookEvent = Literal["start", "completed", "failed", "cancelled"]  # genserve.catalog.WEBHOOK_EVENTS
 Permission = Literal["generation", "readonly", "admin", "all", "metrics"]
 
@@ -84,6 +85,10 @@ def generate_body_type(max_prompt: int = 1000, max_size: int = 2048) -> type[msg
          catalog.DEFAULT_OUTPUT_FORMAT),
         ("output_quality", Annotated[int, Meta(ge=1, le=100, description=(
             "jpeg and webp quality; png is lossless and ignores it"))], catalog.DEFAULT_OUTPUT_QUALITY),
+        ("speed", Annotated[Speed, Meta(description=(
+            "fast: the node's step cache (First Block Cache) skips transformer passes whose first block barely"
+            " changed; quality: every pass runs. Default: the node's setting. The result's metadata says which"
+            " ran"))] | UnsetType, UNSET),
         ("webhook", Annotated[str, Meta(max_length=MAX_URL_LENGTH, description=(
             "http(s) URL the server POSTs the task's events to, signed as Standard Webhooks; by default"
             " loopback, private and link-local targets are refused"))] | UnsetType, UNSET),
@@ -275,6 +280,13 @@ class ImageMetadata(msgspec.Struct):
     height: int | None
     loras: list[LoraRef]
     format: OutputFormat
+    speed: Annotated[Speed, Meta(description="quality: every transformer pass ran; fast: the step cache was on")] \
+        | UnsetType = UNSET
+    lora_load: Annotated[Literal["hotswap", "reload"], Meta(description=(
+        "hotswap: packed into the node's resident LoRA slots (no recompilation); reload: loaded for this"
+        " job only"))] | UnsetType = UNSET
+    lora_seconds: Annotated[float, Meta(description="seconds spent putting the LoRAs on the model")] \
+        | UnsetType = UNSET
 
 
 class TaskBody(msgspec.Struct):

@@ -220,7 +220,8 @@ class RequestValidator:
             seed=b.seed, cfg=catalog.default_cfg(mode, model_id) if b.cfg is UNSET else float(b.cfg),
             strength=float(b.strength), controlnet_type=(own or control) if mode == "controlnet" else None,
             loras=[LoraRef(canonical_lora(lora.name), float(lora.weight)) for lora in b.loras],
-            output_format=b.output_format, output_quality=b.output_quality)
+            output_format=b.output_format, output_quality=b.output_quality,
+            speed=None if b.speed is UNSET else b.speed)
         spec = TaskSpec(model_id=model_id, mode=mode, priority=b.priority, params=params, webhook=webhook(b))
         return GenerateRequest(spec, used, bool(b.is_async))
 
