@@ -10,9 +10,24 @@ from pathlib import Path
 
 from genserve import logs
 from gpu_node.catalog import resolve_model_paths, servable_modes
-from gpu_node.config import NodeConfig
+from gpu_node.config import CACHES, QUANTIZE, NodeConfig, SpeedError, SpeedOptions
 
 log = logging.getLogger(__name__)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """"1024x1024,768x1344" -> ((1024, 1024), (768, 1344))."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        width, sep, height = item.lower().partition("x")
+        if not sep or not width.isdigit() or not height.isdigit():
+            raise SpeedError(f"warm-up size {item!r} is not WIDTHxHEIGHT")
+        out.append((int(width), int(height)))
+    return tuple(out)
 
 
 def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> NodeConfig:
@@ -52,6 +67,22 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                     help="this node's secret key file (env GENSERVE_CURVE_SECRET)")
     ap.add_argument("--curve-server", default=env.get("GENSERVE_CURVE_SERVER"),
                     help="the broker's public key file (env GENSERVE_CURVE_SERVER)")
+    ap.add_argument("--compile", action="store_true", default=_truthy(env.get("GENSERVE_COMPILE")),
+                    help="compile the transformer's repeated blocks, dynamic shapes (env GENSERVE_COMPILE=1)")
+    ap.add_argument("--compile-backend", default=env.get("GENSERVE_COMPILE_BACKEND", "inductor"),
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--warmup-sizes", default=env.get("GENSERVE_WARMUP_SIZES", "1024x1024"),
+                    help="with --compile: WIDTHxHEIGHT list run once at start (env GENSERVE_WARMUP_SIZES)")
+    ap.add_argument("--quantize", choices=QUANTIZE, default=env.get("GENSERVE_QUANTIZE", "none"),
+                    help="fp8: torchao float8 weights and activations; CUDA 8.9+ only (env GENSERVE_QUANTIZE)")
+    ap.add_argument("--cache", choices=CACHES, default=env.get("GENSERVE_CACHE", "none"),
+                    help="step cache when a request does not choose its speed (env GENSERVE_CACHE)")
+    ap.add_argument("--cache-threshold", type=float, default=float(env.get("GENSERVE_CACHE_THRESHOLD", 0.12)),
+                    help="First Block Cache threshold; higher skips more (env GENSERVE_CACHE_THRESHOLD)")
+    ap.add_argument("--lora-slots-rank", type=int, default=int(env.get("GENSERVE_LORA_SLOTS_RANK", 0)),
+                    help="resident LoRA slot rank for hot-swapping; 0 = load per job (env GENSERVE_LORA_SLOTS_RANK)")
+    ap.add_argument("--host-memory-gb", type=float, default=float(env.get("GENSERVE_HOST_MEMORY_GB", 0)),
+                    help="pinned host memory for transformers parked off the GPU (env GENSERVE_HOST_MEMORY_GB)")
     ap.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
     ap.add_argument("--log-format", choices=logs.FORMATS, default=env.get("GENSERVE_LOG_FORMAT", "text").lower(),
                     help="text lines or JSON lines with task_id/node_id/key_id fields (env GENSERVE_LOG_FORMAT)")
@@ -59,6 +90,12 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     if a.log_format not in logs.FORMATS:  # argparse checks choices on the command line only
         ap.error(f"GENSERVE_LOG_FORMAT must be one of {list(logs.FORMATS)}")
     logs.setup(a.log_level, a.log_format, "node")
+    try:
+        speed = SpeedOptions(compile=a.compile, compile_backend=a.compile_backend, quantize=a.quantize,
+                             cache=a.cache, cache_threshold=a.cache_threshold, lora_rank=a.lora_slots_rank,
+                             warmup=_sizes(a.warmup_sizes) if a.compile else ())
+    except SpeedError as exc:
+        ap.error(str(exc))
     device = a.device
     if device == "cuda" and a.device_index is not None:
         device = f"cuda:{a.device_index}"
@@ -74,6 +111,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         max_sequence_length=a.max_sequence_length,
         curve_secret_file=Path(a.curve_secret) if a.curve_secret else None,
         curve_server_public_file=Path(a.curve_server) if a.curve_server else None,
+        speed=speed, host_memory_budget=int(a.host_memory_gb * (1 << 30)),
     )
 
 
@@ -85,7 +123,9 @@ def build(config: NodeConfig):
     from gpu_node.loras import LoraLibrary, scan
     from gpu_node.node import Capabilities, Node
     from gpu_node.pipeline_cache import PipelineCache
+    from gpu_node.speed import check_device, prepare
 
+    check_device(config.speed, config.device)
     cuda = config.device.startswith("cuda")
     if cuda:
         total = torch.cuda.get_device_properties(torch.device(config.device)).total_memory
@@ -94,9 +134,10 @@ def build(config: NodeConfig):
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         default_budget = total // 2
     dtype = torch.bfloat16 if cuda else torch.float32
-    cache = PipelineCache(config.model_paths, config.device, dtype, config.memory_budget or default_budget)
+    cache = PipelineCache(config.model_paths, config.device, dtype, config.memory_budget or default_budget,
+                          config.host_memory_budget, lambda pipe: prepare(pipe, config.speed))
     loras = LoraLibrary(config.lora_dir, config.lora_cache_bytes)
-    generator = Generator(cache, loras, config.png_compress_level, config.max_sequence_length)
+    generator = Generator(cache, loras, config.png_compress_level, config.max_sequence_length, config.speed)
     modes = servable_modes(config.model_paths)
 
     def memory_free() -> int:
@@ -114,6 +155,9 @@ def build(config: NodeConfig):
             cache.redux()
         else:
             cache.base(model_id)
+    if config.speed.compile and config.speed.warmup:
+        seconds = generator.warm([m for m in config.preload if m in cache.loaded], config.speed.warmup)
+        log.info("warm-up at %s took %.1f s", config.speed.warmup, seconds)
     return Node(config, generator.run, capabilities), generator
 
 
@@ -122,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     if not config.model_paths:
         raise SystemExit("genserve-node: no model folders found (use --models-dir or FLUX_MODEL_PATH)")
-    node, _ = build(config)
+    try:
+        node, _ = build(config)
+    except SpeedError as exc:
+        raise SystemExit(f"genserve-node: {exc}") from exc
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     signal.signal(signal.SIGINT, lambda *_: node.stop())
     log.info("node %s on %s serving %s", node.node_id, config.device, sorted(config.model_paths))

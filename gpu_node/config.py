@@ -1,9 +1,39 @@
-"""GPU node configuration: one frozen dataclass, built by gpu_node.__main__."""
+"""GPU node configuration: frozen dataclasses built by gpu_node.__main__ (torch-free)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+QUANTIZE = ("none", "fp8")
+CACHES = ("none", "first_block")
+
+
+class SpeedError(RuntimeError):
+    """An option that this device or installation cannot run (raised at node start)."""
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How a node runs its transformers; the defaults are plain eager bf16 with no cache."""
+
+    compile: bool = False
+    compile_backend: str = "inductor"
+    quantize: str = "none"
+    cache: str = "none"  # the node's default; a request's "speed" overrides it
+    cache_threshold: float = 0.12
+    lora_rank: int = 0  # rank capacity of the resident LoRA slots; 0 = load and unload per job
+    warmup: tuple[tuple[int, int], ...] = ()  # (width, height) run once at start when compiling
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise SpeedError(f"--quantize must be one of {list(QUANTIZE)}, not {self.quantize!r}")
+        if self.cache not in CACHES:
+            raise SpeedError(f"--cache must be one of {list(CACHES)}, not {self.cache!r}")
+        if not 0 < self.cache_threshold < 10:
+            raise SpeedError("--cache-threshold must be in (0, 10)")
+        if not 0 <= self.lora_rank <= 1024:
+            raise SpeedError("--lora-slots-rank must be in 0..1024")
 
 
 @dataclass(frozen=True)
@@ -27,3 +57,5 @@ class NodeConfig:
     max_sequence_length: int = 512
     curve_secret_file: Path | None = None
     curve_server_public_file: Path | None = None
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    host_memory_budget: int = 0  # bytes of pinned host memory for parked transformers; 0 = none

@@ -15,8 +15,9 @@ from genserve.catalog import CONTROL_TYPES, MODEL_MODES, REQUIRED_IMAGES
 from genserve.spec import GenerationParams
 from genserve.wire import ResultMeta
 from gpu_node.errors import Cancelled, JobError
-from gpu_node.loras import LoraLibrary
+from gpu_node.loras import LoraLibrary, LoraUse
 from gpu_node.pipeline_cache import PipelineCache
+from gpu_node.speed import SpeedOptions, set_cache
 
 log = logging.getLogger(__name__)
 
@@ -70,35 +71,82 @@ class Generator:
     """Runs jobs on one device through the pipeline cache."""
 
     def __init__(self, cache: PipelineCache, loras: LoraLibrary, png_level: int = 1,
-                 max_sequence_length: int = 512) -> None:
+                 max_sequence_length: int = 512, speed: SpeedOptions | None = None) -> None:
         self.cache = cache
         self.loras = loras
         self.png_level = png_level
         self.max_sequence_length = max_sequence_length
+        self.speed = speed or SpeedOptions()
+
+    def fast(self, params: GenerationParams) -> bool:
+        """Whether the step cache runs for these parameters (the request's choice, else the node's)."""
+        if params.speed is not None:
+            return params.speed == "fast"
+        return self.speed.cache != "none"
 
     def run(self, job: Job, on_step: Callable[[int, int], None],
             should_stop: Callable[[], bool]) -> tuple[bytes, ResultMeta]:
         """Generate one image; returns (PNG bytes, metadata)."""
+        return self.run_batch([job], on_step, should_stop)[0]
+
+    @staticmethod
+    def batch_key(job: Job) -> tuple | None:
+        """Jobs with equal keys may share one pipeline call (only prompts and seeds differ); None: never."""
+        p = job.params
+        if job.mode != "text2img" or job.images:
+            return None
+        return (job.model_id, p.width, p.height, p.num_inference_steps, p.cfg, p.speed,
+                tuple((lora.name, lora.weight) for lora in p.loras))
+
+    def run_batch(self, jobs: list[Job], on_step: Callable[[int, int], None],
+                  should_stop: Callable[[], bool]) -> list[tuple[bytes, ResultMeta]]:
+        """Generate one image per job in one pipeline call; returns (image bytes, metadata) per job."""
         started = time.perf_counter()
-        args = self._validate(job)
-        pipe, kwargs = self._prepare(job, args)
+        if len(jobs) > 1 and (None in (keys := {self.batch_key(j) for j in jobs}) or len(keys) > 1):
+            raise JobError("only text2img jobs with equal model, size, steps, cfg, speed and LoRAs run together")
+        every = [self._validate(job) for job in jobs]
+        args = every[0]
+        pipe, kwargs = self._prepare(jobs[0], args)
+        if len(jobs) > 1:
+            kwargs["prompt"] = [a["prompt"] for a in every]
+            kwargs["generator"] = [torch.Generator(device="cpu").manual_seed(a["seed"]) for a in every]
 
         def callback(pipeline: Any, step: int, _timestep: Any, tensors: dict) -> dict:
             on_step(step + 1, int(getattr(pipeline, "_num_timesteps", args["steps"])))
             if should_stop():
-                raise Cancelled(job.task_id)
+                raise Cancelled(jobs[0].task_id)
             return tensors
 
         kwargs["callback_on_step_end"] = callback
-        with torch.inference_mode(), self.loras.applied(pipe, args["loras"]):
-            image = pipe(**kwargs).images[0]
+        fast = self.fast(jobs[0].params)
+        set_cache(pipe.transformer, fast, self.speed.cache_threshold)
+        with torch.inference_mode(), self.loras.applied(pipe, args["loras"]) as lora:
+            images = pipe(**kwargs).images
+        return [self._encode(job, a, image, kwargs, fast, lora, started) for job, a, image in zip(jobs, every, images)]
+
+    def _encode(self, job: Job, args: dict[str, Any], image: Image.Image, kwargs: dict[str, Any], fast: bool,
+                lora: LoraUse, started: float) -> tuple[bytes, ResultMeta]:
         p = job.params
-        png = encode_image(image, p.output_format, p.output_quality, self.png_level)
-        elapsed = time.perf_counter() - started
-        meta = ResultMeta(generation_time=round(elapsed, 4), width=image.width, height=image.height,
-                          seed=args["seed"], steps=args["steps"], device=self.cache.device,
-                          cfg=kwargs.get("guidance_scale"), format=p.output_format)
-        return png, meta
+        data = encode_image(image, p.output_format, p.output_quality, self.png_level)
+        loaded = lora.path != "none"
+        meta = ResultMeta(generation_time=round(time.perf_counter() - started, 4), width=image.width,
+                          height=image.height, seed=args["seed"], steps=args["steps"], device=self.cache.device,
+                          cfg=kwargs.get("guidance_scale"), format=p.output_format,
+                          speed="fast" if fast else "quality", lora_load=lora.path if loaded else None,
+                          lora_seconds=round(lora.seconds, 4) if loaded else None)
+        return data, meta
+
+    def warm(self, model_ids: list[str], sizes: tuple[tuple[int, int], ...]) -> float:
+        """Run two steps per model and size so that compilation happens before the first request."""
+        started = time.perf_counter()
+        for model_id in model_ids:
+            if model_id not in MODEL_MODES or "text2img" not in MODEL_MODES[model_id]:
+                continue
+            for width, height in sizes:
+                params = GenerationParams(prompt="warm-up", width=width, height=height, num_inference_steps=2,
+                                          seed=0, cfg=3.5, strength=1.0)
+                self.run(Job("warm-up", model_id, "text2img", params), lambda *_: None, lambda: False)
+        return time.perf_counter() - started
 
     def _validate(self, job: Job) -> dict[str, Any]:
         """The front validated the request; here only what the pipeline call itself needs."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,6 +21,7 @@ from safetensors.torch import load_file
 from genserve.spec import LoraRef
 from genserve.wire import LoraInfo
 from gpu_node.errors import LoraError
+from gpu_node.lora_slots import ADAPTER, DoesNotFit, LoraWeights, slots_of
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,14 @@ def scan(base: Path | None) -> list[LoraInfo]:
         out.append(LoraInfo(rel.as_posix(), round(size / (1024 * 1024), 3),
                             rel.parts[0] if len(rel.parts) > 1 else "root"))
     return out
+
+
+@dataclass
+class LoraUse:
+    """How a job's LoRAs were put on the model: "hotswap" (packed into the slots), "reload" or "none"."""
+
+    path: str = "none"
+    seconds: float = 0.0
 
 
 class LoraLibrary:
@@ -101,11 +112,35 @@ class LoraLibrary:
         """LoRA names held in memory, least recently used first."""
         return list(self._cache)
 
+    def weights(self, pipe: Any, spec: LoraRef) -> LoraWeights:
+        """A LoRA converted to diffusers' keys for `pipe` (kohya and other layouts included)."""
+        try:
+            state, alphas = type(pipe).lora_state_dict(dict(self.state_dict(spec.name)), return_alphas=True)
+        except LoraError:
+            raise
+        except Exception as exc:  # diffusers raises several types for layouts it does not know
+            raise LoraError(f"LoRA {spec.name!r} does not fit this model: {exc}") from exc
+        return LoraWeights(state, alphas or {}, spec.weight)
+
     @contextlib.contextmanager
-    def applied(self, pipe: Any, specs: list[LoraRef]) -> Iterator[list[str]]:
-        """Load `specs` as adapters on `pipe` for the duration of a job."""
+    def applied(self, pipe: Any, specs: list[LoraRef]) -> Iterator[LoraUse]:
+        """Put `specs` on `pipe` for the duration of a job: packed into its slots if it has them and they fit."""
+        started = time.perf_counter()
+        slots = slots_of(pipe)
+        if slots is not None:
+            key = tuple((self.resolve(s.name), s.weight) for s in specs)
+            try:
+                slots.load(key, [self.weights(pipe, s) for s in specs])
+                fitted = True
+            except DoesNotFit as exc:
+                log.info("LoRA set does not fit the slots (%s); loading it as separate adapters", exc)
+                slots.load((), [])
+                fitted = False
+            if fitted:
+                yield LoraUse("hotswap" if specs else "none", time.perf_counter() - started)
+                return
         if not specs:
-            yield []
+            yield LoraUse()
             return
         adapters, weights = [], []
         try:
@@ -116,11 +151,23 @@ class LoraLibrary:
                     # dict(): diffusers pops keys from the dict it is given.
                     pipe.load_lora_weights(dict(state), adapter_name=adapter)
                 except Exception as exc:
-                    raise LoraError(f"LoRA {spec['name']!r} does not fit this model: {exc}") from exc
+                    raise LoraError(f"LoRA {spec.name!r} does not fit this model: {exc}") from exc
                 adapters.append(adapter)
                 weights.append(spec.weight)
             pipe.set_adapters(adapters, adapter_weights=weights)
-            yield adapters
+            yield LoraUse("reload", time.perf_counter() - started)
         finally:
             # Also after a failed load: peft may have injected layers before raising.
-            pipe.unload_lora_weights()
+            if slots is None:
+                pipe.unload_lora_weights()
+            else:
+                _drop_job_adapters(pipe, len(specs))
+
+
+def _drop_job_adapters(pipe: Any, count: int) -> None:
+    """Delete this job's adapters and make the resident slot the active adapter again."""
+    present = {name for names in pipe.get_list_adapters().values() for name in names}
+    stale = [f"job{i}" for i in range(count) if f"job{i}" in present]
+    if stale:
+        pipe.delete_adapters(stale)
+    pipe.transformer.set_adapters([ADAPTER], weights=[1.0])

@@ -7,8 +7,12 @@
   weights twice.
 - Mode variants (img2img from the text2img pipeline) come from ``from_pipe``:
   the same component objects, zero-copy.
-- Least-recently-used base models are evicted when loading another would pass
-  the memory budget. A failed load leaves the cache as it was.
+- Least-recently-used base models leave the device when loading another would
+  pass the memory budget: parked in pinned host memory while the host budget
+  allows (gpu_node.memory; coming back is one host-to-device copy), else evicted
+  (coming back is a load from disk). A failed load leaves the cache as it was.
+- A `prepare` callable (gpu_node.speed) runs on every new pipeline: LoRA slots,
+  FP8 weights, compiled blocks.
 
 Only the node's worker thread calls into this class; ``loaded`` is an
 immutable snapshot that the socket thread may read at any time.
@@ -25,11 +29,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import diffusers
 import torch
 import transformers
+
+from gpu_node.memory import HostMirror
 
 log = logging.getLogger(__name__)
 # Their progress bars and own stderr handlers would break JSON logs: their records go to ours.
@@ -73,6 +79,8 @@ class _Component:
     obj: Any
     nbytes: int
     users: set[str] = field(default_factory=set)
+    mirror: HostMirror | None = None
+    parked: bool = False
 
 
 @dataclass
@@ -80,17 +88,23 @@ class _Entry:
     pipe: Any
     fingerprints: list[str]
     variants: dict[str, Any] = field(default_factory=dict)
+    parked: bool = False
 
 
 class PipelineCache:
     """Loads, shares and evicts pipelines for one device."""
 
     def __init__(self, paths: dict[str, str], device: str, dtype: torch.dtype,
-                 budget_bytes: int) -> None:
+                 budget_bytes: int, host_budget_bytes: int = 0,
+                 prepare: Callable[[Any], None] | None = None) -> None:
         self.paths = dict(paths)
         self.device = device
         self.dtype = dtype
         self.budget = budget_bytes
+        self.host_budget = host_budget_bytes
+        self.prepare = prepare
+        self.restores = 0
+        self.restore_seconds = 0.0
         self._models: OrderedDict[str, _Entry] = OrderedDict()
         self._components: dict[str, _Component] = {}
         self.loaded: tuple[str, ...] = ()
@@ -100,14 +114,26 @@ class PipelineCache:
 
     @property
     def used_bytes(self) -> int:
-        """Bytes of weights currently held (each shared component counted once)."""
-        return sum(c.nbytes for c in self._components.values())
+        """Bytes of weights on the device (each shared component counted once)."""
+        return sum(c.nbytes for c in self._components.values() if not c.parked)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of pinned host memory holding parked weights."""
+        return sum(c.mirror.nbytes for c in self._components.values() if c.mirror is not None)
+
+    @property
+    def parked(self) -> tuple[str, ...]:
+        """Model ids whose own weights wait in host memory."""
+        return tuple(m for m, e in self._models.items() if e.parked)
 
     def base(self, model_id: str, pinned: tuple[str, ...] = ()) -> Any:
         """The model's own pipeline, loading it (and evicting others) if needed."""
         entry = self._models.get(model_id)
         if entry is None:
             entry = self._load(model_id, pinned + (model_id,))
+        elif entry.parked:
+            self._restore(model_id, entry, pinned + (model_id,))
         self._models.move_to_end(model_id)
         return entry.pipe
 
@@ -158,14 +184,49 @@ class PipelineCache:
                 total += sum(f.stat().st_size for f in sub.glob("*.safetensors"))
         return total
 
+    def _own(self, model_id: str) -> list[_Component]:
+        entry = self._models[model_id]
+        return [c for fp in entry.fingerprints if (c := self._components.get(fp)) and c.users == {model_id}]
+
     def _make_room(self, needed: int, pinned: tuple[str, ...]) -> None:
         for victim in list(self._models):
             if self.used_bytes + needed <= self.budget:
                 return
-            if victim not in pinned:
+            if victim in pinned or self._models[victim].parked:
+                continue
+            own = self._own(victim)
+            if own and self.host_bytes + sum(c.nbytes for c in own if c.mirror is None) <= self.host_budget:
+                self._park(victim, own)
+            else:
                 self.evict(victim)
         if self.used_bytes + needed > self.budget:
             log.warning("loading needs %d bytes over the %d-byte budget", needed, self.budget)
+
+    def _park(self, model_id: str, own: list[_Component]) -> None:
+        for comp in own:
+            if comp.mirror is None:
+                comp.mirror = HostMirror(comp.obj)
+            comp.mirror.park()
+            comp.parked = True
+        self._models[model_id].parked = True
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        log.info("parked %s in host memory (%d bytes)", model_id, sum(c.nbytes for c in own))
+
+    def _restore(self, model_id: str, entry: _Entry, pinned: tuple[str, ...]) -> None:
+        own = [c for c in self._own(model_id) if c.parked]
+        self._make_room(sum(c.nbytes for c in own), pinned)
+        seconds = 0.0
+        for comp in own:
+            seconds += comp.mirror.restore(self.device)
+            comp.parked = False
+            slots = getattr(comp.obj, "_genserve_slots", None)
+            if slots is not None:
+                slots.clear()  # the host copy may hold an older set
+        entry.parked = False
+        self.restores += 1
+        self.restore_seconds += seconds
+        log.info("restored %s from host memory in %.3f s", model_id, seconds)
 
     def _load(self, model_id: str, pinned: tuple[str, ...]) -> _Entry:
         from gpu_node.catalog import CATALOG
@@ -185,12 +246,15 @@ class PipelineCache:
         return self._register(model_id, pipe, prints)
 
     def add(self, model_id: str, pipe: Any) -> None:
-        """Serve `model_id` with a pipeline built in memory (benchmarks, random weights; no folder)."""
+        """Serve `model_id` with a pipeline built in memory (benchmarks, random weights; no folder), making room."""
         self.paths.setdefault(model_id, "<in memory>")
         self._register(model_id, pipe, {})
+        self._make_room(0, (model_id,))
 
     def _register(self, model_id: str, pipe: Any, prints: dict[str, str]) -> _Entry:
         pipe.set_progress_bar_config(disable=True)
+        if self.prepare is not None:
+            self.prepare(pipe)
         used = []
         for name, comp in pipe.components.items():
             if not isinstance(comp, torch.nn.Module):

@@ -1,0 +1,111 @@
+"""Speed options applied to a loaded Flux transformer: FP8 weights, regional compilation, step cache.
+
+Order matters and is fixed here (`prepare`): LoRA slots are injected first (they change the
+module tree), then the base linears are quantized (never the LoRA matrices), then each
+repeated block's ``forward`` is compiled on its own.
+
+Compilation is per block and *below* diffusers' hooks: ``block.forward`` is replaced by its
+compiled version, so the First Block Cache hooks, which diffusers installs around
+``forward``, stay in eager Python. Turning the cache on or off for one request then adds or
+removes a Python wrapper and never touches a compiled graph. Shapes are dynamic (one graph
+for every image size, no size buckets) and duck sizing is off, so that a size whose token
+count happens to equal another dimension does not specialise the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from gpu_node.config import SpeedError, SpeedOptions
+
+log = logging.getLogger(__name__)
+
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper: float8 matrix units
+
+
+def check_device(options: SpeedOptions, device: str) -> None:
+    """Refuse, before any model loads, an option the device cannot run."""
+    if options.quantize != "fp8":
+        return
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise SpeedError(f"--quantize fp8 needs a CUDA GPU with float8 support (compute capability "
+                         f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}+); this node's device is {device}")
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    if capability < FP8_CAPABILITY:
+        raise SpeedError(f"--quantize fp8 needs compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}+; "
+                         f"{torch.cuda.get_device_name(torch.device(device))} has {capability[0]}.{capability[1]}")
+    try:
+        import torchao  # noqa: F401
+    except ImportError as exc:
+        raise SpeedError("--quantize fp8 needs torchao (pip install 'genserve[fp8]')") from exc
+
+
+def blocks(transformer: Any) -> list[torch.nn.Module]:
+    """The transformer's repeated blocks (what regional compilation compiles one by one)."""
+    names = getattr(transformer, "_repeated_blocks", ()) or ()
+    return [m for m in transformer.modules() if type(m).__name__ in names]
+
+
+def quantize_fp8(transformer: Any) -> None:
+    """torchao float8 weights and dynamic float8 activations on every base linear (LoRA matrices stay)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    def wanted(module: torch.nn.Module, name: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and "lora_" not in name
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=wanted)
+
+
+def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
+    """Compile each repeated block's forward with dynamic shapes; returns how many blocks."""
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
+    found = blocks(transformer)
+    for block in found:
+        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=True, backend=backend)
+    return len(found)
+
+
+def set_cache(transformer: Any, enabled: bool, threshold: float) -> None:
+    """Install or remove First Block Cache hooks (a no-op when already in that state)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    active = getattr(transformer, "_genserve_cache", None)  # the installed hooks' threshold, or None
+    wanted = threshold if enabled else None
+    if wanted == active:
+        return
+    if active is not None:
+        transformer.disable_cache()
+    if wanted is not None:
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=wanted))
+    transformer._genserve_cache = wanted
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (a recompilation raises it)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def prepare(pipe: Any, options: SpeedOptions) -> None:
+    """Apply the node's options to a new pipeline's transformer, once: slots, then FP8, then compile."""
+    from gpu_node.lora_slots import LoraSlots
+
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or getattr(transformer, "_genserve_prepared", False):
+        return  # the redux prior has no transformer; a shared transformer is prepared once
+    transformer.requires_grad_(False)  # inference only; a flag that flips later would fail compiled guards
+    if options.lora_rank:
+        LoraSlots(transformer, options.lora_rank)
+    if options.quantize == "fp8":
+        quantize_fp8(transformer)
+    if options.compile:
+        count = compile_blocks(transformer, options.compile_backend)
+        log.info("compiling %d transformer blocks with %s (dynamic shapes)", count, options.compile_backend)
+    transformer._genserve_prepared = True
