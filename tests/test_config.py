@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from broker.__main__ import parse_config as broker_config
 from gpu_node.__main__ import parse_config as node_config
 from http_front.__main__ import parse_config as front_config
@@ -32,3 +34,25 @@ def test_front_legacy_environment_names() -> None:
     c = front_config(["--port", "9001"], env)
     assert (c.host, c.port, c.max_prompt_length, c.max_image_size) == ("127.0.0.1", 9001, 50, 1024)
     assert c.legacy_password == "mine" and c.encryption_key == "k" * 44 and c.rate_limit == 100
+
+
+def test_node_speed_options_from_flags_and_environment() -> None:
+    c = node_config(["--compile", "--warmup-sizes", "1024x1024, 768x1344", "--lora-slots-rank", "64"],
+                    {"GENSERVE_CACHE": "first_block", "GENSERVE_CACHE_THRESHOLD": "0.2",
+                     "GENSERVE_HOST_MEMORY_GB": "48"})
+    s = c.speed
+    assert (s.compile, s.cache, s.cache_threshold, s.lora_rank) == (True, "first_block", 0.2, 64)
+    assert s.warmup == ((1024, 1024), (768, 1344)) and c.host_memory_budget == 48 << 30
+    c = node_config([], {"GENSERVE_COMPILE": "yes", "GENSERVE_QUANTIZE": "fp8"})
+    assert c.speed.compile and c.speed.quantize == "fp8"  # refused later, at start, off a float8 GPU
+    assert node_config([], {}).speed.warmup == () and not node_config([], {}).speed.compile
+
+
+@pytest.mark.parametrize("argv, env", [(["--warmup-sizes", "big", "--compile"], {}), (["--quantize", "int4"], {}),
+                                       ([], {"GENSERVE_CACHE": "turbo"}), (["--cache-threshold", "nan"], {}),
+                                       (["--lora-slots-rank", "-4"], {})])
+def test_node_refuses_bad_speed_options(argv: list[str], env: dict[str, str],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        node_config(argv, env)
+    assert exc.value.code == 2 and "genserve-node" in capsys.readouterr().err

@@ -63,6 +63,24 @@ def test_bad_output_options_are_422(files: Stack, field: str, value: object) -> 
     assert r.status_code == 422 and r.json["field"] == field
 
 
+@pytest.mark.parametrize("speed", ["fast", "quality"])
+def test_a_request_chooses_its_speed_and_the_metadata_says_which_ran(files: Stack, speed: str) -> None:
+    body = generate(files, speed=speed)
+    assert body["metadata"]["speed"] == speed and "lora_load" not in body["metadata"]
+    polled = files.http.simulate_get(f"/task/{body['task_id']}", headers=as_("alice")).json
+    assert polled["metadata"]["speed"] == speed
+
+
+def test_without_a_speed_the_node_default_runs(files: Stack) -> None:
+    assert generate(files)["metadata"]["speed"] == "quality"  # the test node runs without a step cache
+
+
+@pytest.mark.parametrize("value", ["turbo", "FAST", "", 1, None, ["fast"]])
+def test_bad_speed_is_422(files: Stack, value: object) -> None:
+    r = files.http.simulate_post("/generate", json={**SMALL, "speed": value}, headers=as_("alice"))
+    assert r.status_code == 422 and r.json["field"] == "speed"
+
+
 def test_etag_gives_304_and_the_image_is_private_to_its_key(files: Stack) -> None:
     body = generate(files)
     path = f"/task/{body['task_id']}/image"
