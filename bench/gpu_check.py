@@ -171,7 +171,7 @@ def stage_switch(rig: Rig) -> None:
         rig.sync()
         took = time.perf_counter() - started
         restored = cache.restore_seconds - before
-        rig.run(rig.job(steps=steps, model_id=model, size=256))
+        rig.run(rig.job(steps=steps, model_id=model, size=min(256, rig.args.size)))
         rig.record("switch", f"switch to {model}", round(took, 3), "s",
                    f"restore copy {restored:.3f} s; parked now: {list(cache.parked)}")
     rig.record("switch", "transformer size", round(transformer / GIB, 2), "GiB")
