@@ -126,6 +126,8 @@ def build(config: NodeConfig):
     from gpu_node.speed import check_device, prepare
 
     check_device(config.speed, config.device)
+    if config.speed.quantize == "fp8" and config.host_memory_budget:
+        raise SpeedError("--host-memory-gb cannot park FP8 weights (torchao tensors); use one or the other")
     cuda = config.device.startswith("cuda")
     if cuda:
         total = torch.cuda.get_device_properties(torch.device(config.device)).total_memory

@@ -119,9 +119,16 @@ class Generator:
 
         kwargs["callback_on_step_end"] = callback
         fast = self.fast(jobs[0].params)
-        set_cache(pipe.transformer, fast, self.speed.cache_threshold)
+        transformer = pipe.transformer
         with torch.inference_mode(), self.loras.applied(pipe, args["loras"]) as lora:
-            images = pipe(**kwargs).images
+            set_cache(transformer, fast, self.speed.cache_threshold)  # after the LoRAs: a fallback swaps blocks
+            try:
+                images = pipe(**kwargs).images
+            finally:
+                # diffusers clears the cache's state only after a call that completes; a cancelled or
+                # failed one would leave the previous image's residuals to the next job.
+                if getattr(transformer, "_genserve_cache", None) is not None:
+                    transformer._reset_stateful_cache()
         return [self._encode(job, a, image, kwargs, fast, lora, started) for job, a, image in zip(jobs, every, images)]
 
     def _encode(self, job: Job, args: dict[str, Any], image: Image.Image, kwargs: dict[str, Any], fast: bool,

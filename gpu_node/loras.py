@@ -22,6 +22,7 @@ from genserve.spec import LoraRef
 from genserve.wire import LoraInfo
 from gpu_node.errors import LoraError
 from gpu_node.lora_slots import ADAPTER, DoesNotFit, LoraWeights, slots_of
+from gpu_node.speed import eager_blocks
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class LoraLibrary:
         self.base = base.resolve() if base else None
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self._stamps: dict[str, tuple[int, int]] = {}
         self.disk_reads = 0
 
     def resolve(self, name: str) -> str:
@@ -89,10 +91,19 @@ class LoraLibrary:
             raise LoraError(f"unknown LoRA {name!r}")
         return path.relative_to(self.base).as_posix()
 
+    def stamp(self, name: str) -> tuple[int, int]:
+        """(mtime in ns, size) of the LoRA's file: a file replaced on disk is read again."""
+        try:
+            st = (self.base / self.resolve(name)).stat()
+        except OSError as exc:
+            raise LoraError(f"cannot read LoRA {name!r}: {exc}") from exc
+        return st.st_mtime_ns, st.st_size
+
     def state_dict(self, name: str) -> dict[str, Any]:
-        """The LoRA's tensors, read from disk once."""
+        """The LoRA's tensors, read from disk once (again if the file changed)."""
         key = self.resolve(name)
-        if key in self._cache:
+        stamp = self.stamp(name)
+        if key in self._cache and self._stamps.get(key) == stamp:
             self._cache.move_to_end(key)
             return self._cache[key][0]
         try:
@@ -102,9 +113,12 @@ class LoraLibrary:
         self.disk_reads += 1
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         self._cache[key] = (tensors, size)
+        self._cache.move_to_end(key)
+        self._stamps[key] = stamp
         # Least recently used LoRAs leave memory first; the newest always stays.
         while len(self._cache) > 1 and sum(n for _, n in self._cache.values()) > self.cache_bytes:
-            self._cache.popitem(last=False)
+            gone, _ = self._cache.popitem(last=False)
+            self._stamps.pop(gone, None)
         return tensors
 
     @property
@@ -128,9 +142,10 @@ class LoraLibrary:
         started = time.perf_counter()
         slots = slots_of(pipe)
         if slots is not None:
-            key = tuple((self.resolve(s.name), s.weight) for s in specs)
+            key = tuple((self.resolve(s.name), self.stamp(s.name), s.weight) for s in specs)
             try:
-                slots.load(key, [self.weights(pipe, s) for s in specs])
+                if key != slots.current:  # the same set again costs nothing, not even a conversion
+                    slots.load(key, [self.weights(pipe, s) for s in specs])
                 fitted = True
             except DoesNotFit as exc:
                 log.info("LoRA set does not fit the slots (%s); loading it as separate adapters", exc)
@@ -142,6 +157,13 @@ class LoraLibrary:
         if not specs:
             yield LoraUse()
             return
+        with eager_blocks(pipe.transformer):  # compiled blocks would recompile for every new adapter layout
+            with self._loaded(pipe, specs, slots is not None):
+                yield LoraUse("reload", time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def _loaded(self, pipe: Any, specs: list[LoraRef], resident_slots: bool) -> Iterator[None]:
+        """Load `specs` as adapters next to whatever the model has, and remove them afterwards."""
         adapters, weights = [], []
         try:
             for i, spec in enumerate(specs):
@@ -155,13 +177,13 @@ class LoraLibrary:
                 adapters.append(adapter)
                 weights.append(spec.weight)
             pipe.set_adapters(adapters, adapter_weights=weights)
-            yield LoraUse("reload", time.perf_counter() - started)
+            yield
         finally:
             # Also after a failed load: peft may have injected layers before raising.
-            if slots is None:
-                pipe.unload_lora_weights()
-            else:
+            if resident_slots:
                 _drop_job_adapters(pipe, len(specs))
+            else:
+                pipe.unload_lora_weights()
 
 
 def _drop_job_adapters(pipe: Any, count: int) -> None:
@@ -171,3 +193,4 @@ def _drop_job_adapters(pipe: Any, count: int) -> None:
     if stale:
         pipe.delete_adapters(stale)
     pipe.transformer.set_adapters([ADAPTER], weights=[1.0])
+    pipe.transformer.requires_grad_(False)  # peft marks active adapters trainable; compiled guards check it

@@ -192,10 +192,17 @@ class PipelineCache:
         for victim in list(self._models):
             if self.used_bytes + needed <= self.budget:
                 return
-            if victim in pinned or self._models[victim].parked:
+            if victim not in self._models or victim in pinned or self._models[victim].parked:
                 continue
             own = self._own(victim)
-            if own and self.host_bytes + sum(c.nbytes for c in own if c.mirror is None) <= self.host_budget:
+            host = sum(c.nbytes for c in own if c.mirror is None)
+            if own and host <= self.host_budget:
+                # The host tier is least recently used first too: parked models older than this one go.
+                for old in [m for m, e in self._models.items() if e.parked and m not in pinned]:
+                    if self.host_bytes + host <= self.host_budget:
+                        break
+                    self.evict(old)
+            if own and self.host_bytes + host <= self.host_budget:
                 self._park(victim, own)
             else:
                 self.evict(victim)

@@ -14,8 +14,9 @@ count happens to equal another dimension does not specialise the graph.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -67,8 +68,32 @@ def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
     fx_config.use_duck_shape = False
     found = blocks(transformer)
     for block in found:
-        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=True, backend=backend)
+        block._genserve_eager = block.forward
+        block.forward = block._genserve_compiled = torch.compile(block.forward, fullgraph=True, dynamic=True,
+                                                                  backend=backend)
     return len(found)
+
+
+@contextlib.contextmanager
+def eager_blocks(transformer: Any) -> Iterator[None]:
+    """Run the blocks uncompiled for a while (a job whose extra LoRA layers would force recompilations).
+
+    The step cache's hooks hold the forward they wrap, so they are removed first and again at the
+    end; the next job installs them over the compiled forward.
+    """
+    found = [b for b in blocks(transformer) if hasattr(b, "_genserve_compiled")]
+    if not found:
+        yield
+        return
+    set_cache(transformer, False, 1.0)
+    for block in found:
+        block.forward = block._genserve_eager
+    try:
+        yield
+    finally:
+        set_cache(transformer, False, 1.0)
+        for block in found:
+            block.forward = block._genserve_compiled
 
 
 def set_cache(transformer: Any, enabled: bool, threshold: float) -> None:

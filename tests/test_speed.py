@@ -235,3 +235,53 @@ def test_fp8_is_refused_at_start_without_a_float8_gpu() -> None:
 def test_bad_speed_options_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(SpeedError, match=message):
         SpeedOptions(**kwargs)
+
+
+def test_a_cancelled_fast_job_leaves_no_cache_state_to_the_next(tiny_models: Path) -> None:
+    from gpu_node.errors import Cancelled
+
+    generator = make(tiny_models, SpeedOptions(cache="first_block", cache_threshold=0.5))
+    stops = iter([False, True])
+    with pytest.raises(Cancelled):
+        generator.run(job(32, 48, steps=4), lambda *_: None, lambda: next(stops, True))
+    clean = make(tiny_models, SpeedOptions(cache="first_block", cache_threshold=0.5))
+    want = pixels(run(clean, job(64, 64, steps=4)))
+    assert pixels(run(generator, job(64, 64, steps=4))).tolist() == want.tolist()
+
+
+def test_a_set_that_does_not_fit_a_compiled_model_runs_eagerly_without_recompiling(
+        compiled: Generator, eager: Generator) -> None:
+    run(compiled, job())  # compiled (or already, by the test above)
+    graphs = compiled_graphs()
+    three = ((CAT, 0.8), (WATERCOLOR, 0.5), (CAT, 0.3))  # ranks 4 + 4 + 4 > the slots' 8
+    got = run(compiled, job(loras=three))
+    assert got[1].lora_load == "reload"
+    assert np.abs(pixels(got) - pixels(run(eager, job(loras=three)))).max() <= 1
+    assert run(compiled, job(speed="fast"))[1].speed == "fast"  # compiled blocks and the cache are back
+    assert compiled_graphs() == graphs
+
+
+def test_the_host_tier_is_least_recently_used_first(tiny_models: Path) -> None:
+    sizes = make(tiny_models, SpeedOptions(), ("flux1-dev",)).cache
+    one = module_bytes(sizes.base("flux1-dev").transformer)
+    models = ("flux1-dev", "flux1-depth-dev", "flux1-canny-dev")
+    generator = make(tiny_models, SpeedOptions(), models, budget=room_for_one(tiny_models), host=int(one * 1.5))
+    for model in models:
+        run(generator, job(model=model))
+    cache = generator.cache
+    assert cache.parked == ("flux1-depth-dev",) and "flux1-dev" not in cache.loaded  # dev left for depth
+    assert cache.host_bytes <= cache.host_budget
+
+
+def test_a_lora_file_replaced_on_disk_is_read_again(tiny_models: Path, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(tiny_models / "loras" / CAT, folder / "mine.safetensors")
+    library = LoraLibrary(folder)
+    first = library.state_dict("mine")
+    shutil.copy(tiny_models / "loras" / WATERCOLOR, folder / "mine.safetensors")
+    os.utime(folder / "mine.safetensors", ns=(1, 1))
+    assert library.state_dict("mine") is not first and library.disk_reads == 2
