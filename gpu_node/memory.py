@@ -81,7 +81,9 @@ class HostMirror:
             self.host[name] = view
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.nbytes = size
+        # Counted whatever the device, so the host budget means the same on a CPU node (where the
+        # tensors were already in host memory and nothing was copied).
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.host.values())
 
     def restore(self, device: str) -> float:
         """Copy the host tensors to `device`; returns the seconds it took (synchronised)."""

@@ -184,17 +184,19 @@ class PipelineCache:
                 total += sum(f.stat().st_size for f in sub.glob("*.safetensors"))
         return total
 
-    def _own(self, model_id: str) -> list[_Component]:
+    def _own(self, model_id: str, keep: tuple[Any, ...] = ()) -> list[_Component]:
+        """Components only `model_id` uses (and the model being loaded will not reuse)."""
         entry = self._models[model_id]
-        return [c for fp in entry.fingerprints if (c := self._components.get(fp)) and c.users == {model_id}]
+        return [c for fp in entry.fingerprints if (c := self._components.get(fp)) and c.users == {model_id}
+                and not any(c.obj is k for k in keep)]
 
-    def _make_room(self, needed: int, pinned: tuple[str, ...]) -> None:
+    def _make_room(self, needed: int, pinned: tuple[str, ...], keep: tuple[Any, ...] = ()) -> None:
         for victim in list(self._models):
             if self.used_bytes + needed <= self.budget:
                 return
             if victim not in self._models or victim in pinned or self._models[victim].parked:
                 continue
-            own = self._own(victim)
+            own = self._own(victim, keep)
             host = sum(c.nbytes for c in own if c.mirror is None)
             if own and host <= self.host_budget:
                 # The host tier is least recently used first too: parked models older than this one go.
@@ -243,7 +245,7 @@ class PipelineCache:
             raise KeyError(f"this node has no folder for {model_id}")
         folder = Path(source) if os.path.isdir(source) else None
         shared, prints = self._shared_for(model_id, folder)
-        self._make_room(self._estimate(folder, shared), pinned)
+        self._make_room(self._estimate(folder, shared), pinned, tuple(shared.values()))
         cls = getattr(diffusers, CATALOG[model_id].pipeline)
         log.info("loading %s from %s (reusing %s)", model_id, source, sorted(shared) or "nothing")
         started = time.perf_counter()
