@@ -12,10 +12,13 @@ seconds.
 
 Policies compared on the same workload:
 - `fcfs-any`: first come, first served on any idle node that serves the model;
-- `today`: the broker's policy (priority, then a node with the model loaded, bounded by the
-  affinity window, then acceptance order), with the default window (30 s) and with 600 s.
-Fair share between keys (issue 12, point 5) is not built yet: the share columns show what
-today's policy gives each key, the baseline that work has to improve.
+- `today`: the policy before fair share (priority, then a node with the model loaded,
+  bounded by a 30 s affinity window, then acceptance order), and the same with 600 s;
+- `new`: fair share between keys (start-time fair queuing, loads billed to the key that
+  caused them) with model affinity bounded by a slack in virtual time, here one model load,
+  and the same with a quarter load (faster for a lonely task, more loads).
+Then two fair-share scenarios: a lonely key's task behind another key's 500, and four keys
+of weights 1/1/2/4 under saturation.
 """
 
 from __future__ import annotations
@@ -34,12 +37,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import emit  # noqa: E402
+from broker.config import BrokerConfig  # noqa: E402
 from broker.dispatch import plan  # noqa: E402
 from broker.queue import TaskQueue  # noqa: E402
 
 KEYS = {"key-A": 0.60, "key-B": 0.25, "key-C": 0.10, "key-D": 0.05}
 PRIORITIES = ((-1, 0.10), (0, 0.70), (5, 0.20))
-POLICIES = {"fcfs-any": (False, None), "today": (True, None), "today, affinity window 600 s": (True, 600.0)}
+WEIGHTS = {"key-A": 1.0, "key-B": 1.0, "key-C": 2.0, "key-D": 4.0}  # the saturation scenario's weights
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How the simulated broker schedules: affinity bounds and whether keys share fairly."""
+
+    affinity: bool
+    window: float | None = None  # None: the run's --window
+    slack: float | None = None  # virtual-time bound on affinity, in model loads (broker.queue); None: wall time
+    fair: bool = False  # tasks carry their key and weight, so fair-share tags apply and loads are billed
+
+
+POLICIES = {
+    "fcfs-any": Policy(False),
+    "today": Policy(True),
+    "today, affinity window 600 s": Policy(True, 600.0),
+    # The broker's defaults (a slack of one load, its backstop window), in the simulator's units.
+    "new: fair share, affinity slack 1 load": Policy(True, BrokerConfig().affinity_window, 1.0, True),
+    "new, slack 1/4 load": Policy(True, BrokerConfig().affinity_window, 0.25, True),
+}
 
 
 @dataclass
@@ -82,12 +106,13 @@ def workload(seed: int, tasks: int, models: int, nodes: int, load_factor: float)
     return out
 
 
-def simulate(tasks: list[SimTask], nodes: int, models: int, load_cost: float, affinity: bool,
-             window: float) -> tuple[list[SimTask], list[SimNode], float]:
+def simulate(tasks: list[SimTask], nodes: int, models: int, load_cost: float, policy: Policy, window: float,
+             weights: dict[str, float] | None = None) -> tuple[list[SimTask], list[SimNode], float]:
     """Run one policy; returns the tasks (with start times), the nodes and the makespan."""
     served = {f"model-{i}": ["text2img"] for i in range(models)}
     fleet = [SimNode(f"n{i}", served) for i in range(nodes)]
-    queue = TaskQueue(affinity_window=window)
+    queue = TaskQueue(affinity_window=policy.window or window,
+                      affinity_slack=None if policy.slack is None else policy.slack * load_cost)
     by_id = {t.task_id: t for t in tasks}
     events: list[tuple[float, int, str, object]] = []  # (time, order, kind, payload)
     for order, task in enumerate(tasks):
@@ -103,11 +128,16 @@ def simulate(tasks: list[SimTask], nodes: int, models: int, load_cost: float, af
             if kind == "arrive":
                 seq += 1
                 task = payload
-                queue.push(task.task_id, task.model, task.priority, seq, now)
+                if policy.fair:  # the broker charges its estimate of the job; here the simulated work
+                    queue.push(task.task_id, task.model, task.priority, seq, now, task.key,
+                               (weights or {}).get(task.key, 1.0), task.work)
+                else:
+                    queue.push(task.task_id, task.model, task.priority, seq, now)
             else:
                 idle.append(payload)
                 makespan = max(makespan, now)
-        for node, entry in plan(queue, idle, now, affinity=affinity):
+        for node, entry in plan(queue, idle, now, affinity=policy.affinity,
+                                load_cost=load_cost if policy.fair else 0.0):
             task = by_id[entry.task_id]
             idle.remove(node)
             task.start = now
@@ -118,6 +148,41 @@ def simulate(tasks: list[SimTask], nodes: int, models: int, load_cost: float, af
             order += 1
             heapq.heappush(events, (now + task.load + task.work, order, "done", node))
     return tasks, fleet, makespan
+
+
+def lonely_wait(policy: Policy, args: argparse.Namespace, model: str) -> float:
+    """Key A queues 500 one-second tasks for model-0 at t=0; key B sends one for `model` later: B's wait."""
+    tasks = [SimTask(f"a{i}", "key-A", "model-0", 0, 0.0, 1.0) for i in range(500)]
+    tasks.append(SimTask("b", "key-B", model, 0, args.load + 5.0, 1.0))  # once the nodes have loaded model-0
+    done, _, _ = simulate(tasks, args.nodes, args.models, args.load, policy, args.window)
+    return done[-1].start - done[-1].arrival
+
+
+def saturated_shares(policy: Policy, args: argparse.Namespace,
+                     per_key: int = 1000) -> tuple[dict[str, float], dict[str, float], int]:
+    """Keys of weights 1/1/2/4 each queue `per_key` tasks at t=0, interleaved (FIFO would serve them equally).
+
+    Returns GPU-time shares while every key still had work waiting, counting jobs and the loads they
+    caused, then jobs alone; and the model loads.
+    """
+    rng = random.Random(args.seed)
+    names = [f"model-{i}" for i in range(args.models)]
+    tasks = []
+    for key, weight in WEIGHTS.items():
+        home = names[list(WEIGHTS).index(key) % args.models]
+        for _ in range(per_key):
+            model = home if rng.random() < 0.7 else rng.choice(names)
+            tasks.append(SimTask(f"t{len(tasks)}", key, model, 0, 0.0, rng.uniform(0.6, 1.4)))
+    rng.shuffle(tasks)  # they arrive interleaved
+    done, fleet, _ = simulate(tasks, args.nodes, args.models, args.load, policy, args.window, WEIGHTS)
+    until = min(max(t.start for t in done if t.key == k) for k in WEIGHTS)  # every key still had work queued
+
+    def shares(with_loads: bool) -> dict[str, float]:
+        busy = {k: sum(t.work + (t.load if with_loads else 0) for t in done if t.key == k and t.start < until)
+                for k in WEIGHTS}
+        return {k: busy[k] / sum(busy.values()) for k in WEIGHTS}
+
+    return shares(True), shares(False), sum(n.loads for n in fleet)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -157,11 +222,11 @@ def report(args: argparse.Namespace, results: dict[str, tuple[list[SimTask], lis
     lines += ["", "Median wait of key-D's priority-0 tasks (the smallest key): "
               + ", ".join(f"{name} {w:.1f} s" for name, w in lonely.items())
               + ". Without fair share it waits behind the big keys' backlog like everyone else.", "",
-              "What this shows: under a backlog every waiting task is soon older than the affinity window, "
-              "and then plain FIFO order decides, so nodes switch models for most jobs and loads dominate "
-              "the makespan. A 600 s window kept nodes on their models: 4x fewer loads and, in this workload, "
-              "shorter waits at every priority; a task whose model no node holds can then wait up to the "
-              "window, which this table does not show. Issue 12's new policy has to do better on both.", ""]
+              "What this shows: under a backlog every waiting task is soon older than a wall-time affinity "
+              "window, and then plain FIFO order decides, so nodes switch models for most jobs and loads "
+              "dominate the makespan. Bounding affinity in virtual time instead keeps nodes on their models "
+              "whatever the backlog's age, while fair share decides whose turn it is; billing each load to its "
+              "key keeps one key's model switches from costing the others.", ""]
     return lines
 
 
@@ -180,10 +245,36 @@ def main() -> None:
     if not (1 <= args.nodes <= 64 and 1 <= args.models <= 16 and 1 <= args.tasks <= 100_000):
         raise SystemExit("--nodes 1-64, --models 1-16 and --tasks 1-100000")
     results = {}
-    for name, (affinity, window) in POLICIES.items():
+    for name, policy in POLICIES.items():
         tasks = workload(args.seed, args.tasks, args.models, args.nodes, args.load_factor)
-        results[name] = simulate(tasks, args.nodes, args.models, args.load, affinity, window or args.window)
-    emit(report(args, results), args.write)
+        results[name] = simulate(tasks, args.nodes, args.models, args.load, policy, args.window)
+    emit(report(args, results) + fairness(args), args.write)
+
+
+def fairness(args: argparse.Namespace) -> list[str]:
+    """The two fair-share targets, per policy: a lonely key's wait, and shares under saturation."""
+    total = sum(WEIGHTS.values())
+    lines = ["Fair share (issue 12, point 5). A lonely task: key-A queues 500 one-second tasks for model-0; "
+             "once the nodes have loaded it, key-B sends one task; its wait, for the same model and for a model "
+             "no node holds (the load itself is not counted as waiting). Saturation: keys of weights "
+             + "/".join(f"{w:g}" for w in WEIGHTS.values()) + " each queue 1,000 tasks at once, interleaved; "
+             "GPU-time shares while every key still had tasks waiting, counting the loads each key's tasks "
+             "caused and then jobs alone, with the worst relative error against the weights (target: 10 %).", "",
+             "| policy | lonely wait, same model | other model | shares with loads "
+             + " / ".join(WEIGHTS) + " | error | shares of jobs | error | model loads |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def error(shares: dict[str, float]) -> float:
+        return max(abs(shares[k] - w / total) / (w / total) for k, w in WEIGHTS.items())
+
+    for name, policy in POLICIES.items():
+        same = lonely_wait(policy, args, "model-0")
+        other = lonely_wait(policy, args, f"model-{min(1, args.models - 1)}")
+        with_loads, jobs, loads = saturated_shares(policy, args)
+        lines.append(f"| {name} | {same:.1f} s | {other:.1f} s | "
+                     + " / ".join(f"{with_loads[k]:.1%}" for k in WEIGHTS) + f" | {error(with_loads):.0%} | "
+                     + " / ".join(f"{jobs[k]:.1%}" for k in WEIGHTS) + f" | {error(jobs):.0%} | {loads} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -45,6 +45,17 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--max-queued-per-key", type=int,
                     default=int(env.get("GENSERVE_MAX_QUEUED_PER_KEY", d.max_queued_per_owner)),
                     help="cap on unfinished tasks per API key (env GENSERVE_MAX_QUEUED_PER_KEY)")
+    ap.add_argument("--affinity-slack", type=float,
+                    default=float(env.get("GENSERVE_AFFINITY_SLACK", d.affinity_slack)),
+                    help="standard jobs (1024x1024, 28 steps) of fair-share lead a task for a loaded model may"
+                         " take over a colder one; 0: ties only; negative: unbounded, the window alone"
+                         " (env GENSERVE_AFFINITY_SLACK)")
+    ap.add_argument("--affinity-window", type=float,
+                    default=float(env.get("GENSERVE_AFFINITY_WINDOW", d.affinity_window)),
+                    help="seconds after which a waiting task goes first whatever is loaded"
+                         " (env GENSERVE_AFFINITY_WINDOW)")
+    ap.add_argument("--load-cost", type=float, default=float(env.get("GENSERVE_LOAD_COST", d.load_cost)),
+                    help="standard jobs a model load is billed to the key that caused it (env GENSERVE_LOAD_COST)")
     ap.add_argument("--disk-budget-mb", type=float,
                     default=float(env.get("GENSERVE_DISK_BUDGET_MB", d.disk_budget_bytes / MB)),
                     help="disk for input and result images; past it the oldest results are evicted,"
@@ -82,12 +93,18 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     a = ap.parse_args(argv)
     if a.log_format not in logs.FORMATS:  # argparse checks choices on the command line only
         ap.error(f"GENSERVE_LOG_FORMAT must be one of {list(logs.FORMATS)}")
+    for flag, value in (("--affinity-slack", abs(a.affinity_slack)), ("--affinity-window", a.affinity_window),
+                        ("--load-cost", a.load_cost)):
+        if not 0 <= value < 1e9:  # also refuses NaN, which would break the queue's ordering
+            ap.error(f"{flag} must be a number from 0 to 1e9")
     logs.setup(a.log_level, a.log_format, "broker")
     return BrokerConfig(
         frontend=a.frontend, backend=a.backend, data_dir=Path(a.data_dir),
         heartbeat_interval=a.heartbeat, liveness=a.liveness, task_timeout=a.task_timeout,
         max_retries=a.max_retries, result_ttl=a.result_ttl, max_queued=a.max_queued,
         max_queued_per_owner=a.max_queued_per_key, disk_budget_bytes=int(a.disk_budget_mb * MB),
+        affinity_slack=None if a.affinity_slack < 0 else a.affinity_slack, affinity_window=a.affinity_window,
+        load_cost=a.load_cost,
         curve_secret_file=_path(a.curve_secret),
         curve_authorized_dir=_path(a.curve_authorized), insecure=a.insecure,
         webhook_secret=a.webhook_secret, webhook_allow_private=a.webhook_allow_private,

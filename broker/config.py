@@ -20,7 +20,15 @@ class BrokerConfig:
     result_ttl: float = 3600.0
     max_queued: int = 10_000
     max_queued_per_owner: int = 1_000
-    affinity_window: float = 30.0
+    # Model affinity (broker.queue): a warm task may pass a colder one by at most `affinity_slack`
+    # standard jobs of virtual time, and never once the cold one has waited `affinity_window` seconds.
+    # The slack is what bounds a cold task's wait; the window is a backstop (a short one makes nodes
+    # switch models for every job under a backlog: bench/scheduler_sim.py). A task that makes its
+    # node load a model bills its key `load_cost` standard jobs (a Flux transformer read from disk
+    # takes about as long as 10 jobs of 28 steps at 1024x1024).
+    affinity_window: float = 3600.0
+    affinity_slack: float | None = 10.0
+    load_cost: float = 10.0
     disk_budget_bytes: int = 0  # image files plus reserved results; 0 = unlimited
     curve_secret_file: Path | None = None
     curve_authorized_dir: Path | None = None

@@ -5,7 +5,7 @@
 
 1. Among all (idle node, task it may run) pairs, the best task goes first: lower priority
    number, then a task whose model the node has loaded (within the queue's affinity
-   window), then acceptance order.
+   bounds), then the fair-share tag (broker.queue), then acceptance order.
 2. Each pick takes its node and its task out of the running, and the next pick follows.
 
 With `affinity=False` the loaded models are ignored: first come, first served on any idle
@@ -26,24 +26,31 @@ class Worker(Protocol):
     loaded: list[str]
 
 
-def plan(queue: TaskQueue, idle: Sequence[Worker], now: float, affinity: bool = True) -> list[tuple[Worker, Entry]]:
-    """Pairs to start now; each chosen task is taken out of `queue`."""
+def plan(queue: TaskQueue, idle: Sequence[Worker], now: float, affinity: bool = True,
+         load_cost: float = 0.0) -> list[tuple[Worker, Entry]]:
+    """Pairs to start now; each chosen task is taken out of `queue`.
+
+    A task that makes its node load another model bills its key `load_cost` (standard jobs) on top,
+    so that fair share counts the GPU time loads take.
+    """
     free = list(idle)
     chosen: list[tuple[Worker, Entry]] = []
     while free and len(queue):
-        best: tuple[tuple[int, bool, int], Worker, Entry] | None = None
+        best: tuple[tuple[int, bool, float, int], Worker, Entry] | None = None
         for node in free:
             loaded: Iterable[str] = node.loaded if affinity else ()
             entry = queue.peek_for(node.models, loaded, now)
             if entry is None:
                 continue
-            key = (entry.priority, affinity and entry.model not in node.loaded, entry.seq)
+            key = (entry.priority, affinity and entry.model not in node.loaded, entry.tag, entry.seq)
             if best is None or key < best[0]:
                 best = (key, node, entry)
         if best is None:
             break
         _, node, entry = best
-        queue.remove(entry.task_id)
+        queue.take(entry.task_id)
+        if load_cost and entry.model not in node.loaded:
+            queue.charge(entry.owner, entry.priority, load_cost, entry.weight)
         free.remove(node)
         chosen.append((node, entry))
     return chosen

@@ -97,7 +97,7 @@ class FrontSide:
             task_id=uuid.uuid4().hex, model=spec.model_id, mode=spec.mode, priority=spec.priority,
             seq=self.table.next_seq(), params=spec.params, owner=h.owner, image_names=list(h.images),
             inputs=list(msg.blobs), created=now, deadline=now + self.config.task_timeout,
-            idem_key=h.idempotency_key, idem_hash=idem_hash, webhook=spec.webhook,
+            idem_key=h.idempotency_key, idem_hash=idem_hash, webhook=spec.webhook, weight=h.weight,
         )
         if h.watch:
             task.watchers.add(identity)

@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     attempts INTEGER NOT NULL DEFAULT 0, error_code TEXT, error TEXT, meta BLOB,
     inputs INTEGER NOT NULL DEFAULT 0, input_bytes INTEGER NOT NULL DEFAULT 0,
     result_bytes INTEGER, result_expired INTEGER NOT NULL DEFAULT 0,
-    idem_key TEXT, idem_hash TEXT, webhook BLOB
+    idem_key TEXT, idem_hash TEXT, webhook BLOB, weight REAL NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished);
@@ -155,6 +155,8 @@ class Journal:
             self._db.execute("ALTER TABLE tasks ADD COLUMN idem_hash TEXT")
         if columns and "webhook" not in columns:
             self._db.execute("ALTER TABLE tasks ADD COLUMN webhook BLOB")
+        if columns and "weight" not in columns:
+            self._db.execute("ALTER TABLE tasks ADD COLUMN weight REAL NOT NULL DEFAULT 1")
         if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='blobs'").fetchone():
             return
         inputs: dict[str, list[int]] = {}
@@ -224,12 +226,12 @@ class Journal:
         size = sum(map(len, task.inputs))
         self._db.execute(
             "INSERT INTO tasks (task_id, seq, priority, model, mode, owner, state, params, image_names,"
-            " created, deadline, inputs, input_bytes, idem_key, idem_hash, webhook)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " created, deadline, inputs, input_bytes, idem_key, idem_hash, webhook, weight)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (task.task_id, task.seq, task.priority, task.model, task.mode, task.owner,
              task.state, _pack(task.params), _pack(task.image_names), task.created,
              task.deadline, len(task.inputs), size, task.idem_key, task.idem_hash,
-             _pack(task.webhook) if task.webhook else None),
+             _pack(task.webhook) if task.webhook else None, task.weight),
         )
         self.input_bytes += size
 
@@ -275,7 +277,7 @@ class Journal:
         rows = self._db.execute(
             "SELECT task_id, seq, priority, model, mode, owner, state, params, image_names,"
             " created, started, finished, deadline, attempts, error_code, error, meta,"
-            " inputs, result_expired, idem_key, idem_hash, webhook FROM tasks ORDER BY seq"
+            " inputs, result_expired, idem_key, idem_hash, webhook, weight FROM tasks ORDER BY seq"
         ).fetchall()
         for row in rows:
             task = Task(
@@ -287,6 +289,7 @@ class Journal:
                 result_expired=bool(row[18]),
                 idem_key=row[19], idem_hash=row[20],
                 webhook=msgspec.msgpack.decode(row[21], type=WebhookSpec) if row[21] else None,
+                weight=row[22],
             )
             if task.state in (QUEUED, RUNNING):
                 task.inputs = [(self.blob_dir / _input_name(task.task_id, i)).read_bytes()

@@ -2,46 +2,65 @@
 
 Scheduling policy (pull-based; a node asks for work when it is idle):
 
-1. Lower ``priority`` number first; FIFO (by acceptance sequence) within a priority.
-2. A node is only offered tasks for models it serves, so a busy or absent model
+1. Lower ``priority`` number first.
+2. Within a priority, keys share the nodes by start-time fair queuing: each task gets
+   a virtual start tag ``S = max(V, F_key)`` and the key's finish tag becomes
+   ``F_key = S + cost / weight``, where ``cost`` is the task's estimated GPU time and ``V``
+   the virtual time: the tag of the latest task started at that priority, but never past
+   the earliest tag still queued there (a late-tagged task that starts early on a node of
+   another model must not push newcomers behind the whole backlog). Tasks run in tag order, so one
+   key's 500 queued tasks take turns with another key's single task instead of running
+   first, and each key's share of GPU time follows its weight. A key that was idle gets
+   no credit for it (``S >= V``). With one key, tag order is acceptance order (FIFO).
+3. A node is only offered tasks for models it serves, so a busy or absent model
    never blocks tasks for other models (one heap per model: no head-of-line blocking).
-3. Among tasks of equal priority, a task for a model already loaded on that node
+4. Among tasks of equal priority, a task for a model already loaded on that node
    goes first, because switching pipelines costs seconds to minutes on a GPU.
-   That preference is bounded: once the oldest competing task has waited longer
-   than ``affinity_window`` seconds, plain FIFO order wins again, so a steady
-   stream for a loaded model cannot starve another model.
+   That preference is bounded two ways: by ``affinity_slack`` in virtual time (a warm
+   task may pass a cold one only while its tag is at most that much later, so under
+   a backlog nodes stay on their models but a cold task's turn still comes), and by
+   ``affinity_window`` in wall time (once the cold task has waited that long it goes
+   first). Without a slack (``None``) only the wall-time window applies.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 
 @dataclass(frozen=True, order=True)
 class Entry:
-    """One queued task: ordering key (priority, seq) plus its identity."""
+    """One queued task: ordering key (priority, tag, seq) plus its identity."""
 
     priority: int
+    tag: float
     seq: int
     task_id: str
     model: str
     enqueued_at: float
+    owner: str = ""
+    weight: float = 1.0
 
 
 class TaskQueue:
-    """Per-model heaps ordered by (priority, seq), with lazy removal."""
+    """Per-model heaps ordered by (priority, fair tag, seq), with lazy removal."""
 
-    def __init__(self, affinity_window: float = 30.0) -> None:
+    def __init__(self, affinity_window: float = 30.0, affinity_slack: float | None = None) -> None:
         self.affinity_window = affinity_window
+        self.affinity_slack = affinity_slack
         self._heaps: dict[str, list[Entry]] = {}
         self._live: dict[str, Entry] = {}
-        # For positions and INFO without scanning the queue: sorted seqs per priority
+        # For positions and INFO without scanning the queue: sorted (tag, seq) per priority
         # (a position is computed on every SUBMIT and every /task poll) and counts per model.
-        self._seqs: dict[int, list[int]] = {}
+        self._order: dict[int, list[tuple[float, int]]] = {}
         self._per_model: dict[str, int] = {}
+        self._vtime: dict[int, float] = {}  # per priority: the tag of the latest task started
+        self._finish: dict[tuple[str, int], float] = {}  # per (owner, priority): its last finish tag
+        self._owned: dict[tuple[str, int], set[str]] = {}  # per (owner, priority): its queued task ids
         self.changes = 0  # bumped by every push and removal: positions may have moved
 
     def __len__(self) -> int:
@@ -50,15 +69,68 @@ class TaskQueue:
     def __contains__(self, task_id: object) -> bool:
         return task_id in self._live
 
-    def push(self, task_id: str, model: str, priority: int, seq: int, now: float) -> None:
-        """Queue a task; re-pushing a queued task replaces its entry."""
+    def push(self, task_id: str, model: str, priority: int, seq: int, now: float, owner: str = "",
+             weight: float = 1.0, cost: float = 1.0, tag: float | None = None) -> float:
+        """Queue a task and return its fair tag; `tag` puts a re-queued task back at its old place."""
         self.remove(task_id)
         self.changes += 1
-        entry = Entry(priority, seq, task_id, model, now)
+        if tag is None:
+            tag = max(self.vtime(priority), self._finish.get((owner, priority), 0.0))
+            self._finish[(owner, priority)] = tag + cost / weight
+        entry = Entry(priority, tag, seq, task_id, model, now, owner, weight)
         self._live[task_id] = entry
         heapq.heappush(self._heaps.setdefault(model, []), entry)
-        bisect.insort(self._seqs.setdefault(priority, []), seq)
+        bisect.insort(self._order.setdefault(priority, []), (tag, seq))
+        self._owned.setdefault((owner, priority), set()).add(task_id)
         self._per_model[model] = self._per_model.get(model, 0) + 1
+        return tag
+
+    def vtime(self, priority: int) -> float:
+        """Virtual time at `priority`: the latest started tag, capped by the earliest one still queued."""
+        started = self._vtime.get(priority, 0.0)
+        order = self._order.get(priority)
+        return min(started, order[0][0]) if order else started
+
+    def front_tag(self, priority: int) -> float:
+        """A tag that goes before every task queued at `priority` (a task that was already running)."""
+        order = self._order.get(priority)
+        first = min(self._vtime.get(priority, 0.0), order[0][0] if order else 0.0)
+        return math.nextafter(first, -math.inf)
+
+    def charge(self, owner: str, priority: int, cost: float, weight: float = 1.0) -> None:
+        """Bill a key for GPU time its task caused beyond the job itself (a model load).
+
+        Its queued tasks at that priority move back by ``cost / weight`` in virtual time, as its
+        later ones will: the same as if the job had cost that much more.
+        """
+        key = (owner, priority)
+        delta = cost / weight
+        self._finish[key] = max(self._finish.get(key, 0.0), self.vtime(priority)) + delta
+        waiting = self._owned.get(key, ())
+        if not waiting:
+            return
+        self.changes += 1
+        order = self._order[priority]
+        for task_id in waiting:
+            old = self._live[task_id]
+            del order[bisect.bisect_left(order, (old.tag, old.seq))]
+            new = replace(old, tag=old.tag + delta)
+            self._live[task_id] = new  # the old heap entry is now stale and dropped lazily
+            heapq.heappush(self._heaps[old.model], new)
+            bisect.insort(order, (new.tag, new.seq))
+        for model in {self._live[t].model for t in waiting}:
+            heap = self._heaps[model]
+            if len(heap) > 2 * self._per_model[model] + 64:  # mostly stale entries: rebuild it
+                self._heaps[model] = [e for e in heap if self._live.get(e.task_id) is e]
+                heapq.heapify(self._heaps[model])
+
+    def take(self, task_id: str) -> Entry | None:
+        """Remove a task because it starts now: virtual time at its priority moves to its tag."""
+        entry = self._live.get(task_id)
+        if entry is None or not self.remove(task_id):
+            return None
+        self._vtime[entry.priority] = max(self._vtime.get(entry.priority, 0.0), entry.tag)
+        return entry
 
     def remove(self, task_id: str) -> bool:
         """Drop a queued task (e.g. cancelled or timed out); False if it was not queued."""
@@ -66,10 +138,14 @@ class TaskQueue:
         if entry is None:
             return False
         self.changes += 1
-        seqs = self._seqs[entry.priority]
-        del seqs[bisect.bisect_left(seqs, entry.seq)]
-        if not seqs:
-            del self._seqs[entry.priority]
+        order = self._order[entry.priority]
+        del order[bisect.bisect_left(order, (entry.tag, entry.seq))]
+        if not order:
+            del self._order[entry.priority]
+        owned = self._owned[(entry.owner, entry.priority)]
+        owned.discard(task_id)
+        if not owned:
+            del self._owned[(entry.owner, entry.priority)]
         left = self._per_model[entry.model] - 1
         if left:
             self._per_model[entry.model] = left
@@ -97,6 +173,8 @@ class TaskQueue:
         if best.model in loaded_set or now - best.enqueued_at > self.affinity_window:
             return best
         warm = [h for h in heads if h.model in loaded_set and h.priority == best.priority]
+        if self.affinity_slack is not None:
+            warm = [h for h in warm if h.tag - best.tag <= self.affinity_slack]
         return min(warm) if warm else best
 
     def position(self, task_id: str) -> int | None:
@@ -104,8 +182,8 @@ class TaskQueue:
         own = self._live.get(task_id)
         if own is None:
             return None
-        ahead = sum(len(seqs) for prio, seqs in self._seqs.items() if prio < own.priority)
-        return ahead + bisect.bisect_left(self._seqs[own.priority], own.seq)
+        ahead = sum(len(order) for prio, order in self._order.items() if prio < own.priority)
+        return ahead + bisect.bisect_left(self._order[own.priority], (own.tag, own.seq))
 
     def depths(self) -> dict[tuple[str, int], int]:
         """Queued tasks per (model, priority), for metrics (walks the queue: call it per scrape)."""

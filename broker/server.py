@@ -44,7 +44,7 @@ class Broker(FrontSide, NodeSide):
         self.config = config
         self.clock = clock
         self.context = context or zmq.Context.instance()
-        self.queue = TaskQueue(config.affinity_window)
+        self.queue = TaskQueue(config.affinity_window, config.affinity_slack)
         self.nodes = NodeRegistry()
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self.table = TaskTable(self.journal, self.queue)
@@ -156,8 +156,10 @@ class Broker(FrontSide, NodeSide):
 
     def _dispatch(self) -> None:
         """Start what the dispatch plan pairs: best task first, on a node with its model loaded first."""
-        for node, entry in plan(self.queue, self.nodes.available(), self.clock()):
-            self._start(self.tasks[entry.task_id], node)
+        for node, entry in plan(self.queue, self.nodes.available(), self.clock(), load_cost=self.config.load_cost):
+            task = self.tasks[entry.task_id]
+            task.tag = entry.tag  # its place, with any load bills, should it come back to the queue
+            self._start(task, node)
 
     def _start(self, task: Task, node: Node, resumed: bool = False) -> None:
         """Run `task` on `node`; `resumed` means the node already runs it (no JOB, same attempt)."""

@@ -51,6 +51,8 @@ class Task:
     replayed: bool = False  # a retry under its Idempotency-Key was answered with it
     waited: bool = False  # its queue wait (acceptance to first start) is in the metrics
     webhook: WebhookSpec | None = None
+    weight: float = 1.0  # its key's fair-share weight when it was accepted
+    tag: float | None = None  # its fair-share place in the queue (broker.queue), kept across re-queues
     watchers: set[bytes] = field(default_factory=set)
 
     @property
@@ -122,6 +124,11 @@ class ListingIndex:
         end = len(seqs) if before is None else bisect.bisect_left(seqs, before)
         start = max(0, end - limit)
         return seqs[start:end][::-1], start > 0
+
+
+def job_cost(params: GenerationParams) -> float:
+    """Estimated GPU time in standard jobs (1024x1024, 28 steps = 1): what fair share charges a key."""
+    return max(params.num_inference_steps / 28 * params.width * params.height / (1024 * 1024), 1e-3)
 
 
 def result_reserve(params: GenerationParams) -> int:
@@ -210,7 +217,7 @@ class TaskTable:
         if task.idem_key:
             self._idem[(task.owner, task.idem_key)] = task.task_id
         self._unfinished[task.owner] = self._unfinished.get(task.owner, 0) + 1
-        self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
+        self._push(task, now)
         heapq.heappush(self._deadlines, (task.deadline, task.task_id))
 
     def by_idempotency_key(self, owner: str, key: str) -> Task | None:
@@ -247,7 +254,11 @@ class TaskTable:
         """Put an accepted task back in the queue at its original priority and place."""
         task.state, task.step, task.node, task.node_id = QUEUED, 0, None, None
         self.update(task)
-        self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
+        self._push(task, now, task.tag if task.tag is not None else self.queue.front_tag(task.priority))
+
+    def _push(self, task: Task, now: float, tag: float | None = None) -> None:
+        task.tag = self.queue.push(task.task_id, task.model, task.priority, task.seq, now, task.owner,
+                                   task.weight, job_cost(task.params), tag)
 
     def claim(self, task_id: str) -> Task | None:
         """Take a waiting (queued or held) task out of line, for a node that already runs it."""
@@ -295,7 +306,7 @@ class TaskTable:
             if now >= until:
                 del self._held[task_id]
                 task = self.tasks[task_id]
-                self.queue.push(task_id, task.model, task.priority, task.seq, now)
+                self._push(task, now, self.queue.front_tag(task.priority))  # it was running: first in line
         if now - self._last_purge > min(60.0, result_ttl / 2):
             self._last_purge = now
             for task_id in self.journal.purge(now - result_ttl):
@@ -324,7 +335,7 @@ class TaskTable:
                 self._index.put(task.seq, task.owner, QUEUED)
                 self._held[task.task_id] = now + grace
             else:
-                self.queue.push(task.task_id, task.model, task.priority, task.seq, now)
+                self._push(task, now)
         if self.tasks:
             log.info("recovered %d tasks from the journal (%d queued, %d held for their nodes)",
                      len(self.tasks), len(self.queue), len(self._held))

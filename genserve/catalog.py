@@ -49,6 +49,13 @@ DEFAULT_HEIGHT: Final = 1024
 DEFAULT_STEPS: Final = 50
 DEFAULT_SEED: Final = 42
 DEFAULT_PRIORITY: Final = 0
+MIN_PRIORITY: Final = -1000
+MAX_PRIORITY: Final = 1000
+# Fair share between keys (broker.queue): a key's weight, and the most urgent priority it may
+# ask for. Keys without an admin-set floor may not go below 0; admin keys may use any priority.
+MIN_WEIGHT: Final = 0.01
+MAX_WEIGHT: Final = 100.0
+DEFAULT_PRIORITY_FLOOR: Final = 0
 DEFAULT_STRENGTH: Final = 0.8
 DEFAULT_CFG: Final = 3.5
 FILL_DEFAULT_CFG: Final = 30.0  # BFL's recommendation for FLUX.1-Fill

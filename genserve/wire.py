@@ -9,10 +9,11 @@ bytes in blob frames, never inside the header and never base64. Nothing is ever 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import msgspec
 
+from genserve.catalog import MAX_WEIGHT, MIN_WEIGHT
 from genserve.spec import GenerationParams, TaskSpec
 from genserve.views import (  # noqa: F401  (re-exported: the views are part of this contract)
     LoraInfo,
@@ -82,6 +83,7 @@ class Submit(_Header, forbid_unknown_fields=True):
     watch: bool = False  # push DONE to this front when the task ends
     deadline: float | None = None  # broker clock; refused after it (its client was told it failed)
     idempotency_key: str | None = None
+    weight: Annotated[float, msgspec.Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)] = 1.0  # the key's fair-share weight
 
 
 class Status(_Header, forbid_unknown_fields=True):

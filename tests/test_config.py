@@ -56,3 +56,17 @@ def test_node_refuses_bad_speed_options(argv: list[str], env: dict[str, str],
     with pytest.raises(SystemExit) as exc:
         node_config(argv, env)
     assert exc.value.code == 2 and "genserve-node" in capsys.readouterr().err
+
+
+def test_broker_affinity_flags() -> None:
+    assert broker_config([], {}).affinity_slack == 10.0
+    assert broker_config(["--affinity-slack", "0"], {}).affinity_slack == 0.0  # ties only
+    assert broker_config(["--affinity-slack", "-1"], {}).affinity_slack is None  # the window alone
+    c = broker_config([], {"GENSERVE_LOAD_COST": "2.5", "GENSERVE_AFFINITY_WINDOW": "60"})
+    assert (c.load_cost, c.affinity_window) == (2.5, 60.0)
+
+
+@pytest.mark.parametrize("argv", [["--affinity-slack", "nan"], ["--load-cost", "-1"], ["--affinity-window", "inf"]])
+def test_broker_refuses_bad_affinity_flags(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        broker_config(argv, {})

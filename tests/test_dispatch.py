@@ -64,11 +64,11 @@ def test_the_simulator_runs_every_task_once_and_never_two_on_one_node() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.scheduler_sim import simulate, workload
+    from bench.scheduler_sim import POLICIES, simulate, workload
 
-    for affinity in (False, True):
+    for policy in POLICIES.values():
         tasks, fleet, makespan = simulate(workload(3, 300, 3, 4, 1.2), nodes=4, models=3, load_cost=5.0,
-                                          affinity=affinity, window=30.0)
+                                          policy=policy, window=30.0)
         assert all(t.start is not None and t.start >= t.arrival for t in tasks)
         ends = [t.start + t.load + t.work for t in tasks]
         assert max(ends) == makespan and sum(n.loads for n in fleet) == sum(1 for t in tasks if t.load)
@@ -77,3 +77,22 @@ def test_the_simulator_runs_every_task_once_and_never_two_on_one_node() -> None:
         for start, end in busy:
             running = [e for e in running if e > start] + [end]
             assert len(running) <= 4
+
+
+def test_a_task_that_loads_a_model_bills_its_key_the_load() -> None:
+    q = TaskQueue(affinity_window=1e9)
+    for i in range(3):
+        q.push(f"x{i}", "b", 0, 2 * i, 0.0, owner="x")  # x's model is not loaded anywhere
+        q.push(f"y{i}", "a", 0, 2 * i + 1, 0.0, owner="y")
+    node = N("n", BOTH, ["a"])
+    assert [e.task_id for _, e in plan(q, [node], 0.0, load_cost=0.0)] == ["y0"]
+    node.loaded = ["b"]  # now x's model is loaded and y's is not
+    (_, first), = plan(q, [node], 0.0, load_cost=5.0)
+    assert first.task_id == "x0"  # warm for b; no load, no bill
+    node.loaded = ["a"]
+    (_, second), = plan(q, [node], 0.0, load_cost=5.0)
+    assert second.task_id == "y1"
+    cold = N("cold", BOTH, [])
+    (_, third), = plan(q, [cold], 0.0, load_cost=5.0)  # x1 has the lowest tag; it loads b
+    assert third.task_id == "x1"
+    assert q.position("y2") == 0 and q.position("x2") == 1  # x was billed 5 jobs for that load

@@ -242,7 +242,8 @@ def test_queue_positions_are_streamed_while_waiting(stack: Stack) -> None:
     blocker = start(stack)["task_id"]
     wait_until(lambda: stack.http.simulate_get(f"/task/{blocker}", headers=as_("alice")).json["status"]
                == "running", 30, 0.02, "the blocker to run")
-    ahead = start(stack, body={**SLOW, "num_inference_steps": 4})["task_id"]
+    # Both of bob's: a task of alice's would come after bob's first, alice having had her turn (fair share).
+    ahead = start(stack, "bob", {**SLOW, "num_inference_steps": 4})["task_id"]
     mine = start(stack, "bob", {**SLOW, "num_inference_steps": 4})["task_id"]
     events = parse(stack.http.simulate_get(f"/task/{mine}/events", headers=as_("bob")).text)
     kinds = [e["event"] for e in events]

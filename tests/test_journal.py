@@ -49,6 +49,28 @@ def test_unfinished_tasks_come_back_with_inputs(tmp_path: Path) -> None:
     j.close()
 
 
+def test_a_tasks_fair_share_weight_survives_a_restart_and_old_journals_read_as_weight_1(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    heavy = task("w", 1)
+    heavy.weight = 4.0
+    j.add(heavy)
+    j.close()
+
+    def weights() -> list[float]:
+        journal = Journal(tmp_path / "j.db")
+        try:
+            return [t.weight for t in journal.load()]
+        finally:
+            journal.close()
+
+    assert weights() == [4.0]
+    db = sqlite3.connect(tmp_path / "j.db")
+    db.execute("ALTER TABLE tasks DROP COLUMN weight")  # a journal from before fair share
+    db.commit()
+    db.close()
+    assert weights() == [1.0]
+
+
 def test_purge_removes_old_final_tasks_only(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.db")
     for i in range(3):

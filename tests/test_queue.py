@@ -88,3 +88,130 @@ def test_positions_and_counts_stay_right_through_pushes_pops_and_removals() -> N
     q.push("x", "b", 5, 1001, 0.0)  # re-pushing replaces the entry everywhere
     assert q.models_waiting().get("b", 0) == sum(1 for v in expected.values() if v[2] == "b") + 1
     assert len(q) == len(expected) + 1
+
+
+# ---- fair share between keys ---------------------------------------------------------------
+
+def dispatch_order(q: TaskQueue, models: list[str], n: int) -> list[str]:
+    """What one node serving `models` runs, n times, as dispatch takes tasks (virtual time advances)."""
+    out = []
+    for _ in range(n):
+        entry = q.peek_for(models)
+        if entry is None:
+            break
+        q.take(entry.task_id)
+        out.append(entry.task_id)
+    return out
+
+
+def test_a_key_with_one_task_is_not_behind_another_keys_backlog() -> None:
+    q = TaskQueue()
+    for i in range(500):
+        q.push(f"a{i}", "m", 0, i, 0.0, owner="A")
+    assert dispatch_order(q, ["m"], 3) == ["a0", "a1", "a2"]
+    q.push("b0", "m", 0, 500, 1.0, owner="B")
+    assert q.position("b0") == 0  # the queue shows it next, and it runs next
+    assert dispatch_order(q, ["m"], 2) == ["b0", "a3"]
+
+
+def test_keys_share_by_weight_within_a_priority_and_priority_still_wins() -> None:
+    q = TaskQueue()
+    seq = 0
+    for i in range(300):
+        for owner, weight in (("light", 1.0), ("heavy", 3.0)):
+            q.push(f"{owner}{i}", "m", 0, seq, 0.0, owner=owner, weight=weight)
+            seq += 1
+    q.push("urgent", "m", -1, seq, 0.0, owner="light")
+    order = dispatch_order(q, ["m"], 201)
+    assert order[0] == "urgent"
+    heavy = sum(1 for t in order[1:] if t.startswith("heavy"))
+    assert 148 <= heavy <= 152  # 3:1 over 200 starts
+
+
+def test_an_idle_key_gets_no_credit_for_the_time_it_sent_nothing() -> None:
+    q = TaskQueue()
+    for i in range(50):
+        q.push(f"a{i}", "m", 0, i, 0.0, owner="A")
+    dispatch_order(q, ["m"], 40)
+    for i in range(5):
+        q.push(f"b{i}", "m", 0, 100 + i, 1.0, owner="B")
+    assert dispatch_order(q, ["m"], 6) == ["b0", "a40", "b1", "a41", "b2", "a42"]  # turns, not five b's first
+
+
+def test_a_requeued_task_keeps_its_place_and_charges_move_a_keys_tasks_back() -> None:
+    q = TaskQueue()
+    tags = {f"{o}{i}": q.push(f"{o}{i}", "m", 0, 2 * i + (o == "b"), 0.0, owner=o) for i in range(3) for o in "ab"}
+    assert dispatch_order(q, ["m"], 1) == ["a0"]
+    q.push("a0", "m", 0, 0, 5.0, owner="a", tag=tags["a0"])  # its node died: back at the front
+    assert q.position("a0") == 0
+    q.charge("a", 0, 10.0)  # a's task caused a model load worth 10 jobs
+    assert dispatch_order(q, ["m"], 6) == ["b0", "b1", "b2", "a0", "a1", "a2"]
+
+
+def test_affinity_slack_bounds_how_far_a_warm_task_may_pass_a_cold_one() -> None:
+    q = TaskQueue(affinity_window=1e9, affinity_slack=2.0)
+    q.push("cold", "A", 0, 0, 0.0, owner="x")
+    for i in range(5):
+        q.push(f"warm{i}", "B", 0, 1 + i, 0.0, owner="y")  # tags 0, 1, 2, 3, 4
+    picks = [q.peek_for(["A", "B"], loaded=["B"]).task_id for _ in range(1)]
+    assert picks == ["warm0"]
+    assert dispatch_order_loaded(q, ["A", "B"], ["B"], 4) == ["warm0", "warm1", "warm2", "cold"]
+    plain = TaskQueue(affinity_window=1e9)  # no slack: the warm model wins while the window lasts
+    plain.push("cold", "A", 0, 0, 0.0, owner="x")
+    for i in range(5):
+        plain.push(f"warm{i}", "B", 0, 1 + i, 0.0, owner="y")
+    assert dispatch_order_loaded(plain, ["A", "B"], ["B"], 6)[-1] == "cold"
+
+
+def dispatch_order_loaded(q: TaskQueue, models: list[str], loaded: list[str], n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        entry = q.peek_for(models, loaded)
+        if entry is None:
+            break
+        q.take(entry.task_id)
+        out.append(entry.task_id)
+    return out
+
+
+def test_positions_match_the_order_tasks_are_taken_in() -> None:
+    import random
+
+    rng = random.Random(4)
+    q = TaskQueue()
+    for i in range(200):
+        q.push(f"t{i}", "m", rng.choice([-1, 0, 0, 5]), i, 0.0, owner=rng.choice("abcd"),
+               weight=rng.choice([0.5, 1.0, 4.0]), cost=rng.uniform(0.1, 3.0))
+        if i % 7 == 0:
+            q.charge(rng.choice("abcd"), 0, rng.uniform(0, 5))
+    predicted = sorted(q._live, key=q.position)
+    assert dispatch_order(q, ["m"], 200) == predicted
+
+
+def test_a_late_task_started_on_another_models_node_does_not_push_newcomers_back() -> None:
+    q = TaskQueue()
+    for i in range(100):
+        q.push(f"a{i}", "m1", 0, i, 0.0, owner="A")
+    q.push("a-m2", "m2", 0, 100, 0.0, owner="A")  # tag 100: behind A's own hundred
+    assert dispatch_order(q, ["m2"], 1) == ["a-m2"]  # a node that serves only m2 starts it at once
+    q.push("c0", "m1", 0, 101, 1.0, owner="C")
+    assert q.position("c0") == 1  # right behind A's head, not behind A's hundred
+    assert dispatch_order(q, ["m1"], 3) == ["a0", "c0", "a1"]
+
+
+def test_a_held_task_goes_before_everything_queued_at_its_priority() -> None:
+    q = TaskQueue()
+    for i in range(3):
+        q.push(f"a{i}", "m", 0, i, 0.0, owner="A")
+    q.push("held", "m", 0, 99, 1.0, owner="B", tag=q.front_tag(0))
+    assert q.position("held") == 0
+
+
+def test_repeated_charges_do_not_grow_the_heaps_without_bound() -> None:
+    q = TaskQueue()
+    for i in range(1000):
+        q.push(f"a{i}", "m", 0, i, 0.0, owner="A")
+    for _ in range(50):
+        q.charge("A", 0, 1.0)
+    assert len(q._heaps["m"]) <= 2 * 1000 + 64
+    assert dispatch_order(q, ["m"], 3) == ["a0", "a1", "a2"]

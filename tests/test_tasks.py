@@ -51,6 +51,20 @@ def test_held_tasks_are_released_after_the_grace(tmp_path: Path) -> None:
     assert table.queue.position(task.task_id) == 0
 
 
+def test_a_requeued_task_keeps_its_fair_share_place(tmp_path: Path) -> None:
+    table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
+    mine = [new(table) for _ in range(3)]
+    other = new(table)
+    other.owner = "other"
+    for task in mine + [other]:
+        table.accept(task, 0.0)
+    assert table.queue.position(other.task_id) == 1  # behind mine[0] only: the keys take turns
+    table.queue.take(mine[0].task_id)  # it starts; then its node dies
+    table.enqueue(mine[0], 1.0)
+    assert table.queue.position(mine[0].task_id) == 0
+    table.journal.close()
+
+
 def test_overdue_and_unfinished_counts(tmp_path: Path) -> None:
     table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
     soon, late = new(table, deadline=5.0), new(table, deadline=50.0)
