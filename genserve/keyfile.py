@@ -23,18 +23,21 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import tempfile
 import threading
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+from genserve.catalog import DEFAULT_PRIORITY_FLOOR, MAX_PRIORITY, MAX_WEIGHT, MIN_PRIORITY, MIN_WEIGHT
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,26 @@ def check_name(name: str) -> str:
     return name
 
 
+def parse_weight(text: str) -> float:
+    """A fair-share weight from form text: a finite number in MIN_WEIGHT..MAX_WEIGHT."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise InvalidKeySpec("must be a number") from None
+    if not MIN_WEIGHT <= value <= MAX_WEIGHT:  # also false for NaN
+        raise InvalidKeySpec(f"must be in {MIN_WEIGHT:g}..{MAX_WEIGHT:g}")
+    return value
+
+
+def parse_floor(text: str) -> int:
+    """A priority floor from form text: an integer in MIN_PRIORITY..MAX_PRIORITY."""
+    text = text.strip()
+    if not re.fullmatch(r"[+-]?[0-9]{1,6}", text):
+        raise InvalidKeySpec("must be an integer")
+    value = int(text)
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidKeySpec(f"must be in {MIN_PRIORITY}..{MAX_PRIORITY}")
+    return value
 
 
 @dataclass
@@ -124,6 +147,14 @@ class KeyRecord:
     created_at: float = field(default_factory=time.time)
     last_used: float | None = None
     usage_count: int = 0
+    weight: float = 1.0  # fair share between keys at one priority (MIN_WEIGHT..MAX_WEIGHT)
+    priority_floor: int | None = None  # most urgent priority allowed; None: DEFAULT_PRIORITY_FLOOR, admins any
+
+    def floor(self, default: int = DEFAULT_PRIORITY_FLOOR) -> int:
+        """The most urgent (lowest) priority number this key may ask for (`default` unless set; admins any)."""
+        if self.priority_floor is not None:
+            return self.priority_floor
+        return MIN_PRIORITY if {"admin", "all"} & set(self.permissions) else default
 
     @classmethod
     def from_raw(cls, raw: str, name: str, permissions: tuple[str, ...], source: str) -> "KeyRecord":
@@ -135,18 +166,23 @@ class KeyRecord:
         """The key's unique identity (see owner_of)."""
         return self.key_hash[:OWNER_HEX]
 
-    def listing(self) -> dict[str, Any]:
+    def listing(self, default_floor: int = DEFAULT_PRIORITY_FLOOR) -> dict[str, Any]:
         """The public view used by GET /auth/keys."""
         out = asdict(self)
         del out["key_hash"]
         out["permissions"] = list(self.permissions)
         out["can_delete"] = self.source == "file"
+        out["priority_floor"] = self.floor(default_floor)
         return out
 
     def to_file(self) -> dict[str, Any]:
-        """The form stored in the key file."""
+        """The form stored in the key file; scheduling fields only when set, so older fronts can still read it."""
         out = asdict(self)
         out["permissions"] = list(self.permissions)
+        if out["weight"] == 1.0:
+            del out["weight"]
+        if out["priority_floor"] is None:
+            del out["priority_floor"]
         return out
 
 
@@ -199,10 +235,18 @@ def _records(data: object) -> tuple[list[KeyRecord], bool]:
     """Records from decoded JSON, and whether it was a legacy layout."""
     if isinstance(data, dict) and data.get("version") == FORMAT:
         out = []
+        known = {f.name for f in fields(KeyRecord)}
         for item in data.get("keys", []):
-            item = dict(item)
+            item = {k: v for k, v in dict(item).items() if k in known}  # fields of a newer version are skipped
             item["permissions"] = tuple(item["permissions"])
             item["source"] = "file"
+            try:
+                if "weight" in item:
+                    item["weight"] = parse_weight(str(item["weight"]))
+                if item.get("priority_floor") is not None:
+                    item["priority_floor"] = parse_floor(str(item["priority_floor"]))
+            except InvalidKeySpec as exc:
+                raise KeyFileError(f"key {item.get('key_id')!r} in the key file: {exc}") from None
             out.append(KeyRecord(**item))
         return out, False
     if isinstance(data, dict):

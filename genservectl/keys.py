@@ -72,28 +72,61 @@ def list_keys(url: str, admin_key: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(body["keys"], indent=2, ensure_ascii=False))
         return
-    rows = [("KEY ID", "PREVIEW", "NAME", "PERMISSIONS", "SOURCE", "USES")]
+    rows = [("KEY ID", "PREVIEW", "NAME", "PERMISSIONS", "SOURCE", "USES", "WEIGHT", "FLOOR")]
     rows += [(k["key_id"], k["key_preview"], k["name"], ",".join(k["permissions"]), k["source"],
-              str(k["usage_count"])) for k in body["keys"]]
+              str(k["usage_count"]), f"{k.get('weight', 1):g}", str(k.get("priority_floor", "-")))
+             for k in body["keys"]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
+weight_option = click.option("--weight", help="fair share against other keys at one priority (0.01-100; default 1)")
+floor_option = click.option("--priority-floor", help="most urgent priority the key may use (default 0; admins any)")
+
+
+def _scheduling(weight: str | None, floor: str | None) -> dict[str, str]:
+    return {k: v for k, v in (("weight", weight), ("priority_floor", floor)) if v is not None}
+
+
 @keys.command("create")
 @click.argument("name")
 @click.option("--permissions", default="generation,readonly", show_default=True)
+@weight_option
+@floor_option
 @url_option
 @key_option
 @json_option
-def create(name: str, permissions: str, url: str, admin_key: str, as_json: bool) -> None:
+def create(name: str, permissions: str, weight: str | None, priority_floor: str | None, url: str, admin_key: str,
+           as_json: bool) -> None:
     """Create a key for NAME; the key is printed once."""
-    body = call(url, admin_key, "POST", "/auth/generate-key", {"name": name, "permissions": permissions})
+    body = call(url, admin_key, "POST", "/auth/generate-key",
+                {"name": name, "permissions": permissions, **_scheduling(weight, priority_floor)})
     if as_json:
         click.echo(json.dumps(body, indent=2, ensure_ascii=False))
     else:
         click.echo(f"api_key: {body['api_key']}\nkey_id:  {body['key_id']}\nconfig:  {body['config_string']}")
         click.echo("Store it now: it is never shown again.", err=True)
+
+
+@keys.command("update")
+@click.argument("key_id")
+@weight_option
+@click.option("--priority-floor", help="most urgent priority the key may use, or 'default'")
+@url_option
+@key_option
+@json_option
+def update(key_id: str, weight: str | None, priority_floor: str | None, url: str, admin_key: str,
+           as_json: bool) -> None:
+    """Change the fair-share weight and/or priority floor of the file key KEY_ID."""
+    if weight is None and priority_floor is None:
+        raise click.UsageError("give --weight, --priority-floor or both")
+    body = call(url, admin_key, "POST", "/auth/update-key", {"key_id": key_id, **_scheduling(weight, priority_floor)})
+    key = body["key"]
+    if as_json:
+        click.echo(json.dumps(key, indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"{key['key_id']} ({key['name']}): weight {key['weight']:g}, priority floor {key['priority_floor']}")
 
 
 @keys.command("delete")

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from genserve import logs
+from genserve import catalog, logs
 from genserve.keyfile import KeyFile, KeyFileError, make_fernet
 from http_front.app import create_app
 from http_front.broker_client import BrokerClient
@@ -64,6 +64,10 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--rate-limit", type=int, default=int(env.get("GENSERVE_RATE_LIMIT", d.rate_limit)),
                     help="requests per window per key (env GENSERVE_RATE_LIMIT)")
     ap.add_argument("--rate-window", type=float, default=float(env.get("GENSERVE_RATE_WINDOW", d.rate_window)))
+    ap.add_argument("--default-priority-floor", type=int,
+                    default=int(env.get("GENSERVE_DEFAULT_PRIORITY_FLOOR", d.default_priority_floor)),
+                    help="most urgent priority a non-admin key may ask for unless an admin set its own"
+                         " (env GENSERVE_DEFAULT_PRIORITY_FLOOR)")
     ap.add_argument("--auth-failure-limit", type=int,
                     default=int(env.get("GENSERVE_AUTH_FAILURE_LIMIT", d.auth_failure_limit)))
     ap.add_argument("--allow-default-key-remote", action="store_true",
@@ -79,6 +83,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     a = ap.parse_args(argv)
     if a.log_format not in logs.FORMATS:  # argparse checks choices on the command line only
         ap.error(f"GENSERVE_LOG_FORMAT must be one of {list(logs.FORMATS)}")
+    if not catalog.MIN_PRIORITY <= a.default_priority_floor <= catalog.MAX_PRIORITY:
+        ap.error(f"--default-priority-floor must be in {catalog.MIN_PRIORITY}..{catalog.MAX_PRIORITY}")
     if not 0 <= a.max_sync_waits < a.threads:
         ap.error("--max-sync-waits must be below --threads: /health, /task and async requests need threads too")
     if a.max_streams < 0 or a.max_streams_per_key < 0:
@@ -97,6 +103,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         max_prompt_length=int(env.get("MAX_PROMPT_LENGTH", d.max_prompt_length)),
         max_image_size=int(env.get("MAX_IMAGE_SIZE", d.max_image_size)),
         rate_limit=a.rate_limit, rate_window=a.rate_window, auth_failure_limit=a.auth_failure_limit,
+        default_priority_floor=a.default_priority_floor,
         default_key_remote=a.allow_default_key_remote, key_file=Path(a.key_file),
         encryption_key=env.get("API_KEYS_ENCRYPTION_KEY") or None,
         legacy_password=env.get("DEFAULT_API_KEY") or DEFAULT_KEY,
@@ -113,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         keyfile = KeyFile(config.key_file, make_fernet(config.encryption_key, config.legacy_password))
         env_keys = parse_env_keys(env)
-        keys = KeyStore.from_env(env_keys, env.get("DEFAULT_API_KEY") or DEFAULT_KEY, keyfile)
+        keys = KeyStore.from_env(env_keys, env.get("DEFAULT_API_KEY") or DEFAULT_KEY, keyfile,
+                                 config.default_priority_floor)
     except (KeyFileError, InvalidKeySpec) as exc:
         raise SystemExit(f"genserve-front: cannot start: {exc}") from None
     if config.url_secret is not None and len(config.url_secret) < 16:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from genserve.catalog import DEFAULT_PRIORITY_FLOOR
+
 
 @dataclass(frozen=True)
 class FrontConfig:
@@ -37,6 +39,7 @@ class FrontConfig:
     task_timeout: float = 240.0
     broker_timeout: float = 2.0
     rate_limit: int = 100
+    default_priority_floor: int = DEFAULT_PRIORITY_FLOOR  # for non-admin keys without one of their own
     rate_window: float = 60.0
     auth_failure_limit: int = 30
     auth_failure_window: float = 60.0

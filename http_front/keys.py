@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
+from genserve.catalog import DEFAULT_PRIORITY_FLOOR
 from genserve.keyfile import (  # noqa: F401  (re-exported: the front's key API in one place)
     DEFAULT_KEY,
     MAX_NAME_LENGTH,
@@ -47,6 +48,8 @@ class Principal:
     permissions: tuple[str, ...]
     source: str
     owner: str  # unique per key: task ownership and rate limits
+    weight: float = 1.0  # fair share against other keys at one priority
+    priority_floor: int = DEFAULT_PRIORITY_FLOOR  # the most urgent priority it may ask for
 
 
 def parse_env_keys(env: Mapping[str, str]) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -90,7 +93,9 @@ class KeyStore:
     RELOAD_CHECK_S = 1.0
 
     def __init__(self, env_records: Iterable[KeyRecord] = (), keyfile: Any = None,
-                 default_key: str | None = None, clock: Any = time.monotonic) -> None:
+                 default_key: str | None = None, clock: Any = time.monotonic,
+                 default_floor: int = DEFAULT_PRIORITY_FLOOR) -> None:
+        self.default_floor = default_floor  # the priority floor of non-admin keys that have none set
         self._lock = threading.RLock()
         self._env = list(env_records)
         self._keyfile = keyfile
@@ -104,10 +109,10 @@ class KeyStore:
 
     @classmethod
     def from_env(cls, env_keys: list[tuple[str, str, tuple[str, ...]]], default_key: str | None,
-                 keyfile: Any = None) -> "KeyStore":
+                 keyfile: Any = None, default_floor: int = DEFAULT_PRIORITY_FLOOR) -> "KeyStore":
         """Environment keys (API_KEY_N), an optional key file, and the default key."""
         records = [KeyRecord.from_raw(raw, name, perms, "environment") for raw, name, perms in env_keys]
-        store = cls(records, keyfile, default_key)
+        store = cls(records, keyfile, default_key, default_floor=default_floor)
         if keyfile is not None:
             store.reload()
         return store
@@ -164,7 +169,8 @@ class KeyStore:
                 return None
             record.last_used = time.time()
             record.usage_count += 1
-            return Principal(record.key_id, record.name, record.permissions, record.source, record.owner)
+            return Principal(record.key_id, record.name, record.permissions, record.source, record.owner,
+                             record.weight, record.floor(self.default_floor))
 
     def records(self) -> list[KeyRecord]:
         """Copies of every record, by creation time."""
@@ -178,7 +184,8 @@ class KeyStore:
         with self._lock:
             return any(r.source == "default" for r in self._by_hash.values())
 
-    def create(self, name: str, permissions: tuple[str, ...]) -> tuple[str, KeyRecord]:
+    def create(self, name: str, permissions: tuple[str, ...], weight: float = 1.0,
+               priority_floor: int | None = None) -> tuple[str, KeyRecord]:
         """A new random key stored in the file; returns (the key, shown only now, and its record)."""
         if self._keyfile is None:
             raise StoreError(409, "no key file is configured on this front")
@@ -187,13 +194,46 @@ class KeyStore:
         except InvalidKeySpec as exc:
             raise StoreError(422, f"name: {exc}") from None
         raw = new_key()
-        record = KeyRecord.from_raw(raw, name, permissions, "file")
+        record = replace(KeyRecord.from_raw(raw, name, permissions, "file"), weight=weight,
+                         priority_floor=priority_floor)
         records = self._keyfile.update(lambda current: current + [record])
         with self._lock:
             self._file_records = records
             self._stamp = self._keyfile.stamp()
             self._rebuild()
         return raw, record
+
+    def schedule(self, key_id: str, weight: float | None, priority_floor: int | None,
+                 reset_floor: bool = False) -> KeyRecord:
+        """Change one file key's fair-share weight and priority floor (the key_id must name one key)."""
+        changed: list[KeyRecord] = []
+
+        def change(current: list[KeyRecord]) -> list[KeyRecord]:
+            changed.clear()
+            targets = [r for r in self._env + current if r.key_id == key_id]
+            if not targets:
+                raise StoreError(404, f"no API key matches key_id {key_id!r}")
+            if len(targets) > 1:
+                raise StoreError(409, f"key_id {key_id!r} matches {len(targets)} keys; nothing was changed")
+            if targets[0].source != "file":
+                raise StoreError(403, "only keys in the key file can be changed; environment keys keep the defaults")
+            out = []
+            for r in current:
+                if r.key_id == key_id:
+                    floor = None if reset_floor else (r.priority_floor if priority_floor is None else priority_floor)
+                    r = replace(r, weight=r.weight if weight is None else weight, priority_floor=floor)
+                    changed.append(r)
+                out.append(r)
+            return out
+
+        if self._keyfile is None:
+            raise StoreError(404, f"no API key matches key_id {key_id!r}")
+        records = self._keyfile.update(change)
+        with self._lock:
+            self._file_records = records
+            self._stamp = self._keyfile.stamp()
+            self._rebuild()
+        return changed[0]
 
     def delete(self, match: Any, what: str, unique: bool = False) -> list[KeyRecord]:
         """Delete the file keys for which `match(record)` is true; refuses environment keys and lock-out.

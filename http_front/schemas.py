@@ -73,8 +73,9 @@ def generate_body_type(max_prompt: int = 1000, max_size: int = 2048) -> type[msg
             f"guidance scale; default {catalog.FILL_DEFAULT_CFG:g} for fill, else {catalog.DEFAULT_CFG:g}"))]
          | UnsetType, UNSET),
         ("seed", Annotated[int, Meta(ge=0, le=MAX_SEED)], catalog.DEFAULT_SEED),
-        ("priority", Annotated[int, Meta(ge=-1000, le=1000, description="lower runs first")],
-         catalog.DEFAULT_PRIORITY),
+        ("priority", Annotated[int, Meta(ge=catalog.MIN_PRIORITY, le=catalog.MAX_PRIORITY, description=(
+            f"lower runs first; default {catalog.DEFAULT_PRIORITY}, or the key's priority_floor when that is"
+            " higher; a key may not ask for a lower number than its priority_floor (403)"))] | UnsetType, UNSET),
         ("strength", Annotated[float, Meta(gt=0, le=1, description="img2img: how much changes")],
          catalog.DEFAULT_STRENGTH),
         ("controlnet_type", Annotated[ControlType, Meta(description=(
@@ -107,11 +108,28 @@ def generate_body_type(max_prompt: int = 1000, max_size: int = 2048) -> type[msg
 GenerateBody = generate_body_type()  # with the default limits
 
 
+_WEIGHT_NOTE = (f"fair share against other keys at the same priority, {catalog.MIN_WEIGHT:g} to "
+                f"{catalog.MAX_WEIGHT:g} (default 1): a key of weight 2 gets twice the GPU time of a key of weight 1")
+_FLOOR_NOTE = (f"the most urgent priority the key may ask for, {catalog.MIN_PRIORITY} to {catalog.MAX_PRIORITY}; "
+               f"default {catalog.DEFAULT_PRIORITY_FLOOR} ({catalog.MIN_PRIORITY} for admin keys)")
+
+
 class NewKeyRequest(msgspec.Struct):
     """POST /auth/generate-key: a name and a comma list of permissions (JSON: also a list)."""
 
     name: Annotated[str, Meta(min_length=1, max_length=100, description="printable, without ':'")]
     permissions: Annotated[str, Meta(examples=["generation,readonly"])] | list[Permission]
+    weight: Annotated[str | float, Meta(description=_WEIGHT_NOTE, examples=["2"])] | UnsetType = UNSET
+    priority_floor: Annotated[str | int, Meta(description=_FLOOR_NOTE, examples=["0"])] | UnsetType = UNSET
+
+
+class UpdateKeyRequest(msgspec.Struct):
+    """POST /auth/update-key: a file key's scheduling, by key_id (at least one of the two fields)."""
+
+    key_id: Annotated[str, Meta(min_length=1, description="as GET /auth/keys shows it; must name one key")]
+    weight: Annotated[str | float, Meta(description=_WEIGHT_NOTE, examples=["2"])] | UnsetType = UNSET
+    priority_floor: Annotated[str | int, Meta(description=_FLOOR_NOTE + "; `default` resets it",
+                                              examples=["-10"])] | UnsetType = UNSET
 
 
 class DeleteKeyRequest(msgspec.Struct):
@@ -360,6 +378,15 @@ class KeyListing(msgspec.Struct):
     last_used: float | None
     usage_count: int
     can_delete: bool
+    weight: Annotated[float, Meta(description="fair-share weight against other keys at one priority")]
+    priority_floor: Annotated[int, Meta(description="the most urgent priority this key may ask for")]
+
+
+class UpdateKeyBody(msgspec.Struct):
+    """200: the key after the change."""
+
+    success: bool
+    key: KeyListing
 
 
 class KeysBody(msgspec.Struct):
@@ -379,6 +406,8 @@ class NewKeyBody(msgspec.Struct):
     name: str
     permissions: list[str]
     config_string: Annotated[str, Meta(description="key:name:permissions, as API_KEY_N takes it")]
+    weight: float
+    priority_floor: int
     message: str
 
 
@@ -418,6 +447,6 @@ class TaskListBody(msgspec.Struct):
 
 RESPONSE_TYPES: tuple[type, ...] = (
     ErrorBody, AuthErrorBody, RootBody, HealthBody, StatusBody, ModelsBody, LorasBody, TaskBody,
-    CancelledBody, AcceptedBody, KeysBody, NewKeyBody, DeletedBody, ReloadBody, TaskListBody)
-REQUEST_TYPES: tuple[type, ...] = (NewKeyRequest, DeleteKeyRequest, DeleteKeyByIdRequest,
+    CancelledBody, AcceptedBody, KeysBody, NewKeyBody, UpdateKeyBody, DeletedBody, ReloadBody, TaskListBody)
+REQUEST_TYPES: tuple[type, ...] = (NewKeyRequest, UpdateKeyRequest, DeleteKeyRequest, DeleteKeyByIdRequest,
                                    DeleteKeyByNameRequest)

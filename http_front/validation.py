@@ -135,6 +135,7 @@ class GenerateRequest:
     spec: TaskSpec
     images: dict[str, bytes] = field(default_factory=dict)
     is_async: bool = False
+    priority_given: bool = True  # False: the default, which the key's priority floor may raise
 
 
 class RequestValidator:
@@ -222,8 +223,10 @@ class RequestValidator:
             loras=[LoraRef(canonical_lora(lora.name), float(lora.weight)) for lora in b.loras],
             output_format=b.output_format, output_quality=b.output_quality,
             speed=None if b.speed is UNSET else b.speed)
-        spec = TaskSpec(model_id=model_id, mode=mode, priority=b.priority, params=params, webhook=webhook(b))
-        return GenerateRequest(spec, used, bool(b.is_async))
+        given = b.priority is not UNSET
+        spec = TaskSpec(model_id=model_id, mode=mode, priority=b.priority if given else catalog.DEFAULT_PRIORITY,
+                        params=params, webhook=webhook(b))
+        return GenerateRequest(spec, used, bool(b.is_async), given)
 
     def _output_size(self, b: Any, mode: str, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
         step = catalog.SIZE_STEP

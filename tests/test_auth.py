@@ -181,8 +181,8 @@ def test_admin_endpoints_create_list_delete_and_reload(authed) -> None:
     env = [k for k in listing if k["name"] == "admin"][0]
     assert env["can_delete"] is False and KEYS["admin"] not in json.dumps(listing)
     set_of_fields = {"key_id", "key_preview", "name", "permissions", "created_at", "last_used", "usage_count",
-                     "source", "can_delete"}
-    assert set(mine) == set_of_fields
+                     "source", "can_delete", "weight", "priority_floor"}
+    assert set(mine) == set_of_fields and (mine["weight"], mine["priority_floor"]) == (1.0, 0)
     r = admin_post(authed, "/auth/delete-key-by-id", {"key_id": created["key_id"]})
     assert r.status_code == 200 and r.json["deleted_keys"][0]["name"] == "新用户"
     assert authed.http.simulate_get("/status", headers=new).status_code == 401
@@ -222,3 +222,71 @@ def test_reload_of_a_damaged_file_keeps_the_keys_in_use(authed) -> None:
         assert authed.http.simulate_get("/status", headers={"Authorization": f"Bearer {created['api_key']}"}).status_code == 200
     finally:
         keyfile.path.write_bytes(good)
+
+
+# ---- fair-share weights and priority floors ------------------------------------------------
+
+def gen(stack: Stack, key: str, **body: object):
+    return stack.http.simulate_post("/generate", json={**SMALL, "async": True, **body},
+                                    headers={"Authorization": f"Bearer {key}"})
+
+
+def test_a_key_may_not_ask_for_a_priority_below_its_floor(authed) -> None:
+    r = gen(authed, KEYS["generation"], priority=-1)
+    assert r.status_code == 403 and r.json["field"] == "priority" and "priority_floor is 0" in r.json["detail"]
+    assert gen(authed, KEYS["generation"], priority=0).status_code == 202
+    assert gen(authed, KEYS["admin"], priority=-1000).status_code == 202  # admin keys may use any priority
+
+
+def test_admins_set_weight_and_floor_and_the_broker_gets_the_weight(authed) -> None:
+    created = admin_post(authed, "/auth/generate-key", {"name": "batch", "permissions": "generation",
+                                                         "weight": "0.5", "priority_floor": "5"}).json
+    assert (created["weight"], created["priority_floor"]) == (0.5, 5)
+    key = created["api_key"]
+    assert gen(authed, key, priority=4).status_code == 403
+    task_id = gen(authed, key, priority=5).json["task_id"]
+    assert authed.broker.broker.tasks[task_id].weight == 0.5
+    r = admin_post(authed, "/auth/update-key", {"key_id": created["key_id"], "weight": "3", "priority_floor": "-10"})
+    assert r.status_code == 200 and (r.json["key"]["weight"], r.json["key"]["priority_floor"]) == (3.0, -10)
+    task_id = gen(authed, key, priority=-10).json["task_id"]
+    assert authed.broker.broker.tasks[task_id].weight == 3.0
+    r = admin_post(authed, "/auth/update-key", {"key_id": created["key_id"], "priority_floor": "default"})
+    assert r.json["key"]["priority_floor"] == 0 and r.json["key"]["weight"] == 3.0
+    listing = authed.http.simulate_get("/auth/keys", headers={"Authorization": f"Bearer {KEYS['admin']}"}).json
+    assert [k["priority_floor"] for k in listing["keys"] if k["name"] == "admin"] == [-1000]
+    r = authed.http.simulate_post("/auth/update-key", json={"key_id": created["key_id"], "weight": 2},
+                                  headers={"Authorization": f"Bearer {KEYS['admin']}"})
+    assert r.status_code == 200 and r.json["key"]["weight"] == 2.0  # JSON numbers too
+
+
+@pytest.mark.parametrize("fields, status, field", [
+    ({"weight": "nan"}, 422, "weight"), ({"weight": "0"}, 422, "weight"), ({"weight": "1e9"}, 422, "weight"),
+    ({"weight": "heavy"}, 422, "weight"), ({"priority_floor": "1.5"}, 422, "priority_floor"),
+    ({"priority_floor": "-1001"}, 422, "priority_floor"), ({"priority_floor": "٣"}, 422, "priority_floor"),
+    ({}, 422, "weight"),
+])
+def test_bad_scheduling_fields_are_422_and_change_nothing(authed, fields, status, field) -> None:
+    created = admin_post(authed, "/auth/generate-key", {"name": "victim", "permissions": "generation"}).json
+    r = admin_post(authed, "/auth/update-key", {"key_id": created["key_id"], **fields})
+    assert r.status_code == status and r.json["field"] == field, r.text
+    r = admin_post(authed, "/auth/generate-key", {"name": "bad", "permissions": "generation", **fields})
+    assert r.status_code == (201 if not fields else status)
+    mine = [k for k in authed.keys.records() if k.key_id == created["key_id"]][0]
+    assert (mine.weight, mine.priority_floor) == (1.0, None)
+
+
+def test_update_key_refuses_environment_keys_unknown_ids_and_non_admins(authed) -> None:
+    assert admin_post(authed, "/auth/update-key", {"key_id": "admin-ke-bcde", "weight": "2"}).status_code == 403
+    assert admin_post(authed, "/auth/update-key", {"key_id": "nope-nope", "weight": "2"}).status_code == 404
+    r = admin_post(authed, "/auth/update-key", {"key_id": "x", "weight": "2"}, key=KEYS["generation"])
+    assert r.status_code == 403
+
+
+def test_a_request_without_priority_gets_the_keys_floor_when_it_is_higher(authed) -> None:
+    created = admin_post(authed, "/auth/generate-key", {"name": "late", "permissions": "generation",
+                                                         "priority_floor": "10"}).json
+    r = gen(authed, created["api_key"])
+    assert r.status_code == 202
+    assert authed.broker.broker.tasks[r.json["task_id"]].priority == 10
+    r = admin_post(authed, "/auth/update-key", {"key_id": created["key_id"], "priority_floor": "--5"})
+    assert r.status_code == 422 and r.json["field"] == "priority_floor"

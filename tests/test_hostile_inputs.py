@@ -246,11 +246,15 @@ def test_hostile_form_fields_are_422(front: Front, field: str, value: str) -> No
 
 def test_plain_form_numbers_still_work(front: Front) -> None:
     fields = {"prompt": "x", "async": "true", "width": "64", "height": " 48 ", "cfg": "3.5", "seed": "+42",
-              "num_inference_steps": "2", "priority": "-1", "loras": '[{"name":"cute_cat_lora","weight":0.8}]'}
+              "num_inference_steps": "2", "priority": "+3", "loras": '[{"name":"cute_cat_lora","weight":0.8}]'}
     r = front.form("/generate/upload", fields)
     assert r.status_code == 202, r.text
-    params = front.broker.submitted[-1]["task"]["params"]
+    task = front.broker.submitted[-1]["task"]
+    params = task["params"]
     assert (params["width"], params["height"], params["cfg"], params["seed"]) == (64, 48, 3.5, 42)
+    assert task["priority"] == 3
+    r = front.form("/generate/upload", {**fields, "priority": "-1"})  # below this key's floor, in a form too
+    assert r.status_code == 403 and r.json["field"] == "priority"
 
 
 @pytest.mark.parametrize("text, field", [

@@ -248,3 +248,25 @@ def test_permissions_may_be_required() -> None:
         with pytest.raises(InvalidKeySpec):
             parse_permissions(empty, empty_means_all=False)
     assert parse_permissions("readonly", empty_means_all=False) == ("readonly",)
+
+
+def test_scheduling_fields_are_written_only_when_set_and_checked_when_read(tmp_path: Path) -> None:
+    kf = keyfile(tmp_path)
+    store = KeyStore.from_env([("envadmin", "root", ("admin",))], None, kf)
+    store.create("plain", ("generation",))
+    store.create("batch", ("generation",), weight=0.5, priority_floor=7)
+    data = json.loads(kf.fernet.decrypt(kf.path.read_bytes()))
+    by_name = {item["name"]: item for item in data["keys"]}
+    assert "weight" not in by_name["plain"] and "priority_floor" not in by_name["plain"]  # older fronts read it
+    assert (by_name["batch"]["weight"], by_name["batch"]["priority_floor"]) == (0.5, 7)
+    by_name["plain"]["from_a_newer_version"] = True  # fields this version does not know are skipped
+    kf.path.write_bytes(kf.fernet.encrypt(json.dumps(data).encode()))
+    again = KeyStore.from_env([], None, KeyFile(kf.path, kf.fernet), default_floor=-5)
+    floors = {r.name: r.floor(again.default_floor) for r in again.records()}
+    assert floors == {"plain": -5, "batch": 7}
+    for bad in ({"weight": 0}, {"weight": "NaN"}, {"priority_floor": 5000}, {"priority_floor": "--5"}):
+        damaged = json.loads(json.dumps(data))
+        damaged["keys"][0].update(bad)
+        kf.path.write_bytes(kf.fernet.encrypt(json.dumps(damaged).encode()))
+        with pytest.raises(KeyFileError, match="in the key file"):
+            KeyFile(kf.path, kf.fernet).load()

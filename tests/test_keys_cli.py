@@ -59,6 +59,22 @@ def test_keys_create_list_delete_reload(front: str) -> None:
         assert missing.exit_code != 0 and "404" in missing.output
 
 
+def test_keys_weight_and_priority_floor(front: str) -> None:
+    created = json.loads(run("keys", "create", "batch", "--weight", "0.5", "--priority-floor", "10", "--url", front,
+                             "--json").output)
+    assert (created["weight"], created["priority_floor"]) == (0.5, 10)
+    changed = run("keys", "update", created["key_id"], "--weight", "2", "--url", front)
+    assert changed.exit_code == 0 and "weight 2, priority floor 10" in changed.output
+    reset = run("keys", "update", created["key_id"], "--priority-floor", "default", "--url", front)
+    assert "priority floor 0" in reset.output
+    table = run("keys", "list", "--url", front).output
+    assert "WEIGHT" in table and "FLOOR" in table
+    bad = run("keys", "update", created["key_id"], "--weight", "nan", "--url", front)
+    assert bad.exit_code != 0 and "422" in bad.output and "weight" in bad.output
+    assert run("keys", "update", created["key_id"], "--url", front).exit_code == 2  # nothing to change
+    run("keys", "delete", "--id", created["key_id"], "--url", front)
+
+
 def test_keys_failures_exit_non_zero_with_a_message(front: str) -> None:
     bad = run("keys", "list", "--url", front, env={"GENSERVE_ADMIN_KEY": "wrong"})
     assert bad.exit_code != 0 and "401" in bad.output

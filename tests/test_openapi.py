@@ -68,7 +68,7 @@ def test_every_route_is_described_and_nothing_else(served) -> None:
     described = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
     assert served_ops == described
     assert served_ops == set(OPERATIONS)  # no route falls back to a minimal description
-    assert len(served_ops) == 24
+    assert len(served_ops) == 25
 
 
 def test_permissions_come_from_the_resources(served) -> None:

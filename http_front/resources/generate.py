@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import falcon
+import msgspec
 
 from genserve import wire as w
 from genserve.catalog import IMAGE_FIELDS
@@ -82,11 +83,19 @@ class _Submitter:
     def _submit(self, req: falcon.Request, resp: falcon.Response, request: GenerateRequest) -> None:
         self._check_loras(request)
         principal = req.context.principal
+        spec = request.spec
+        if not request.priority_given and spec.priority < principal.priority_floor:
+            spec = msgspec.structs.replace(spec, priority=principal.priority_floor)
+        if spec.priority < principal.priority_floor:
+            raise ApiError(403, "priority not allowed",
+                           f"priority {spec.priority} is more urgent than this key may ask for"
+                           f" (its priority_floor is {principal.priority_floor}; lower numbers run first)",
+                           field="priority")
         broker = self.services.broker
         is_async = self._is_async(req, request)
         names = list(request.images)
-        submit = w.Submit(0, request.spec, principal.owner, names, watch=not is_async,
-                          idempotency_key=idempotency_key(req))
+        submit = w.Submit(0, spec, principal.owner, names, watch=not is_async,
+                          idempotency_key=idempotency_key(req), weight=principal.weight)
         ack: w.Ack = broker.request(submit, [request.images[n] for n in names]).header
         task_id = ack.task_id
         if ack.replayed:

@@ -1,4 +1,4 @@
-"""Key administration: /auth/keys, /auth/generate-key, /auth/delete-key*, /auth/reload-keys."""
+"""Key administration: /auth/keys, /auth/generate-key, /auth/update-key, /auth/delete-key*, /auth/reload-keys."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from typing import Any
 
 import falcon
 
-from genserve.keyfile import KeyFileError
+from genserve.keyfile import KeyFileError, parse_floor, parse_weight
 from http_front.errors import ApiError
 from http_front.keys import InvalidKeySpec, KeyRecord, KeyStore, StoreError, check_name, hash_key, parse_permissions
 
 ADMIN_GET = {"GET": ("admin",)}
 ADMIN_POST = {"POST": ("admin",)}
+NUMBER_FIELDS = ("weight", "priority_floor")  # JSON may send these as numbers
 
 
 def form_fields(req: falcon.Request) -> dict[str, str]:
@@ -47,6 +48,8 @@ def _field_text(name: str, value: Any) -> str:
         return value
     if name == "permissions" and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ",".join(value)
+    if name in NUMBER_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     expected = "a string or a list of strings" if name == "permissions" else "a string"
     raise ApiError(422, "validation error", f"{name}: must be {expected}", field=name)
 
@@ -57,6 +60,27 @@ def required(fields: dict[str, str], name: str) -> str:
     if not value:
         raise ApiError(422, "validation error", f"{name}: field required", field=name)
     return value
+
+
+def scheduling(fields: dict[str, str]) -> tuple[float | None, int | None, bool]:
+    """Optional `weight` and `priority_floor` fields (422 naming a bad one); True when the floor is `default`."""
+    weight = floor = None
+    reset = False
+    try:
+        if (fields.get("weight") or "").strip():
+            weight = parse_weight(fields["weight"])
+    except InvalidKeySpec as exc:
+        raise ApiError(422, "validation error", f"weight: {exc}", field="weight") from None
+    text = (fields.get("priority_floor") or "").strip()
+    if text == "default":
+        reset = True
+    elif text:
+        try:
+            floor = parse_floor(text)
+        except InvalidKeySpec as exc:
+            raise ApiError(422, "validation error", f"priority_floor: {exc} (or 'default')",
+                           field="priority_floor") from None
+    return weight, floor, reset
 
 
 def deleted_view(records: list[KeyRecord]) -> list[dict[str, Any]]:
@@ -87,7 +111,7 @@ class Keys(_Admin):
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """List keys."""
-        listing = [r.listing() for r in self.keys.records()]
+        listing = [r.listing(self.keys.default_floor) for r in self.keys.records()]
         resp.media = {"success": True, "keys": listing, "total": len(listing)}
 
 
@@ -109,8 +133,9 @@ class GenerateKey(_Admin):
             permissions = parse_permissions(required(fields, "permissions"), empty_means_all=False)
         except InvalidKeySpec as exc:
             raise ApiError(422, "validation error", f"permissions: {exc}", field="permissions") from None
+        weight, floor, _ = scheduling(fields)
         try:
-            raw, record = self.keys.create(name, permissions)
+            raw, record = self.keys.create(name, permissions, 1.0 if weight is None else weight, floor)
         except StoreError as exc:
             raise ApiError(exc.status, "cannot create key", str(exc)) from None
         except KeyFileError as exc:
@@ -119,7 +144,29 @@ class GenerateKey(_Admin):
         resp.status = 201
         resp.media = {"success": True, "api_key": raw, "key_id": record.key_id, "name": record.name,
                       "permissions": list(record.permissions), "config_string": f"{raw}:{record.name}:{perms}",
+                      "weight": record.weight, "priority_floor": record.floor(self.keys.default_floor),
                       "message": "请妥善保存此密钥: 它只显示这一次"}
+
+
+class UpdateKey(_Admin):
+    """POST /auth/update-key: a file key's fair-share weight and priority floor."""
+
+    auth = ADMIN_POST
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Change `weight` and/or `priority_floor` of the key named by `key_id`."""
+        fields = form_fields(req)
+        key_id = required(fields, "key_id")
+        weight, floor, reset = scheduling(fields)
+        if weight is None and floor is None and not reset:
+            raise ApiError(422, "validation error", "send weight, priority_floor or both", field="weight")
+        try:
+            record = self.keys.schedule(key_id, weight, floor, reset)
+        except StoreError as exc:
+            raise ApiError(exc.status, "cannot change key", str(exc)) from None
+        except KeyFileError as exc:
+            raise ApiError(500, "key file error", str(exc)) from None
+        resp.media = {"success": True, "key": record.listing(self.keys.default_floor)}
 
 
 class DeleteKey(_Admin):
@@ -173,6 +220,7 @@ def install(app: falcon.App, keys: KeyStore) -> None:
     """Add the /auth routes."""
     app.add_route("/auth/keys", Keys(keys))
     app.add_route("/auth/generate-key", GenerateKey(keys))
+    app.add_route("/auth/update-key", UpdateKey(keys))
     app.add_route("/auth/delete-key", DeleteKey(keys))
     app.add_route("/auth/delete-key-by-id", DeleteKeyById(keys))
     app.add_route("/auth/delete-key-by-name", DeleteKeyByName(keys))
