@@ -19,14 +19,15 @@ from gpu_node.tiny import clip_tokenizer, scheduler, t5_tokenizer
 PUBLISHED_H100 = {"bf16": 6.7, "compile": 4.4, "compile + fp8": None}  # FLUX.1-dev, 1024x1024, 28 steps
 
 
-def _encoders(tok: Any, tok2: Any) -> tuple[CLIPTextModel, T5EncoderModel]:
-    """CLIP-L and T5-XXL at their real widths (768 pooled, 4096 per token), one layer each."""
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=4096, d_kv=64, d_ff=10240, num_layers=1,
-                                 num_heads=64, relative_attention_num_buckets=32, decoder_start_token_id=0,
-                                 pad_token_id=0, eos_token_id=1, feed_forward_proj="gated-gelu"))
+def _encoders(tok: Any, tok2: Any, text: int, pooled: int) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """CLIP-L and T5-XXL at the given widths (real: 768 pooled, 4096 per token), one layer each."""
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=pooled, intermediate_size=4 * pooled,
+                                        num_hidden_layers=1, num_attention_heads=max(1, pooled // 64),
+                                        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=text, d_kv=64, d_ff=text * 5 // 2, num_layers=1,
+                                 num_heads=max(1, text // 64), relative_attention_num_buckets=32,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                                 feed_forward_proj="gated-gelu"))
     return clip, t5
 
 
@@ -49,10 +50,11 @@ def build_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype, co
             transformer = FluxTransformer2DModel(
                 patch_size=1, in_channels=128 if control else 64, out_channels=64, num_layers=args.layers,
                 num_single_layers=args.single_layers, attention_head_dim=128, num_attention_heads=args.heads,
-                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+                joint_attention_dim=args.text_width, pooled_projection_dim=args.pooled_width, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
             if shared is None:
                 tok, tok2 = clip_tokenizer(), t5_tokenizer()
-                clip, t5 = _encoders(tok, tok2)
+                clip, t5 = _encoders(tok, tok2, args.text_width, args.pooled_width)
                 vae = _vae()
         finally:
             torch.set_default_dtype(previous)

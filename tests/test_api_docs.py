@@ -443,6 +443,12 @@ def check_keys_create_json(run: Run) -> None:
     assert body["success"] is True and body["name"] == "dashboard" and body["permissions"] == ["readonly"]
 
 
+def check_keys_update(run: Run) -> None:
+    key = run.value["key"]
+    assert run.value["success"] is True and key["name"] == "nightly-batch"
+    assert (key["weight"], key["priority_floor"], key["source"]) == (0.25, 10, "file")
+
+
 def deleted(run: Run, name: str, count: int = 1) -> None:
     """Assert a delete answer that removed `count` keys named `name`."""
     body = run.value
@@ -514,6 +520,7 @@ def check_guide_batch_fixed(run: Run) -> None:
 
 
 CHECKS: dict[str, Callable[[Run], None]] = {
+    "keys-update": check_keys_update,
     "auth-x-api-key": check_root,
     "auth-errors": check_auth_errors,
     "retry-after": check_retry_after,
