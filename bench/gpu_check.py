@@ -42,7 +42,7 @@ from gpu_node.generate import Generator, Job
 from gpu_node.loras import LoraLibrary
 from gpu_node.memory import GIB, plan
 from gpu_node.pipeline_cache import PipelineCache, module_bytes
-from gpu_node.speed import compile_blocks, compiled_graphs, prepare, quantize_fp8
+from gpu_node.speed import compile_blocks, compiled_graphs, full_passes, prepare, quantize_fp8
 
 STAGES = ("bf16", "switch", "compile", "fp8", "lora", "cache")
 T5_XXL_PARAMS, CLIP_L_PARAMS = 4_762_310_656, 123_060_480  # the real encoders the shared bytes stand for
@@ -291,16 +291,7 @@ def stage_cache(rig: Rig) -> None:
         compile_blocks(rig.cache.base("flux1-dev").transformer, rig.args.backend)
         rig.run(rig.job(seed=1))
     transformer = rig.cache.base("flux1-dev").transformer
-    last = transformer.single_transformer_blocks[-1]
-    calls = [0]
-    inner = last.forward
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return inner(*args, **kwargs)
-
-    last.forward = counted
-    try:
+    with full_passes(transformer) as calls:
         for threshold in (0.12, 0.35, 0.6, 1.0):
             rig.generator.speed = SpeedOptions(cache_threshold=threshold)
             calls[0] = 0
@@ -309,9 +300,7 @@ def stage_cache(rig: Rig) -> None:
             passes = calls[0] / rig.args.runs
             rig.record("cache", f"full passes per image at {threshold}", round(passes, 1), f"of {rig.args.steps}",
                        f"{value:.3f} s/image; random weights: the share skipped is not a real model's")
-    finally:
-        last.forward = inner
-        rig.generator.speed = SpeedOptions()
+    rig.generator.speed = SpeedOptions()
 
 
 def main() -> None:

@@ -111,6 +111,24 @@ def set_cache(transformer: Any, enabled: bool, threshold: float) -> None:
     transformer._genserve_cache = wanted
 
 
+@contextlib.contextmanager
+def full_passes(transformer: Any) -> Iterator[list[int]]:
+    """Count calls of the last block's own forward (inside the cache's hooks): passes the cache did not skip."""
+    last = blocks(transformer)[-1]
+    calls = [0]
+    inner = last.forward
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    last.forward = counted
+    try:
+        yield calls
+    finally:
+        last.forward = inner
+
+
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far (a recompilation raises it)."""
     from torch._dynamo.utils import counters

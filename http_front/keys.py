@@ -226,13 +226,7 @@ class KeyStore:
                 out.append(r)
             return out
 
-        if self._keyfile is None:
-            raise StoreError(404, f"no API key matches key_id {key_id!r}")
-        records = self._keyfile.update(change)
-        with self._lock:
-            self._file_records = records
-            self._stamp = self._keyfile.stamp()
-            self._rebuild()
+        self._update(change, f"key_id {key_id!r}")
         return changed[0]
 
     def delete(self, match: Any, what: str, unique: bool = False) -> list[KeyRecord]:
@@ -261,6 +255,11 @@ class KeyStore:
             deleted.extend(targets)
             return [r for r in current if r not in targets]
 
+        self._update(change, what)
+        return deleted
+
+    def _update(self, change: Any, what: str) -> None:
+        """Apply `change` to the key file under its lock, then use the records it wrote."""
         if self._keyfile is None:
             raise StoreError(404, f"no API key matches {what}")
         records = self._keyfile.update(change)
@@ -268,4 +267,3 @@ class KeyStore:
             self._file_records = records
             self._stamp = self._keyfile.stamp()
             self._rebuild()
-        return deleted

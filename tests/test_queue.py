@@ -92,11 +92,11 @@ def test_positions_and_counts_stay_right_through_pushes_pops_and_removals() -> N
 
 # ---- fair share between keys ---------------------------------------------------------------
 
-def dispatch_order(q: TaskQueue, models: list[str], n: int) -> list[str]:
+def dispatch_order(q: TaskQueue, models: list[str], n: int, loaded: list[str] | tuple = ()) -> list[str]:
     """What one node serving `models` runs, n times, as dispatch takes tasks (virtual time advances)."""
     out = []
     for _ in range(n):
-        entry = q.peek_for(models)
+        entry = q.peek_for(models, loaded)
         if entry is None:
             break
         q.take(entry.task_id)
@@ -155,23 +155,12 @@ def test_affinity_slack_bounds_how_far_a_warm_task_may_pass_a_cold_one() -> None
         q.push(f"warm{i}", "B", 0, 1 + i, 0.0, owner="y")  # tags 0, 1, 2, 3, 4
     picks = [q.peek_for(["A", "B"], loaded=["B"]).task_id for _ in range(1)]
     assert picks == ["warm0"]
-    assert dispatch_order_loaded(q, ["A", "B"], ["B"], 4) == ["warm0", "warm1", "warm2", "cold"]
+    assert dispatch_order(q, ["A", "B"], 4, ["B"]) == ["warm0", "warm1", "warm2", "cold"]
     plain = TaskQueue(affinity_window=1e9)  # no slack: the warm model wins while the window lasts
     plain.push("cold", "A", 0, 0, 0.0, owner="x")
     for i in range(5):
         plain.push(f"warm{i}", "B", 0, 1 + i, 0.0, owner="y")
-    assert dispatch_order_loaded(plain, ["A", "B"], ["B"], 6)[-1] == "cold"
-
-
-def dispatch_order_loaded(q: TaskQueue, models: list[str], loaded: list[str], n: int) -> list[str]:
-    out = []
-    for _ in range(n):
-        entry = q.peek_for(models, loaded)
-        if entry is None:
-            break
-        q.take(entry.task_id)
-        out.append(entry.task_id)
-    return out
+    assert dispatch_order(plain, ["A", "B"], 6, ["B"])[-1] == "cold"
 
 
 def test_positions_match_the_order_tasks_are_taken_in() -> None:

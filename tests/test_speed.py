@@ -25,7 +25,7 @@ from gpu_node.lora_slots import ADAPTER, DoesNotFit, LoraSlots, LoraWeights
 from gpu_node.loras import LoraLibrary
 from gpu_node.memory import GIB, plan
 from gpu_node.pipeline_cache import PipelineCache, module_bytes
-from gpu_node.speed import check_device, compiled_graphs, prepare, set_cache
+from gpu_node.speed import check_device, compiled_graphs, full_passes, prepare
 
 CAT, WATERCOLOR = "cute_cat_lora.safetensors", "styles/watercolor.safetensors"
 
@@ -146,28 +146,18 @@ def test_packing_concatenates_ranks_and_folds_each_scale_into_b(tiny_models: Pat
 
 def test_the_step_cache_skips_passes_per_request_and_the_metadata_says_so(tiny_models: Path) -> None:
     generator = make(tiny_models, SpeedOptions(cache_threshold=5.0))  # so high that every pass after the first skips
-    transformer = generator.cache.base("flux1-dev").transformer
-    last = transformer.single_transformer_blocks[-1]
-    calls = [0]
-    inner = last.forward
-
-    def counted(*args: object, **kwargs: object) -> object:
-        calls[0] += 1
-        return inner(*args, **kwargs)
-
-    last.forward = counted
-    quality = run(generator, job(steps=6))
-    assert calls[0] == 6 and quality[1].speed == "quality"  # the node's default cache is "none"
-    calls[0] = 0
-    fast = run(generator, job(steps=6, speed="fast"))
-    assert calls[0] == 1 and fast[1].speed == "fast"
-    assert pixels(fast).tolist() != pixels(quality).tolist()
-    calls[0] = 0
-    again = run(generator, job(steps=6, speed="quality"))
-    assert calls[0] == 6 and pixels(again).tolist() == pixels(quality).tolist(), "the cache leaked into the next job"
+    with full_passes(generator.cache.base("flux1-dev").transformer) as calls:
+        quality = run(generator, job(steps=6))
+        assert calls[0] == 6 and quality[1].speed == "quality"  # the node's default cache is "none"
+        calls[0] = 0
+        fast = run(generator, job(steps=6, speed="fast"))
+        assert calls[0] == 1 and fast[1].speed == "fast"
+        assert pixels(fast).tolist() != pixels(quality).tolist()
+        calls[0] = 0
+        again = run(generator, job(steps=6, speed="quality"))
+        assert calls[0] == 6 and pixels(again).tolist() == pixels(quality).tolist(), "the cache leaked to the next job"
     by_default = make(tiny_models, SpeedOptions(cache="first_block", cache_threshold=5.0))
     assert run(by_default, job(steps=6))[1].speed == "fast"
-    set_cache(transformer, False, 5.0)
 
 
 def test_a_parked_model_comes_back_from_host_memory_not_from_disk(tiny_models: Path) -> None:
