@@ -16,7 +16,10 @@ Policies compared on the same workload:
   bounded by a 30 s affinity window, then acceptance order), and the same with 600 s;
 - `new`: fair share between keys (start-time fair queuing, loads billed to the key that
   caused them) with model affinity bounded by a slack in virtual time, here one model load,
-  and the same with a quarter load (faster for a lonely task, more loads).
+  and the same with a quarter load (faster for a lonely task, more loads); and with LoRA
+  affinity (a task whose LoRA set the node holds may pass the pick by one job).
+Half the tasks carry one of three LoRA sets of their key; rewriting a node's slots costs
+`--lora-cost` mean jobs.
 Then two fair-share scenarios: a lonely key's task behind another key's 500, and four keys
 of weights 1/1/2/4 under saturation.
 """
@@ -54,6 +57,7 @@ class Policy:
     window: float | None = None  # None: the run's --window
     slack: float | None = None  # virtual-time bound on affinity, in model loads (broker.queue); None: wall time
     fair: bool = False  # tasks carry their key and weight, so fair-share tags apply and loads are billed
+    lora_slack: float | None = None  # jobs a task with the node's resident LoRA set may pass the pick by
 
 
 POLICIES = {
@@ -63,6 +67,7 @@ POLICIES = {
     # The broker's defaults (a slack of one load, its backstop window), in the simulator's units.
     "new: fair share, affinity slack 1 load": Policy(True, BrokerConfig().affinity_window, 1.0, True),
     "new, slack 1/4 load": Policy(True, BrokerConfig().affinity_window, 0.25, True),
+    "new + LoRA affinity (slack 1 job)": Policy(True, BrokerConfig().affinity_window, 1.0, True, 1.0),
 }
 
 
@@ -78,6 +83,8 @@ class SimTask:
     work: float
     start: float | None = None
     load: float = 0.0
+    lora: str = ""  # its LoRA set, "" for none
+    lora_load: float = 0.0
 
 
 @dataclass(eq=False)
@@ -88,6 +95,8 @@ class SimNode:
     models: dict[str, list[str]]
     loaded: list[str] = field(default_factory=list)
     loads: int = 0
+    loras: dict[str, str] = field(default_factory=dict)  # the LoRA set resident per loaded model
+    lora_loads: int = 0
 
 
 def workload(seed: int, tasks: int, models: int, nodes: int, load_factor: float) -> list[SimTask]:
@@ -103,16 +112,22 @@ def workload(seed: int, tasks: int, models: int, nodes: int, load_factor: float)
         model = home if rng.random() < 0.7 else rng.choice(names)
         priority = rng.choices([p for p, _ in PRIORITIES], weights=[w for _, w in PRIORITIES])[0]
         out.append(SimTask(f"t{i}", key, model, priority, now, rng.uniform(0.6, 1.4)))
+    loras = random.Random(seed + 1)  # its own stream: the tasks above stay what they were before LoRAs
+    for task in out:
+        if loras.random() < 0.5:
+            task.lora = f"{task.key}-set{loras.randrange(3)}"
     return out
 
 
 def simulate(tasks: list[SimTask], nodes: int, models: int, load_cost: float, policy: Policy, window: float,
-             weights: dict[str, float] | None = None) -> tuple[list[SimTask], list[SimNode], float]:
+             weights: dict[str, float] | None = None,
+             lora_cost: float = 0.0) -> tuple[list[SimTask], list[SimNode], float]:
     """Run one policy; returns the tasks (with start times), the nodes and the makespan."""
     served = {f"model-{i}": ["text2img"] for i in range(models)}
     fleet = [SimNode(f"n{i}", served) for i in range(nodes)]
     queue = TaskQueue(affinity_window=policy.window or window,
-                      affinity_slack=None if policy.slack is None else policy.slack * load_cost)
+                      affinity_slack=None if policy.slack is None else policy.slack * load_cost,
+                      lora_slack=policy.lora_slack)
     by_id = {t.task_id: t for t in tasks}
     events: list[tuple[float, int, str, object]] = []  # (time, order, kind, payload)
     for order, task in enumerate(tasks):
@@ -130,9 +145,9 @@ def simulate(tasks: list[SimTask], nodes: int, models: int, load_cost: float, po
                 task = payload
                 if policy.fair:  # the broker charges its estimate of the job; here the simulated work
                     queue.push(task.task_id, task.model, task.priority, seq, now, task.key,
-                               (weights or {}).get(task.key, 1.0), task.work)
+                               (weights or {}).get(task.key, 1.0), task.work, lora=task.lora)
                 else:
-                    queue.push(task.task_id, task.model, task.priority, seq, now)
+                    queue.push(task.task_id, task.model, task.priority, seq, now, lora=task.lora)
             else:
                 idle.append(payload)
                 makespan = max(makespan, now)
@@ -145,8 +160,13 @@ def simulate(tasks: list[SimTask], nodes: int, models: int, load_cost: float, po
                 task.load = load_cost
                 node.loaded = [task.model]
                 node.loads += 1
+                node.loras = {}
+            if node.loras.get(task.model, "") != task.lora:  # slots rewritten (or emptied)
+                task.lora_load = lora_cost
+                node.lora_loads += 1
+            node.loras[task.model] = task.lora
             order += 1
-            heapq.heappush(events, (now + task.load + task.work, order, "done", node))
+            heapq.heappush(events, (now + task.load + task.lora_load + task.work, order, "done", node))
     return tasks, fleet, makespan
 
 
@@ -178,7 +198,8 @@ def saturated_shares(policy: Policy, args: argparse.Namespace,
     until = min(max(t.start for t in done if t.key == k) for k in WEIGHTS)  # every key still had work queued
 
     def shares(with_loads: bool) -> dict[str, float]:
-        busy = {k: sum(t.work + (t.load if with_loads else 0) for t in done if t.key == k and t.start < until)
+        busy = {k: sum(t.work + (t.load + t.lora_load if with_loads else 0) for t in done
+                       if t.key == k and t.start < until)
                 for k in WEIGHTS}
         return {k: busy[k] / sum(busy.values()) for k in WEIGHTS}
 
@@ -198,23 +219,27 @@ def report(args: argparse.Namespace, results: dict[str, tuple[list[SimTask], lis
     bound = max(max(t.arrival for t in some) + 0.6, (work + args.models * args.load) / args.nodes)
     lines = [f"### Scheduling simulator ({date.today().isoformat()})", "",
              f"Command: `.venv/bin/python bench/scheduler_sim.py --nodes {args.nodes} --models {args.models} "
-             f"--tasks {args.tasks} --load {args.load:g} --load-factor {args.load_factor:g} --seed {args.seed}`  ",
+             f"--tasks {args.tasks} --load {args.load:g} --load-factor {args.load_factor:g} --lora-cost "
+             f"{args.lora_cost:g} --seed {args.seed}`  ",
              f"Machine: any (a simulated clock; Python {platform.python_version()}). The broker's own TaskQueue "
              "and dispatch decision (`broker/dispatch.py`), simulated nodes holding one model each, a model "
              f"switch costing {args.load:g} mean jobs, keys submitting 60/25/10/5 % of the tasks at priorities "
              f"-1/0/5 (10/70/20 %), arriving at {args.load_factor:g}x the nodes' capacity.", "",
-             "| policy | model loads | makespan s | vs lower bound | wait p50 / p99 s, priority -1 | 0 | 5 |",
-             "|---|---|---|---|---|---|---|"]
+             "| policy | model loads | LoRA switches (GPU s) | makespan s | vs lower bound "
+             "| wait p50 / p99 s, priority -1 | 0 | 5 |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, (tasks, fleet, makespan) in results.items():
         waits = {p: [t.start - t.arrival for t in tasks if t.priority == p] for p, _ in PRIORITIES}
         cells = " | ".join(f"{percentile(waits[p], 50):.1f} / {percentile(waits[p], 99):.1f}" for p, _ in PRIORITIES)
-        lines.append(f"| {name} | {sum(n.loads for n in fleet)} | {makespan:.0f} | {makespan / bound:.2f} | {cells} |")
+        lora = f"{sum(n.lora_loads for n in fleet)} ({sum(t.lora_load for t in tasks):.0f})"
+        lines.append(f"| {name} | {sum(n.loads for n in fleet)} | {lora} | {makespan:.0f} | {makespan / bound:.2f} "
+                     f"| {cells} |")
     lines += ["", "GPU time (jobs and the loads they caused) by key, against each key's share of the submitted work:",
               "", "| policy | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
     submitted = {k: sum(t.work for t in some if t.key == k) / work for k in KEYS}
     lines.append("| submitted work | " + " | ".join(f"{submitted[k]:.1%}" for k in KEYS) + " |")
     for name, (tasks, _, _) in results.items():
-        busy = {k: sum(t.work + t.load for t in tasks if t.key == k) for k in KEYS}
+        busy = {k: sum(t.work + t.load + t.lora_load for t in tasks if t.key == k) for k in KEYS}
         total = sum(busy.values())
         lines.append(f"| {name} | " + " | ".join(f"{busy[k] / total:.1%}" for k in KEYS) + " |")
     lonely = {name: statistics.median(t.start - t.arrival for t in tasks if t.key == "key-D" and t.priority == 0)
@@ -238,6 +263,8 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=3000)
     ap.add_argument("--load", type=float, default=30.0, help="a model switch, in mean jobs")
     ap.add_argument("--load-factor", type=float, default=1.1, help="arrival rate over the nodes' capacity")
+    ap.add_argument("--lora-cost", type=float, default=0.023,
+                    help="rewriting a node's LoRA slots, in mean jobs (91 ms against 3.97 s on the H200 run)")
     ap.add_argument("--window", type=float, default=30.0, help="the queue's affinity window, seconds")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--write", type=Path, help="append the result section to this markdown file")
@@ -247,7 +274,8 @@ def main() -> None:
     results = {}
     for name, policy in POLICIES.items():
         tasks = workload(args.seed, args.tasks, args.models, args.nodes, args.load_factor)
-        results[name] = simulate(tasks, args.nodes, args.models, args.load, policy, args.window)
+        results[name] = simulate(tasks, args.nodes, args.models, args.load, policy, args.window,
+                                 lora_cost=args.lora_cost)
     emit(report(args, results) + fairness(args), args.write)
 
 

@@ -21,6 +21,9 @@ Scheduling policy (pull-based; a node asks for work when it is idle):
    a backlog nodes stay on their models but a cold task's turn still comes), and by
    ``affinity_window`` in wall time (once the cold task has waited that long it goes
    first). Without a slack (``None``) only the wall-time window applies.
+5. With ``lora_slack`` set, a node whose model holds a LoRA set (``loras``) gets a task with
+   that same set before the chosen one, if its tag is at most ``lora_slack`` later: the
+   same bound one level down, for nodes that keep LoRAs resident between jobs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import bisect
 import heapq
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 
 @dataclass(frozen=True, order=True)
@@ -44,15 +47,19 @@ class Entry:
     enqueued_at: float
     owner: str = ""
     weight: float = 1.0
+    lora: str = ""  # the task's LoRA set (genserve.spec.lora_set_key); "" for none
 
 
 class TaskQueue:
     """Per-model heaps ordered by (priority, fair tag, seq), with lazy removal."""
 
-    def __init__(self, affinity_window: float = 30.0, affinity_slack: float | None = None) -> None:
+    def __init__(self, affinity_window: float = 30.0, affinity_slack: float | None = None,
+                 lora_slack: float | None = None) -> None:
         self.affinity_window = affinity_window
         self.affinity_slack = affinity_slack
+        self.lora_slack = lora_slack
         self._heaps: dict[str, list[Entry]] = {}
+        self._lora_heaps: dict[tuple[str, str], list[Entry]] = {}  # tasks with LoRAs, by (model, set)
         self._live: dict[str, Entry] = {}
         # For positions and INFO without scanning the queue: sorted (tag, seq) per priority
         # (a position is computed on every SUBMIT and every /task poll) and counts per model.
@@ -70,16 +77,18 @@ class TaskQueue:
         return task_id in self._live
 
     def push(self, task_id: str, model: str, priority: int, seq: int, now: float, owner: str = "",
-             weight: float = 1.0, cost: float = 1.0, tag: float | None = None) -> float:
+             weight: float = 1.0, cost: float = 1.0, tag: float | None = None, lora: str = "") -> float:
         """Queue a task and return its fair tag; `tag` puts a re-queued task back at its old place."""
         self.remove(task_id)
         self.changes += 1
         if tag is None:
             tag = max(self.vtime(priority), self._finish.get((owner, priority), 0.0))
             self._finish[(owner, priority)] = tag + cost / weight
-        entry = Entry(priority, tag, seq, task_id, model, now, owner, weight)
+        entry = Entry(priority, tag, seq, task_id, model, now, owner, weight, lora)
         self._live[task_id] = entry
         heapq.heappush(self._heaps.setdefault(model, []), entry)
+        if lora:
+            heapq.heappush(self._lora_heaps.setdefault((model, lora), []), entry)
         bisect.insort(self._order.setdefault(priority, []), (tag, seq))
         self._owned.setdefault((owner, priority), set()).add(task_id)
         self._per_model[model] = self._per_model.get(model, 0) + 1
@@ -117,12 +126,21 @@ class TaskQueue:
             new = replace(old, tag=old.tag + delta)
             self._live[task_id] = new  # the old heap entry is now stale and dropped lazily
             heapq.heappush(self._heaps[old.model], new)
+            if new.lora:
+                heapq.heappush(self._lora_heaps.setdefault((new.model, new.lora), []), new)
             bisect.insort(order, (new.tag, new.seq))
-        for model in {self._live[t].model for t in waiting}:
-            heap = self._heaps[model]
-            if len(heap) > 2 * self._per_model[model] + 64:  # mostly stale entries: rebuild it
-                self._heaps[model] = [e for e in heap if self._live.get(e.task_id) is e]
-                heapq.heapify(self._heaps[model])
+        moved = [self._live[t] for t in waiting]
+        for model in {e.model for e in moved}:
+            self._compact(self._heaps, model, self._per_model[model])
+        for key in {(e.model, e.lora) for e in moved if e.lora}:
+            self._compact(self._lora_heaps, key, self._per_model[key[0]])
+
+    def _compact(self, heaps: dict[Any, list[Entry]], key: Any, live_at_most: int) -> None:
+        """Rebuild a heap that holds mostly stale entries (left behind by charges)."""
+        heap = heaps[key]
+        if len(heap) > 2 * live_at_most + 64:
+            heaps[key] = [e for e in heap if self._live.get(e.task_id) is e]
+            heapq.heapify(heaps[key])
 
     def take(self, task_id: str) -> Entry | None:
         """Remove a task because it starts now: virtual time at its priority moves to its tag."""
@@ -154,17 +172,34 @@ class TaskQueue:
         return True
 
     def _head(self, model: str) -> Entry | None:
-        heap = self._heaps.get(model)
+        return self._first(self._heaps, model)
+
+    def _first(self, heaps: dict[Any, list[Entry]], key: Any) -> Entry | None:
+        heap = heaps.get(key)
         while heap:
             entry = heap[0]
             if self._live.get(entry.task_id) is entry:
                 return entry
             heapq.heappop(heap)
+        if heap is not None and heaps is self._lora_heaps:
+            del heaps[key]  # one heap per LoRA set ever seen would grow without bound
         return None
 
-    def peek_for(self, models: Iterable[str], loaded: Iterable[str] = (),
-                 now: float = 0.0) -> Entry | None:
-        """The task a node serving `models` (with `loaded` in memory) should run next."""
+    def peek_for(self, models: Iterable[str], loaded: Iterable[str] = (), now: float = 0.0,
+                 loras: Mapping[str, str] | None = None) -> Entry | None:
+        """The task a node serving `models` (with `loaded` in memory, holding `loras` per model) should run next."""
+        pick = self._pick(models, loaded, now)
+        if pick is None or not loras or self.lora_slack is None:
+            return pick
+        held = loras.get(pick.model)
+        if not held or held == pick.lora:
+            return pick
+        same = self._first(self._lora_heaps, (pick.model, held))
+        if same is not None and same.priority == pick.priority and same.tag - pick.tag <= self.lora_slack:
+            return same
+        return pick
+
+    def _pick(self, models: Iterable[str], loaded: Iterable[str], now: float) -> Entry | None:
         loaded_set = set(loaded)
         heads = [h for h in (self._head(m) for m in models) if h is not None]
         if not heads:

@@ -204,3 +204,24 @@ def test_repeated_charges_do_not_grow_the_heaps_without_bound() -> None:
         q.charge("A", 0, 1.0)
     assert len(q._heaps["m"]) <= 2 * 1000 + 64
     assert dispatch_order(q, ["m"], 3) == ["a0", "a1", "a2"]
+
+
+def test_lora_affinity_prefers_the_set_a_node_holds_within_its_slack() -> None:
+    q = TaskQueue(affinity_window=1e9, lora_slack=1.5)
+    for i, lora in enumerate(["x", "y", "x", "y"]):
+        q.push(f"t{i}", "m", 0, i, 0.0, owner=f"k{i}", lora=lora)  # every tag is 0: four keys
+    q.push("late-y", "m", 0, 9, 0.0, owner="k0", cost=5.0, lora="y")  # k0's second task: tag 1
+    held = {"m": "y"}
+    assert q.peek_for(["m"], ["m"], loras=held).task_id == "t1"  # t0 would switch the set; t1 ties
+    assert dispatch_order(q, ["m"], 1) == ["t0"]  # a node holding nothing takes the fair pick
+    plain = TaskQueue(affinity_window=1e9)  # no lora_slack: LoRA sets are ignored
+    plain.push("a", "m", 0, 0, 0.0, owner="k0", lora="x")
+    plain.push("b", "m", 0, 1, 0.0, owner="k1", lora="y")
+    assert plain.peek_for(["m"], ["m"], loras={"m": "y"}).task_id == "a"
+    q.charge("k1", 0, 10.0)  # t1 (y) moves 10 jobs back, beyond the slack: t3 is the y task now
+    assert q.peek_for(["m"], ["m"], loras=held).task_id == "t3"
+    assert q.peek_for(["m"], ["m"], loras={"m": "x"}).task_id == "t2"
+    q.charge("k3", 0, 10.0)  # and t3: the y task within the slack is late-y (tag 1, against t2's 0)
+    assert q.peek_for(["m"], ["m"], loras=held).task_id == "late-y"
+    q.charge("k0", 0, 10.0)  # now every y task is far behind: the fair pick wins
+    assert q.peek_for(["m"], ["m"], loras=held).task_id == "t2"
