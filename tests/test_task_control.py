@@ -12,7 +12,9 @@ from http_front.keys import KeyStore
 from tests.conftest import Stack, stopped_at, wait_until
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdefgh", "root": "root-key-0123456789abcdefg"}
-LONG = {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 100, "async": True}
+# Long enough to still be running while a test acts on it: 100 steps at 512x512 took barely 1 s on a
+# quiet machine, and a clean-clone run once saw the task finish before its 1 s timeout could stop it.
+LONG = {"prompt": "slow", "width": 1024, "height": 1024, "num_inference_steps": 100, "async": True}
 QUICK = {"prompt": "quick", "width": 32, "height": 32, "num_inference_steps": 1, "async": True}
 
 
