@@ -27,16 +27,27 @@ class Services:
     version: str = "0.1.0"
     _info: tuple[float, w.InfoBody] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _refreshing: bool = field(default=False, repr=False)
 
     def info(self, max_age: float = 1.0, timeout: float | None = None) -> w.InfoBody:
-        """The broker's INFO snapshot, cached for `max_age` seconds."""
+        """The broker's INFO snapshot, cached for `max_age` seconds.
+
+        One thread refreshes an expired snapshot; the others meanwhile get the previous one
+        if it is less than a second past `max_age`, instead of all asking the broker at once.
+        """
         with self._lock:
             cached = self._info
-        if cached is not None and time.monotonic() - cached[0] <= max_age:
-            return cached[1]
-        body = self.broker.request(w.InfoRequest(0), timeout=timeout).header.body
-        with self._lock:
-            self._info = (time.monotonic(), body)
+            age = time.monotonic() - cached[0] if cached is not None else None
+            if age is not None and (age <= max_age or (self._refreshing and age <= max_age + 1.0)):
+                return cached[1]
+            self._refreshing = True
+        try:
+            body = self.broker.request(w.InfoRequest(0), timeout=timeout).header.body
+            with self._lock:
+                self._info = (time.monotonic(), body)
+        finally:
+            with self._lock:
+                self._refreshing = False
         return body
 
     def task(self, task_id: str, fetch: bool = False) -> tuple[w.TaskView, bytes | None]:

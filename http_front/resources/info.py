@@ -30,7 +30,7 @@ class Root:
 
 
 class Health:
-    """GET /health : healthy only when the broker answers and a node is registered."""
+    """GET /health : healthy only when the broker answers and a node is registered (as of at most 1 s ago)."""
 
     auth = READ
 
@@ -40,7 +40,7 @@ class Health:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """200 healthy / 503 unhealthy with the reason."""
         try:
-            info = self.services.info(max_age=0, timeout=1.0)
+            info = self.services.info(max_age=1.0, timeout=1.0)
         except BrokerUnavailable:
             resp.status = 503
             resp.media = {"status": "unhealthy", "broker": "unreachable", "nodes": 0,
