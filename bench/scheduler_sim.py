@@ -95,7 +95,7 @@ class SimNode:
     models: dict[str, list[str]]
     loaded: list[str] = field(default_factory=list)
     loads: int = 0
-    loras: dict[str, str] = field(default_factory=dict)  # the LoRA set resident per loaded model
+    lora_sets: dict[str, str] = field(default_factory=dict)  # the LoRA set resident per loaded model
     lora_loads: int = 0
 
 
@@ -160,11 +160,11 @@ def simulate(tasks: list[SimTask], nodes: int, models: int, load_cost: float, po
                 task.load = load_cost
                 node.loaded = [task.model]
                 node.loads += 1
-                node.loras = {}
-            if node.loras.get(task.model, "") != task.lora:  # slots rewritten (or emptied)
+                node.lora_sets = {}
+            if node.lora_sets.get(task.model, "") != task.lora:  # slots rewritten (or emptied)
                 task.lora_load = lora_cost
                 node.lora_loads += 1
-            node.loras[task.model] = task.lora
+            node.lora_sets[task.model] = task.lora
             order += 1
             heapq.heappush(events, (now + task.load + task.lora_load + task.work, order, "done", node))
     return tasks, fleet, makespan

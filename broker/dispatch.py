@@ -39,7 +39,8 @@ def plan(queue: TaskQueue, idle: Sequence[Worker], now: float, affinity: bool = 
         best: tuple[tuple[int, bool, float, int], Worker, Entry] | None = None
         for node in free:
             loaded: Iterable[str] = node.loaded if affinity else ()
-            entry = queue.peek_for(node.models, loaded, now, getattr(node, "loras", None) if affinity else None)
+            sets = getattr(node, "lora_sets", None) if affinity else None  # model -> resident LoRA set
+            entry = queue.peek_for(node.models, loaded, now, sets)
             if entry is None:
                 continue
             key = (entry.priority, affinity and entry.model not in node.loaded, entry.tag, entry.seq)

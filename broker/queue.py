@@ -47,7 +47,8 @@ class Entry:
     enqueued_at: float
     owner: str = ""
     weight: float = 1.0
-    lora: str = ""  # the task's LoRA set (genserve.spec.lora_set_key); "" for none
+    lora: str = ""  # the task's LoRA set, "" for none (only the simulator sets it so far)
+    share: float = 0.0  # cost / weight: what its key was charged for it, given back if it never runs
 
 
 class TaskQueue:
@@ -79,15 +80,15 @@ class TaskQueue:
     def push(self, task_id: str, model: str, priority: int, seq: int, now: float, owner: str = "",
              weight: float = 1.0, cost: float = 1.0, tag: float | None = None, lora: str = "") -> float:
         """Queue a task and return its fair tag; `tag` puts a re-queued task back at its old place."""
-        self.remove(task_id)
+        self._drop(task_id)
         self.changes += 1
         if tag is None:
             tag = max(self.vtime(priority), self._finish.get((owner, priority), 0.0))
             self._finish[(owner, priority)] = tag + cost / weight
-        entry = Entry(priority, tag, seq, task_id, model, now, owner, weight, lora)
+        entry = Entry(priority, tag, seq, task_id, model, now, owner, weight, lora, cost / weight)
         self._live[task_id] = entry
         heapq.heappush(self._heaps.setdefault(model, []), entry)
-        if lora:
+        if lora and self.lora_slack is not None:
             heapq.heappush(self._lora_heaps.setdefault((model, lora), []), entry)
         bisect.insort(self._order.setdefault(priority, []), (tag, seq))
         self._owned.setdefault((owner, priority), set()).add(task_id)
@@ -113,27 +114,30 @@ class TaskQueue:
         later ones will: the same as if the job had cost that much more.
         """
         key = (owner, priority)
-        delta = cost / weight
-        self._finish[key] = max(self._finish.get(key, 0.0), self.vtime(priority)) + delta
-        waiting = self._owned.get(key, ())
-        if not waiting:
+        self._finish[key] = max(self._finish.get(key, 0.0), self.vtime(priority)) + cost / weight
+        self._shift(key, cost / weight, -math.inf)
+
+    def _shift(self, key: tuple[str, int], delta: float, after: float) -> None:
+        """Move a key's queued tasks at one priority whose tags are past `after` by `delta`."""
+        moving = [t for t in self._owned.get(key, ()) if self._live[t].tag > after]
+        if not moving:
             return
         self.changes += 1
-        order = self._order[priority]
-        for task_id in waiting:
+        order = self._order[key[1]]
+        for task_id in moving:
             old = self._live[task_id]
             del order[bisect.bisect_left(order, (old.tag, old.seq))]
             new = replace(old, tag=old.tag + delta)
             self._live[task_id] = new  # the old heap entry is now stale and dropped lazily
             heapq.heappush(self._heaps[old.model], new)
-            if new.lora:
+            if new.lora and self.lora_slack is not None:
                 heapq.heappush(self._lora_heaps.setdefault((new.model, new.lora), []), new)
             bisect.insort(order, (new.tag, new.seq))
-        moved = [self._live[t] for t in waiting]
+        moved = [self._live[t] for t in moving]
         for model in {e.model for e in moved}:
             self._compact(self._heaps, model, self._per_model[model])
-        for key in {(e.model, e.lora) for e in moved if e.lora}:
-            self._compact(self._lora_heaps, key, self._per_model[key[0]])
+        for lora_key in {(e.model, e.lora) for e in moved if e.lora and self.lora_slack is not None}:
+            self._compact(self._lora_heaps, lora_key, self._per_model[lora_key[0]])
 
     def _compact(self, heaps: dict[Any, list[Entry]], key: Any, live_at_most: int) -> None:
         """Rebuild a heap that holds mostly stale entries (left behind by charges)."""
@@ -144,17 +148,27 @@ class TaskQueue:
 
     def take(self, task_id: str) -> Entry | None:
         """Remove a task because it starts now: virtual time at its priority moves to its tag."""
-        entry = self._live.get(task_id)
-        if entry is None or not self.remove(task_id):
+        entry = self._drop(task_id)
+        if entry is None:
             return None
         self._vtime[entry.priority] = max(self._vtime.get(entry.priority, 0.0), entry.tag)
         return entry
 
     def remove(self, task_id: str) -> bool:
-        """Drop a queued task (e.g. cancelled or timed out); False if it was not queued."""
-        entry = self._live.pop(task_id, None)
+        """Drop a queued task that will not run here (cancelled, timed out); its key gets its share back."""
+        entry = self._drop(task_id)
         if entry is None:
             return False
+        key = (entry.owner, entry.priority)
+        if key in self._finish:  # its later tasks move up; the key owes nothing for a task that never ran
+            self._finish[key] = max(self._finish[key] - entry.share, entry.tag)
+            self._shift(key, -entry.share, entry.tag)
+        return True
+
+    def _drop(self, task_id: str) -> Entry | None:
+        entry = self._live.pop(task_id, None)
+        if entry is None:
+            return None
         self.changes += 1
         order = self._order[entry.priority]
         del order[bisect.bisect_left(order, (entry.tag, entry.seq))]
@@ -167,9 +181,11 @@ class TaskQueue:
         left = self._per_model[entry.model] - 1
         if left:
             self._per_model[entry.model] = left
+            self._compact(self._heaps, entry.model, left)
         else:
             del self._per_model[entry.model]
-        return True
+            self._heaps.pop(entry.model, None)
+        return entry
 
     def _head(self, model: str) -> Entry | None:
         return self._first(self._heaps, model)

@@ -126,9 +126,17 @@ class ListingIndex:
         return seqs[start:end][::-1], start > 0
 
 
+JOB_OVERHEAD = 0.02  # per job, in standard jobs: text encoding, VAE decode, encoding the image, dispatch
+
+
 def job_cost(params: GenerationParams) -> float:
-    """Estimated GPU time in standard jobs (1024x1024, 28 steps = 1): what fair share charges a key."""
-    return max(params.num_inference_steps / 28 * params.width * params.height / (1024 * 1024), 1e-3)
+    """Estimated GPU time in standard jobs (1024x1024, 28 steps = about 1): what fair share charges a key.
+
+    Each step's transformer pass is charged for its tokens: the image's (one per 16x16 pixels)
+    plus the 512 text tokens every pass carries, so a small image is not nearly free.
+    """
+    tokens = 512 + params.width * params.height / 256
+    return JOB_OVERHEAD + params.num_inference_steps / 28 * tokens / (512 + 4096)
 
 
 def result_reserve(params: GenerationParams) -> int:

@@ -131,6 +131,8 @@ class LoraSlots:
         if key == self.current:
             return
         packed = self.pack(loras)  # raises before anything changes
+        self.current = None  # until every layer is written: a failure part-way leaves nothing trusted
+        self._used |= set(packed)
         with torch.no_grad():
             for layer in self._used - set(packed):
                 module = self.layers[layer]

@@ -190,7 +190,9 @@ class PipelineCache:
         return [c for fp in entry.fingerprints if (c := self._components.get(fp)) and c.users == {model_id}
                 and not any(c.obj is k for k in keep)]
 
-    def _make_room(self, needed: int, pinned: tuple[str, ...], keep: tuple[Any, ...] = ()) -> None:
+    def _make_room(self, needed: int, pinned: tuple[str, ...], keep: tuple[Any, ...] = (),
+                   host_credit: int = 0) -> None:
+        """Free device memory for `needed` bytes (`host_credit`: host bytes about to be given back)."""
         for victim in list(self._models):
             if self.used_bytes + needed <= self.budget:
                 return
@@ -199,17 +201,31 @@ class PipelineCache:
             own = self._own(victim, keep)
             host = sum(c.nbytes for c in own if c.mirror is None)
             if own and host <= self.host_budget:
-                # The host tier is least recently used first too: parked models older than this one go.
-                for old in [m for m, e in self._models.items() if e.parked and m not in pinned]:
-                    if self.host_bytes + host <= self.host_budget:
-                        break
-                    self.evict(old)
-            if own and self.host_bytes + host <= self.host_budget:
+                self._free_host(host - host_credit, victim, pinned)
+            if own and self.host_bytes + host - host_credit <= self.host_budget:
                 self._park(victim, own)
             else:
                 self.evict(victim)
         if self.used_bytes + needed > self.budget:
             log.warning("loading needs %d bytes over the %d-byte budget", needed, self.budget)
+
+    def _free_host(self, needed: int, victim: str, pinned: tuple[str, ...]) -> None:
+        """Host room for `needed` bytes: first the kept copies of models now on the device, then parked models.
+
+        Both least recently used first. A model on the device keeps its host copy only to make
+        its next park free; a parked model's copy is the model itself.
+        """
+        for model_id, entry in list(self._models.items()):
+            if self.host_bytes + needed <= self.host_budget:
+                return
+            if not entry.parked and model_id != victim:
+                for comp in self._own(model_id):
+                    if comp.mirror is not None and not comp.parked:
+                        comp.mirror = None
+        for model_id in [m for m, e in self._models.items() if e.parked and m not in pinned]:
+            if self.host_bytes + needed <= self.host_budget:
+                return
+            self.evict(model_id)
 
     def _park(self, model_id: str, own: list[_Component]) -> None:
         for comp in own:
@@ -224,7 +240,9 @@ class PipelineCache:
 
     def _restore(self, model_id: str, entry: _Entry, pinned: tuple[str, ...]) -> None:
         own = [c for c in self._own(model_id) if c.parked]
-        self._make_room(sum(c.nbytes for c in own), pinned)
+        mirrored = sum(c.mirror.nbytes for c in own)
+        # Its host copy can go once it is back on the device, so that copy's room counts as free.
+        self._make_room(sum(c.nbytes for c in own), pinned, host_credit=mirrored)
         seconds = 0.0
         for comp in own:
             seconds += comp.mirror.restore(self.device)
@@ -233,6 +251,9 @@ class PipelineCache:
             if slots is not None:
                 slots.clear()  # the host copy may hold an older set
         entry.parked = False
+        if self.host_bytes > self.host_budget:  # the credit above was used: drop the copy now
+            for comp in own:
+                comp.mirror = None
         self.restores += 1
         self.restore_seconds += seconds
         log.info("restored %s from host memory in %.3f s", model_id, seconds)

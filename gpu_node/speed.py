@@ -91,9 +91,11 @@ def eager_blocks(transformer: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        set_cache(transformer, False, 1.0)
-        for block in found:
-            block.forward = block._genserve_compiled
+        try:
+            set_cache(transformer, False, 1.0)
+        finally:  # the compiled forwards come back even if removing the hooks failed
+            for block in found:
+                block.forward = block._genserve_compiled
 
 
 def set_cache(transformer: Any, enabled: bool, threshold: float) -> None:
@@ -105,9 +107,17 @@ def set_cache(transformer: Any, enabled: bool, threshold: float) -> None:
     if wanted == active:
         return
     if active is not None:
+        transformer._genserve_cache = "unknown"  # a failure below leaves a state the next call repairs
         transformer.disable_cache()
+        transformer._genserve_cache = None
     if wanted is not None:
-        transformer.enable_cache(FirstBlockCacheConfig(threshold=wanted))
+        transformer._genserve_cache = "unknown"
+        try:
+            transformer.enable_cache(FirstBlockCacheConfig(threshold=wanted))
+        except Exception:
+            transformer.disable_cache()  # diffusers may have registered some hooks before failing
+            transformer._genserve_cache = None
+            raise
     transformer._genserve_cache = wanted
 
 
@@ -126,7 +136,8 @@ def full_passes(transformer: Any) -> Iterator[list[int]]:
     try:
         yield calls
     finally:
-        last.forward = inner
+        if last.forward is counted:  # hooks installed meanwhile wrap `counted`: they stay, counting on
+            last.forward = inner
 
 
 def compiled_graphs() -> int:

@@ -26,28 +26,40 @@ class Services:
     signer: UrlSigner
     version: str = "0.1.0"
     _info: tuple[float, w.InfoBody] | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _refreshing: bool = field(default=False, repr=False)
+    _info_fresh_for_waiters: bool = field(default=False, repr=False)  # the last refresh they waited for worked
 
     def info(self, max_age: float = 1.0, timeout: float | None = None) -> w.InfoBody:
-        """The broker's INFO snapshot, cached for `max_age` seconds.
+        """The broker's INFO snapshot, cached for `max_age` seconds, fetched by one thread at a time.
 
-        One thread refreshes an expired snapshot; the others meanwhile get the previous one
-        if it is less than a second past `max_age`, instead of all asking the broker at once.
+        While one thread refreshes an expired snapshot, the others wait for it, or (with a
+        `max_age` above 0) take the previous one if it is less than a second past its age.
         """
-        with self._lock:
-            cached = self._info
-            age = time.monotonic() - cached[0] if cached is not None else None
-            if age is not None and (age <= max_age or (self._refreshing and age <= max_age + 1.0)):
-                return cached[1]
-            self._refreshing = True
+        waited = False
+        with self._cond:
+            while True:
+                cached = self._info
+                age = time.monotonic() - cached[0] if cached is not None else None
+                if age is not None and (age <= max_age or (waited and self._info_fresh_for_waiters)):
+                    return cached[1]
+                if not self._refreshing:
+                    self._refreshing = True
+                    break
+                if age is not None and max_age > 0 and age <= max_age + 1.0:
+                    return cached[1]
+                self._cond.wait(timeout if timeout is not None else 10.0)
+                waited = True
+        body = None
         try:
             body = self.broker.request(w.InfoRequest(0), timeout=timeout).header.body
-            with self._lock:
-                self._info = (time.monotonic(), body)
         finally:
-            with self._lock:
+            with self._cond:
+                if body is not None:
+                    self._info = (time.monotonic(), body)
+                self._info_fresh_for_waiters = body is not None
                 self._refreshing = False
+                self._cond.notify_all()
         return body
 
     def task(self, task_id: str, fetch: bool = False) -> tuple[w.TaskView, bytes | None]:

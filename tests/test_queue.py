@@ -225,3 +225,18 @@ def test_lora_affinity_prefers_the_set_a_node_holds_within_its_slack() -> None:
     assert q.peek_for(["m"], ["m"], loras=held).task_id == "late-y"
     q.charge("k0", 0, 10.0)  # now every y task is far behind: the fair pick wins
     assert q.peek_for(["m"], ["m"], loras=held).task_id == "t2"
+
+
+def test_a_task_that_never_runs_costs_its_key_nothing() -> None:
+    q = TaskQueue()
+    for i in range(100):
+        q.push(f"a{i}", "m", 0, i, 0.0, owner="A")
+    for i in range(100):
+        assert q.remove(f"a{i}")  # all cancelled (or timed out) before running
+    q.push("b0", "m", 0, 200, 0.0, owner="B")
+    assert q.push("a-next", "m", 0, 201, 0.0, owner="A") == 0.0  # not behind 100 jobs it never got
+    three = [q.push(f"c{i}", "m", 0, 300 + i, 0.0, owner="C") for i in range(3)]
+    assert three == [0.0, 1.0, 2.0]
+    q.remove("c1")  # the one after it moves up into its place
+    assert q._live["c2"].tag == 1.0 and q.push("c3", "m", 0, 303, 0.0, owner="C") == 2.0
+    assert len(q._heaps["m"]) <= 2 * len(q) + 64  # removals do not leave the heap growing

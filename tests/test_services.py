@@ -70,6 +70,59 @@ def test_a_snapshot_far_past_its_age_is_not_served_and_failures_reach_the_caller
     with pytest.raises(BrokerUnavailable):
         s.info()
     assert not s._refreshing  # the next caller may try again
-    s._refreshing = True  # another thread refreshing: a snapshot 10 s old is still not served
-    with pytest.raises(BrokerUnavailable):
-        s.info()
+    broker.gate = threading.Event()  # another thread's refresh is in flight, and will fail too
+    errors: list[Exception] = []
+
+    def refresh() -> None:
+        try:
+            s.info()
+        except BrokerUnavailable as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=refresh)
+    first.start()
+    while not s._refreshing:
+        time.sleep(0.01)
+    waiter = threading.Thread(target=refresh)  # a snapshot 10 s old is not served: it waits, then tries
+    waiter.start()
+    time.sleep(0.1)
+    broker.gate.set()
+    first.join(5)
+    waiter.join(5)
+    assert len(errors) == 2 and not s._refreshing
+
+
+def test_a_cold_start_of_many_threads_asks_the_broker_once() -> None:
+    broker = SlowBroker()
+    broker.gate = threading.Event()
+    s = services(broker)
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(s.info().queue.length)) for _ in range(20)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    broker.gate.set()
+    for t in threads:
+        t.join(5)
+    assert broker.requests == 1 and results == [1] * 20
+
+
+def test_max_age_0_waits_for_the_refresh_in_flight_instead_of_taking_the_old_snapshot() -> None:
+    broker = SlowBroker()
+    s = services(broker)
+    s.info()
+    s._info = (time.monotonic() - 1.2, s._info[1])
+    broker.gate = threading.Event()
+    refresher = threading.Thread(target=s.info)
+    refresher.start()
+    while not s._refreshing:
+        time.sleep(0.01)
+    got: list[int] = []
+    status = threading.Thread(target=lambda: got.append(s.info(max_age=0).queue.length))
+    status.start()
+    time.sleep(0.1)
+    assert got == []  # /status does not get the 1.2 s old snapshot
+    broker.gate.set()
+    refresher.join(5)
+    status.join(5)
+    assert got == [2] and broker.requests == 2

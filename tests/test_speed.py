@@ -275,3 +275,16 @@ def test_a_lora_file_replaced_on_disk_is_read_again(tiny_models: Path, tmp_path:
     shutil.copy(tiny_models / "loras" / WATERCOLOR, folder / "mine.safetensors")
     os.utime(folder / "mine.safetensors", ns=(1, 1))
     assert library.state_dict("mine") is not first and library.disk_reads == 2
+
+
+def test_round_robin_over_more_models_than_the_device_holds_never_reads_the_disk_again(tiny_models: Path) -> None:
+    models = ("flux1-dev", "flux1-depth-dev", "flux1-canny-dev", "flux1-openpose-dev")
+    probe = make(tiny_models, SpeedOptions(), ("flux1-depth-dev",)).cache
+    biggest = module_bytes(probe.base("flux1-depth-dev").transformer)
+    generator = make(tiny_models, SpeedOptions(), models, budget=room_for_one(tiny_models), host=3 * biggest)
+    for _ in range(3):
+        for model in models:
+            run(generator, job(model=model))
+    cache = generator.cache
+    assert cache.loads == 4 and cache.evictions == 0 and len(cache.parked) == 3
+    assert cache.host_bytes <= cache.host_budget

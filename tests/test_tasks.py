@@ -152,3 +152,13 @@ def test_finishing_releases_the_reservation_and_recovery_restores_the_accounting
     after.finish(task, None)
     assert after.disk_used == RESERVE and after.journal.blob_bytes == 0
     after.journal.close()
+
+
+def test_job_cost_counts_text_tokens_and_a_fixed_share() -> None:
+    from broker.tasks import job_cost
+
+    standard = job_cost(params(width=1024, height=1024, num_inference_steps=28))
+    tiny = job_cost(params(width=16, height=16, num_inference_steps=1))
+    small = job_cost(params(width=256, height=256, num_inference_steps=28))
+    assert 1.0 <= standard <= 1.05 and tiny >= 0.02
+    assert small > 0.1 * standard  # its 512 text tokens per step are paid for, not only its 256 image tokens

@@ -30,7 +30,7 @@ class Root:
 
 
 class Health:
-    """GET /health : healthy only when the broker answers and a node is registered (as of at most 1 s ago)."""
+    """GET /health : healthy only when the broker answers and a node is registered (as of about 1 s ago)."""
 
     auth = READ
 
