@@ -274,7 +274,7 @@ class TaskTable:
         if task is None or task.final or task.state != QUEUED:
             return None
         held = self._held.pop(task_id, None) is not None
-        return task if held or self.queue.remove(task_id) else None
+        return task if held or self.queue.take(task_id) is not None else None  # it runs: no refund
 
     def withdraw(self, task_id: str) -> None:
         """Remove a task from the queue or the held set (it is ending)."""
