@@ -288,3 +288,9 @@ def test_round_robin_over_more_models_than_the_device_holds_never_reads_the_disk
     cache = generator.cache
     assert cache.loads == 4 and cache.evictions == 0 and len(cache.parked) == 3
     assert cache.host_bytes <= cache.host_budget
+
+
+def test_warm_up_runs_text2img_models_at_each_size_and_skips_the_others(tiny_models: Path) -> None:
+    generator = make(tiny_models, SpeedOptions(), ("flux1-dev", "flux1-depth-dev"))
+    assert generator.warm(["flux1-dev", "flux1-depth-dev"], ((32, 32), (48, 16))) > 0
+    assert generator.cache.loaded == ("flux1-dev",)  # the depth model serves controlnet only: not warmed
