@@ -56,6 +56,10 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                          " (env GENSERVE_AFFINITY_WINDOW)")
     ap.add_argument("--load-cost", type=float, default=float(env.get("GENSERVE_LOAD_COST", d.load_cost)),
                     help="standard jobs a model load is billed to the key that caused it (env GENSERVE_LOAD_COST)")
+    ap.add_argument("--recovery-grace", type=float,
+                    default=float(env.get("GENSERVE_RECOVERY_GRACE", d.recovery_grace)),
+                    help="after a restart, seconds a task that was running waits for its node to come back"
+                         " before another node may run it (env GENSERVE_RECOVERY_GRACE)")
     ap.add_argument("--disk-budget-mb", type=float,
                     default=float(env.get("GENSERVE_DISK_BUDGET_MB", d.disk_budget_bytes / MB)),
                     help="disk for input and result images; past it the oldest results are evicted,"
@@ -94,7 +98,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     if a.log_format not in logs.FORMATS:  # argparse checks choices on the command line only
         ap.error(f"GENSERVE_LOG_FORMAT must be one of {list(logs.FORMATS)}")
     for flag, value in (("--affinity-slack", abs(a.affinity_slack)), ("--affinity-window", a.affinity_window),
-                        ("--load-cost", a.load_cost)):
+                        ("--load-cost", a.load_cost), ("--recovery-grace", a.recovery_grace)):
         if not 0 <= value < 1e9:  # also refuses NaN, which would break the queue's ordering
             ap.error(f"{flag} must be a number from 0 to 1e9")
     logs.setup(a.log_level, a.log_format, "broker")
@@ -104,7 +108,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         max_retries=a.max_retries, result_ttl=a.result_ttl, max_queued=a.max_queued,
         max_queued_per_owner=a.max_queued_per_key, disk_budget_bytes=int(a.disk_budget_mb * MB),
         affinity_slack=None if a.affinity_slack < 0 else a.affinity_slack, affinity_window=a.affinity_window,
-        load_cost=a.load_cost,
+        load_cost=a.load_cost, recovery_grace=a.recovery_grace,
         curve_secret_file=_path(a.curve_secret),
         curve_authorized_dir=_path(a.curve_authorized), insecure=a.insecure,
         webhook_secret=a.webhook_secret, webhook_allow_private=a.webhook_allow_private,

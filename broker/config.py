@@ -29,6 +29,10 @@ class BrokerConfig:
     affinity_window: float = 3600.0
     affinity_slack: float | None = 10.0
     load_cost: float = 10.0
+    # After a restart, a task that was running waits up to this long (from the first poll) for the node
+    # that ran it to claim it, report it or re-register without it; only then may another node run it.
+    # A node in reconnect backoff (gpu_node's reconnect_max, 8 s) comes back within it.
+    recovery_grace: float = 15.0
     disk_budget_bytes: int = 0  # image files plus reserved results; 0 = unlimited
     curve_secret_file: Path | None = None
     curve_authorized_dir: Path | None = None

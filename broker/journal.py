@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     attempts INTEGER NOT NULL DEFAULT 0, error_code TEXT, error TEXT, meta BLOB,
     inputs INTEGER NOT NULL DEFAULT 0, input_bytes INTEGER NOT NULL DEFAULT 0,
     result_bytes INTEGER, result_expired INTEGER NOT NULL DEFAULT 0,
-    idem_key TEXT, idem_hash TEXT, webhook BLOB, weight REAL NOT NULL DEFAULT 1
+    idem_key TEXT, idem_hash TEXT, webhook BLOB, weight REAL NOT NULL DEFAULT 1, node_id TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished);
@@ -157,6 +157,8 @@ class Journal:
             self._db.execute("ALTER TABLE tasks ADD COLUMN webhook BLOB")
         if columns and "weight" not in columns:
             self._db.execute("ALTER TABLE tasks ADD COLUMN weight REAL NOT NULL DEFAULT 1")
+        if columns and "node_id" not in columns:
+            self._db.execute("ALTER TABLE tasks ADD COLUMN node_id TEXT")
         if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='blobs'").fetchone():
             return
         inputs: dict[str, list[int]] = {}
@@ -239,9 +241,9 @@ class Journal:
         """Persist a task's state change."""
         self._db.execute(
             "UPDATE tasks SET state=?, started=?, finished=?, attempts=?, error_code=?, error=?,"
-            " meta=? WHERE task_id=?",
+            " meta=?, node_id=? WHERE task_id=?",
             (task.state, task.started, task.finished, task.attempts, task.error_code,
-             task.error, _pack(task.meta) if task.meta else None, task.task_id),
+             task.error, _pack(task.meta) if task.meta else None, task.node_id, task.task_id),
         )
 
     def finish(self, task: Task, result: bytes | None) -> None:
@@ -277,7 +279,7 @@ class Journal:
         rows = self._db.execute(
             "SELECT task_id, seq, priority, model, mode, owner, state, params, image_names,"
             " created, started, finished, deadline, attempts, error_code, error, meta,"
-            " inputs, result_expired, idem_key, idem_hash, webhook, weight FROM tasks ORDER BY seq"
+            " inputs, result_expired, idem_key, idem_hash, webhook, weight, node_id FROM tasks ORDER BY seq"
         ).fetchall()
         for row in rows:
             task = Task(
@@ -289,7 +291,7 @@ class Journal:
                 result_expired=bool(row[18]),
                 idem_key=row[19], idem_hash=row[20],
                 webhook=msgspec.msgpack.decode(row[21], type=WebhookSpec) if row[21] else None,
-                weight=row[22],
+                weight=row[22], node_id=row[23],
             )
             if task.state in (QUEUED, RUNNING):
                 task.inputs = [(self.blob_dir / _input_name(task.task_id, i)).read_bytes()

@@ -59,6 +59,7 @@ class NodeSide:
         if old is not None and old.identity != identity:
             self.nodes.remove(old.identity)
         node = self.nodes.register(identity, h, self.clock())
+        self._release_held(h)
         task = None if kept is not None else self.table.claim(busy) if busy else None
         if kept is not None:
             node.state, node.task_id = BUSY, kept.task_id
@@ -74,6 +75,16 @@ class NodeSide:
             node.task_id = None
         log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
         self._dispatch()
+
+    def _release_held(self: Broker, h: w.Ready) -> None:
+        """Tasks held since a restart for this node go back in line if it neither runs nor reports them."""
+        if h.reports is None:
+            return  # an older node does not say what it will report: the recovery grace decides
+        for task_id in self.table.held_for(h.node_id):
+            if task_id != h.busy_task and task_id not in h.reports:
+                log.info("node %s came back without task %s: it goes back in line", h.node_id, task_id,
+                         extra=ids(task_id, h.node_id))
+                self.table.release(task_id, self.clock())
 
     def _same_process(self: Broker, identity: bytes, h: w.Ready) -> Node | None:
         """The entry of this node's previous connection (same id, host and pid), if still registered."""
@@ -134,7 +145,7 @@ class NodeSide:
 
     def _on_error(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Error = msg.header
-        task = self._release(node, h.task_id, h.loaded)
+        task = self._release(node, h.task_id, h.loaded) or self._held_report(node, h.task_id)
         if h.code == e.NODE_BUSY:
             node.state, node.task_id = BUSY, None  # busy with work we do not know of: idle when it says so
         if task is not None and h.code == e.NODE_BUSY:
@@ -148,6 +159,13 @@ class NodeSide:
             self._fail(task, w.FAILED, h.code, h.message)
         self._to_node(node, w.ResultAck(h.task_id))
         self._dispatch()
+
+    def _held_report(self: Broker, node: Node, task_id: str) -> Task | None:
+        """A task held since a restart, reported on by the node that ran it: as if it had run there."""
+        task = self.table.take_held(task_id, node.node_id)
+        if task is not None:
+            task.state, task.node, task.node_id = w.RUNNING, node.identity, node.node_id
+        return task
 
     def _adoptable(self: Broker, task_id: str) -> Task | None:
         task = self.tasks.get(task_id)

@@ -75,7 +75,7 @@ class Broker(FrontSide, NodeSide):
             w.RESULT: self._on_result, w.ERROR: self._on_error, w.DISCONNECT: self._on_disconnect,
         }
         self._warned_peers: set[bytes] = set()
-        self.table.recover(self.clock(), grace=config.node_timeout)
+        self.table.recover(self.clock(), grace=config.recovery_grace)
         self.outbox = WebhookOutbox(config.data_dir / "webhooks.sqlite3", WebhookConfig(
             secret=load_secret(config.webhook_secret, config.data_dir), allow_private=config.webhook_allow_private,
             max_age=config.webhook_max_age, first_delay=config.webhook_first_delay,
@@ -116,6 +116,7 @@ class Broker(FrontSide, NodeSide):
     def run(self) -> None:
         """Serve until stop(): poll both sockets, then run timers; webhooks go out meanwhile."""
         self.outbox.start()
+        self.table.hold_until(self.clock() + self.config.recovery_grace)
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)

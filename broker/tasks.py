@@ -168,7 +168,9 @@ class TaskTable:
         self.tasks: dict[str, Task] = {}
         self._seq = 0
         self._deadlines: list[tuple[float, str]] = []
-        self._held: dict[str, float] = {}
+        # Tasks that were running when the broker stopped: task id -> (release time, the node
+        # that ran them). They wait for that node to claim them, report them or say it has not.
+        self._held: dict[str, tuple[float, str | None]] = {}
         self._unfinished: dict[str, int] = {}  # owner -> tasks not yet final (the per-key cap)
         self._last_purge = 0.0
         self._reserved = 0  # bytes held for the results of unfinished tasks
@@ -276,6 +278,28 @@ class TaskTable:
         held = self._held.pop(task_id, None) is not None
         return task if held or self.queue.take(task_id) is not None else None  # it runs: no refund
 
+    def held_for(self, node_id: str) -> list[str]:
+        """The held tasks that node `node_id` was running when the broker stopped."""
+        return [task_id for task_id, (_, owner) in self._held.items() if owner == node_id]
+
+    def take_held(self, task_id: str, node_id: str) -> Task | None:
+        """Take a held task out of line for the node that ran it (its late report arrived)."""
+        held = self._held.get(task_id)
+        if held is None or held[1] != node_id:
+            return None
+        del self._held[task_id]
+        return self.tasks[task_id]
+
+    def release(self, task_id: str, now: float) -> None:
+        """Put a held task back in line, first at its priority: its node will not finish it."""
+        if self._held.pop(task_id, None) is not None:
+            task = self.tasks[task_id]
+            self._push(task, now, self.queue.front_tag(task.priority))
+
+    def hold_until(self, until: float) -> None:
+        """Start the recovery grace now (the broker serves from here on), not when the journal loaded."""
+        self._held = {task_id: (until, node_id) for task_id, (_, node_id) in self._held.items()}
+
     def withdraw(self, task_id: str) -> None:
         """Remove a task from the queue or the held set (it is ending)."""
         self.queue.remove(task_id)
@@ -310,11 +334,10 @@ class TaskTable:
 
     def housekeeping(self, now: float, result_ttl: float) -> None:
         """Release held tasks whose grace is over; purge results past their retention."""
-        for task_id, until in list(self._held.items()):
+        for task_id, (until, node_id) in list(self._held.items()):
             if now >= until:
-                del self._held[task_id]
-                task = self.tasks[task_id]
-                self._push(task, now, self.queue.front_tag(task.priority))  # it was running: first in line
+                log.warning("task %s: node %s did not come back for it; it goes back in line", task_id, node_id)
+                self.release(task_id, now)  # it was running: first in line
         if now - self._last_purge > min(60.0, result_ttl / 2):
             self._last_purge = now
             for task_id in self.journal.purge(now - result_ttl):
@@ -336,12 +359,12 @@ class TaskTable:
                 continue
             self._unfinished[task.owner] = self._unfinished.get(task.owner, 0) + 1
             self._reserved += result_reserve(task.params)
-            task.node = task.node_id = None
+            ran_on, task.node, task.node_id = task.node_id, None, None
             heapq.heappush(self._deadlines, (task.deadline, task.task_id))
             if task.state == RUNNING:
                 task.state = QUEUED
                 self._index.put(task.seq, task.owner, QUEUED)
-                self._held[task.task_id] = now + grace
+                self._held[task.task_id] = (now + grace, ran_on)
             else:
                 self._push(task, now)
         if self.tasks:

@@ -274,6 +274,10 @@ class Ready(_Header):
     loras: list[LoraInfo] = []
     busy_task: str | None = None
     busy: bool = False
+    # Tasks whose final report (RESULT or ERROR) follows on this connection: reports kept while
+    # the broker was away, and a task this node gave up but is still unwinding. None: an older
+    # node that does not say, so the broker waits out its recovery grace for them.
+    reports: list[str] | None = None
 
 
 class Heartbeat(_Header):

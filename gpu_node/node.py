@@ -101,11 +101,14 @@ class Node:
     def _register(self) -> None:
         self._registered_at = time.monotonic()
         keeps = self.current if self.current not in self._abandoned else None
+        reports = list(self._unacked)
+        if self.current is not None and keeps is None:
+            reports.append(self.current)  # abandoned: its RESULT or ERROR comes when the worker stops
         caps = self.capabilities(True)
         self._send(w.Ready(node_id=self.node_id, device=self.config.device, host=socket.gethostname(),
                            pid=os.getpid(), models=caps.models, memory_total=caps.memory_total,
                            memory_free=caps.memory_free, loaded=caps.loaded, loras=caps.loras or [],
-                           busy_task=keeps, busy=self.current is not None))
+                           busy_task=keeps, busy=self.current is not None, reports=reports))
         for task_id, frames in self._unacked.items():
             log.info("re-sending the unacknowledged report of task %s", task_id, extra=ids(task_id, self.node_id))
             self._send_frames(frames)

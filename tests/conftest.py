@@ -47,7 +47,7 @@ class BrokerThread:
 
     def __init__(self, data_dir: Path, **overrides: Any) -> None:
         settings = dict(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", data_dir=data_dir,
-                        heartbeat_interval=0.2, liveness=3)
+                        heartbeat_interval=0.2, liveness=3, recovery_grace=0.6)
         settings.update(overrides)
         self.config = BrokerConfig(**settings)
         self.context = zmq.Context()

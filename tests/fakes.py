@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import zmq
 from PIL import Image
@@ -40,11 +40,13 @@ class FakeNode:
         """Send one typed message to the broker."""
         self.sock.send_multipart(w.encode(header, blobs))
 
-    def ready(self, busy_task: str | None = None, busy: bool = False) -> "FakeNode":
-        """Register (READY with capabilities); `busy` without a task: still unwinding an abandoned job."""
+    def ready(self, busy_task: str | None = None, busy: bool = False,
+              reports: Sequence[str] | None = ()) -> "FakeNode":
+        """Register (READY with capabilities); `busy` without a task: still unwinding an abandoned job;
+        `reports`: tasks whose RESULT or ERROR follows (None: say nothing, as an older node)."""
         self.send(w.Ready(node_id=self.name, device="fake", host="fakehost", pid=1, models=self.models,
                           loaded=self.loaded, memory_total=1 << 30, memory_free=1 << 29, busy_task=busy_task,
-                          busy=busy or busy_task is not None))
+                          busy=busy or busy_task is not None, reports=None if reports is None else list(reports)))
         return self
 
     def recv(self, timeout: float = 2.0, skip_heartbeats: bool = True) -> w.Message | None:

@@ -195,7 +195,7 @@ def test_queued_and_completed_tasks_survive_a_broker_restart(broker_factory, ctx
                 n2.finish(job.header.task_id)
             if len(seen) == 2:
                 break
-        # The running task is held for one node timeout (its node may still be computing it).
+        # The running task is held for the recovery grace (its node may still be computing it).
         assert seen == [queued, running]
     finally:
         n2.close()
@@ -380,7 +380,7 @@ def test_a_result_finished_while_the_broker_was_down_is_adopted_once(broker_fact
         bt.close()  # the broker dies while node a computes
         bt = broker_factory(frontend=bt.frontend, backend=bt.backend)  # same journal: the task is held for a
         b = FakeNode(ctx, bt.backend, "b").ready()
-        a.ready()  # a re-registers idle (it finished meanwhile), then re-sends the report it kept
+        a.ready(reports=[task_id])  # a re-registers idle (it finished meanwhile), then re-sends the report it kept
         a.finish(task_id)
         ack = a.recv()
         assert ack is not None and ack.command == w.RESULT_ACK and ack.header.task_id == task_id

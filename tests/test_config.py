@@ -16,6 +16,8 @@ def test_broker_flags_over_env_over_defaults() -> None:
     c = broker_config(["--frontend", "tcp://127.0.0.1:7"], env)
     assert c.frontend == "tcp://127.0.0.1:7" and c.task_timeout == 30.0 and c.max_retries == 2
     assert c.node_timeout == c.heartbeat_interval * c.liveness == 3.0
+    assert c.recovery_grace == 15.0
+    assert broker_config([], {"GENSERVE_RECOVERY_GRACE": "40"}).recovery_grace == 40.0
 
 
 def test_node_device_index_models_and_legacy_paths(tiny_models: Path) -> None:
@@ -66,7 +68,8 @@ def test_broker_affinity_flags() -> None:
     assert (c.load_cost, c.affinity_window) == (2.5, 60.0)
 
 
-@pytest.mark.parametrize("argv", [["--affinity-slack", "nan"], ["--load-cost", "-1"], ["--affinity-window", "inf"]])
-def test_broker_refuses_bad_affinity_flags(argv: list[str]) -> None:
+@pytest.mark.parametrize("argv", [["--affinity-slack", "nan"], ["--load-cost", "-1"], ["--affinity-window", "inf"],
+                                  ["--recovery-grace", "nan"], ["--recovery-grace", "-5"]])
+def test_broker_refuses_bad_scheduling_flags(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         broker_config(argv, {})

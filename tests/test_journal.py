@@ -71,6 +71,29 @@ def test_a_tasks_fair_share_weight_survives_a_restart_and_old_journals_read_as_w
     assert weights() == [1.0]
 
 
+def test_the_node_a_task_runs_on_survives_a_restart_and_old_journals_read_as_none(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    running = task("r", 1)
+    j.add(running)
+    running.state, running.node_id = w.RUNNING, "gpu-3"
+    j.update(running)
+    j.close()
+
+    def node_ids() -> list[str | None]:
+        journal = Journal(tmp_path / "j.db")
+        try:
+            return [t.node_id for t in journal.load()]
+        finally:
+            journal.close()
+
+    assert node_ids() == ["gpu-3"]
+    db = sqlite3.connect(tmp_path / "j.db")
+    db.execute("ALTER TABLE tasks DROP COLUMN node_id")  # a journal from before tasks were held per node
+    db.commit()
+    db.close()
+    assert node_ids() == [None]
+
+
 def test_purge_removes_old_final_tasks_only(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.db")
     for i in range(3):

@@ -15,7 +15,7 @@ from gpu_node.catalog import resolve_model_paths
 from gpu_node.config import NodeConfig
 from http_front.broker_client import BrokerClient
 from tests.conftest import stopped_at, wait_until
-from tests.fakes import params
+from tests.fakes import FakeNode, params
 
 LONG = params(prompt="slow", width=1024, height=1024, num_inference_steps=100)
 
@@ -42,5 +42,46 @@ def test_a_node_that_loses_the_broker_abandons_its_job_within_a_step(
         assert stopped - told <= 1 and stopped < 100  # within one step of giving up, long before the end
         wait_until(lambda: node.current is None, 10, 0.02, "the node to become idle")
     finally:
+        node.stop()
+        thread.join(timeout=30)
+
+
+def test_a_job_finished_while_the_broker_was_down_is_reported_to_the_next_one_not_run_again(
+        broker_factory, ctx, tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gpu_node.node")
+    bt = broker_factory()
+    # Liveness 50: the node does not give up on the broker (10 s) before it finishes the job.
+    config = NodeConfig(broker=bt.backend, device="cpu", node_id="steady", heartbeat_interval=0.2, liveness=50,
+                        model_paths=resolve_model_paths(tiny_models, {}, "cpu", ("flux1-dev",)),
+                        max_sequence_length=32)
+    node, _ = build(config)
+    thread = threading.Thread(target=node.run, daemon=True)
+    thread.start()
+    client = BrokerClient(bt.frontend, context=bt.context).start()
+    idle = None
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 30)
+        medium = params(prompt="medium", width=768, height=768, num_inference_steps=40)
+        task_id = client.request(w.Submit(0, TaskSpec("flux1-dev", "text2img", 0, medium), "k")).header.task_id
+        wait_until(lambda: bt.broker.tasks[task_id].step >= 1, 30, 0.01, "the job to run")
+        client.close()
+        bt.close()  # the broker dies while the node computes
+        assert bt.broker.tasks[task_id].state == w.RUNNING, "the job ended before the broker did"
+        done = f"task {task_id} done"
+        wait_until(lambda: done in caplog.text, 60, 0.05, "the node to finish the job alone")
+        bt2 = broker_factory(frontend=bt.frontend, backend=bt.backend, recovery_grace=30.0)
+        idle = FakeNode(ctx, bt2.backend, "idle").ready()  # free at once: it must not get the task
+
+        def completed() -> bool:
+            idle.heartbeat()
+            assert idle.recv_job(timeout=0.05) is None, "the finished task was given to another node"
+            return bt2.broker.tasks[task_id].state == w.COMPLETED
+
+        wait_until(completed, 30, 0.0, "the node's kept result to be adopted")
+        assert caplog.text.count(done) == 1 and bt2.broker.tasks[task_id].attempts == 1
+        assert bt2.broker.journal.result(task_id)  # the image itself came across
+    finally:
+        if idle is not None:
+            idle.close()
         node.stop()
         thread.join(timeout=30)

@@ -4,6 +4,10 @@ Asserts the three promises on outcomes: no accepted task is lost, no task is gen
 end twice, and no submission that was answered with an error ever runs. Generations are
 counted from the nodes' own log lines ("task ID done ... (seed N)"), and every submission
 carries a unique seed, so a refused one can be recognised if it ever ran.
+
+One second generation is outside any broker's power: a node killed after it finished a job but
+before its report left the process takes the result with it, and the job must run again. Such a
+task is excused only if its first "done" is the last job line the killed node ever wrote.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ class Front2:
         """(Re)start it."""
         self.cluster.procs.start("front2", ["genserve-front", "--broker", self.cluster.frontend, "--host",
                                             "127.0.0.1", "--port", str(self.port)], env=self.cluster.front_env)
+
+
+def last_job_done(log: str) -> list[str]:
+    """The task whose "done" is the last job line of a node's log (killed right after), if any."""
+    lines = re.findall(r"task (\w+)(:| done in)", log)
+    return [lines[-1][0]] if lines and lines[-1][1] == " done in" else []
 
 
 def test_soak_with_random_kills_loses_nothing_and_runs_nothing_twice(
@@ -82,6 +92,7 @@ def test_soak_with_random_kills_loses_nothing_and_runs_nothing_twice(
         t.start()
     rng = random.Random(7)
     kills: list[str] = []
+    lost_with_a_node: set[str] = set()  # finished by a node killed before it could report them
     started = time.monotonic()
     try:
         while time.monotonic() - started < DURATION:
@@ -89,6 +100,8 @@ def test_soak_with_random_kills_loses_nothing_and_runs_nothing_twice(
             victim = rng.choice(["broker", "node0", "node1", "front", "front2"])
             kills.append(victim)
             processes.kill(victim, signal.SIGKILL)
+            if victim.startswith("node"):
+                lost_with_a_node.update(last_job_done(processes.log(victim)))
             time.sleep(0.5)
             if victim.startswith("node"):
                 cluster.start_node(victim)
@@ -125,11 +138,13 @@ def test_soak_with_random_kills_loses_nothing_and_runs_nothing_twice(
     logs = "".join(processes.log(n) for n in processes.procs if n.startswith("node"))
     done = re.findall(r"task (\w+) done in [\d.]+s \(seed (\d+)\)", logs)
     runs_per_task = Counter(task_id for task_id, _ in done)
+    twice = {task_id for task_id, n in runs_per_task.items() if n > 1}
     seeds_run = {int(seed) for _, seed in done}
     report = (f"kills={kills} accepted={len(accepted)} refused={len(refused)} unknown={len(unknown)} "
-              f"outcomes={dict(outcomes)}")
+              f"outcomes={dict(outcomes)} twice={sorted(twice)} lost_with_a_node={sorted(lost_with_a_node)}")
     assert len(accepted) > 50 and len(kills) >= 4, report
     assert outcomes == Counter(completed=len(accepted)), report  # nothing lost, nothing failed
-    assert [t for t, n in runs_per_task.items() if n > 1] == [], report  # nothing generated twice
+    assert sorted(twice - lost_with_a_node) == [], report  # nothing generated twice
+    assert max(runs_per_task.values()) <= 2, report
     assert sorted(seeds_run & set(refused)) == [], report  # nothing refused ever ran
-    assert all(runs_per_task[task_id] == 1 for task_id in accepted.values()), report
+    assert all(runs_per_task[task_id] >= 1 for task_id in accepted.values()), report

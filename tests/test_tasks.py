@@ -51,6 +51,45 @@ def test_held_tasks_are_released_after_the_grace(tmp_path: Path) -> None:
     assert table.queue.position(task.task_id) == 0
 
 
+def test_a_held_task_belongs_to_the_node_that_ran_it_until_released(tmp_path: Path) -> None:
+    table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
+    first, second = new(table), new(table)
+    for task, node_id in ((first, "a"), (second, "b")):
+        table.accept(task, 0.0)
+        table.queue.take(task.task_id)
+        task.state, task.node_id = w.RUNNING, node_id
+        table.update(task)
+    table.journal.close()
+
+    after = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
+    after.recover(now=0.0, grace=3.0)
+    assert after.held_for("a") == [first.task_id] and after.held_for("b") == [second.task_id]
+    assert after.tasks[first.task_id].node_id is None  # a held task runs nowhere
+    assert after.take_held(first.task_id, "b") is None  # only its own node may report it
+    assert after.take_held(first.task_id, "a") is after.tasks[first.task_id]
+    assert after.held_for("a") == [] and after.queue.position(first.task_id) is None
+    after.release(second.task_id, now=1.0)  # b came back without it
+    assert after.held_for("b") == [] and after.queue.position(second.task_id) == 0
+    after.release(second.task_id, now=1.0)  # only once
+    assert len(after.queue) == 1
+    after.journal.close()
+
+
+def test_the_recovery_grace_runs_from_when_the_broker_serves(tmp_path: Path) -> None:
+    table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
+    task = new(table)
+    table.accept(task, 0.0)
+    table.queue.take(task.task_id)
+    task.state, task.node_id = w.RUNNING, "a"
+    table.update(task)
+    table.recover(now=0.0, grace=3.0)
+    table.hold_until(50.0 + 3.0)  # a slow start: loading took 50 s
+    table.housekeeping(now=10.0, result_ttl=3600)
+    assert table.held_for("a") == [task.task_id]
+    table.housekeeping(now=53.5, result_ttl=3600)
+    assert table.held_for("a") == [] and table.queue.position(task.task_id) == 0
+
+
 def test_a_requeued_task_keeps_its_fair_share_place(tmp_path: Path) -> None:
     table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
     mine = [new(table) for _ in range(3)]

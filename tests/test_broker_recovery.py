@@ -1,0 +1,129 @@
+"""After a broker restart, a task that was running waits for the node that ran it (real sockets, fake nodes).
+
+The node says in READY which tasks it still runs (busy_task) and which reports follow (reports).
+Only a node that comes back without the task, or the end of the recovery grace, lets another
+node run it: a result finished while the broker was away is never computed twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+
+from genserve import errors as e
+from genserve import wire as w
+from http_front.broker_client import BrokerClient
+from tests.conftest import BrokerThread, wait_until
+from tests.fakes import FakeNode
+from tests.test_broker import spec, submit
+
+Restart = Callable[..., tuple[BrokerThread, FakeNode, FakeNode, str]]
+
+
+@pytest.fixture
+def restarted(broker_factory, ctx) -> Iterator[Restart]:
+    """Run one task on fake node "a", kill the broker, start a new one on the same journal with
+    `overrides`; returns it, node "a" (its socket reconnects, as a node's does), a fresh idle node
+    "b" registered to it, and the task id."""
+    closing: list[Any] = []
+
+    def run(**overrides: Any) -> tuple[BrokerThread, FakeNode, FakeNode, str]:
+        bt = broker_factory()
+        client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+        a = FakeNode(ctx, bt.backend, "a").ready()
+        closing.extend([client, a])
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        task_id = submit(client, spec())
+        assert a.recv_job().header.task_id == task_id
+        bt.close()  # the broker dies while node a computes
+        bt2 = broker_factory(frontend=bt.frontend, backend=bt.backend, **overrides)
+        b = FakeNode(ctx, bt2.backend, "b").ready()
+        closing.append(b)
+        wait_until(lambda: bt2.broker.nodes.find("b") is not None, 5)
+        return bt2, a, b, task_id
+
+    yield run
+    for sock in closing:
+        sock.close()
+
+
+def quiet_for(node: FakeNode, seconds: float) -> None:
+    """Heartbeat as an idle node for `seconds`, failing if a JOB comes."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        node.heartbeat()
+        job = node.recv_job(timeout=0.1)
+        assert job is None, f"node {node.name} got {job.header.task_id} while its first node may finish it"
+
+
+def next_job(node: FakeNode, timeout: float) -> str | None:
+    """Heartbeat as an idle node until a JOB comes (its task id) or `timeout` passes (None)."""
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        node.heartbeat()
+        job = node.recv_job(timeout=0.1)
+        if job is not None:
+            return job.header.task_id
+    return None
+
+
+def test_the_task_waits_past_the_node_timeout_for_its_node_which_reports_it_done(restarted) -> None:
+    bt, a, b, task_id = restarted(recovery_grace=30.0)
+    quiet_for(b, 3 * bt.config.node_timeout)  # the broker once gave it away after one node timeout
+    a.ready(reports=[task_id]).finish(task_id)  # back: it finished meanwhile
+    ack = a.recv()
+    assert ack is not None and ack.command == w.RESULT_ACK
+    wait_until(lambda: bt.broker.tasks[task_id].state == w.COMPLETED, 5)
+    assert bt.broker.tasks[task_id].attempts == 1
+    quiet_for(b, 0.5)
+
+
+def test_a_node_back_without_the_task_releases_it_at_once(restarted, ctx) -> None:
+    bt, a, b, task_id = restarted(recovery_grace=30.0)
+    a.close()
+    a = FakeNode(ctx, bt.backend, "a", identity=b"a-restarted").ready()  # a new process: nothing to report
+    try:
+        got = None
+        for node in (a, b) * 10:
+            got = got or next_job(node, 0.1)
+        assert got == task_id  # long before the 30 s grace
+        assert bt.broker.tasks[task_id].state == w.RUNNING
+    finally:
+        a.close()
+
+
+def test_an_abandoned_report_puts_the_held_task_back_in_line(restarted) -> None:
+    bt, a, b, task_id = restarted(recovery_grace=30.0)
+    a.ready(busy=True, reports=[task_id])  # still stopping it
+    quiet_for(b, 0.3)
+    a.send(w.Error(task_id, e.ABANDONED, "stopped at step 2"))  # it never finished: someone runs it
+    assert next_job(a, 0.3) == task_id or next_job(b, 2.0) == task_id
+
+
+def test_a_failure_reported_for_a_held_task_fails_it_as_if_it_had_run_there(restarted) -> None:
+    bt, a, b, task_id = restarted(recovery_grace=30.0)
+    a.ready(reports=[task_id]).send(w.Error(task_id, e.GENERATION, "out of memory"))
+    wait_until(lambda: bt.broker.tasks[task_id].state == w.FAILED, 5)
+    assert bt.broker.tasks[task_id].error == "out of memory"
+    quiet_for(b, 0.3)
+
+
+def test_another_nodes_report_cannot_take_a_held_task(restarted) -> None:
+    bt, _, b, task_id = restarted(recovery_grace=1.0)
+    b.send(w.Error(task_id, e.ABANDONED, "not mine"))  # b never ran it: ignored, the task stays held
+    quiet_for(b, 0.3)
+    assert bt.broker.tasks[task_id].state == w.QUEUED
+    assert next_job(b, 3.0) == task_id  # the grace ends: only now may b run it
+
+
+def test_an_older_node_that_does_not_list_its_reports_gets_the_whole_grace(restarted) -> None:
+    bt, a, b, task_id = restarted(recovery_grace=1.5)
+    a.ready(reports=None)
+    wait_until(lambda: bt.broker.nodes.find("a") is not None, 5)
+    quiet_for(b, 0.3)  # a may still send a result
+    a.finish(task_id)
+    wait_until(lambda: bt.broker.tasks[task_id].state == w.COMPLETED, 5)
+    quiet_for(b, 0.3)
