@@ -50,16 +50,16 @@ class NodeSide:
         old = self.nodes.get(identity) or self._same_process(identity, h)
         kept = None
         if old is not None and old.task_id:
-            if busy == old.task_id or (busy is None and old.identity == identity):
-                # Same process: it runs this task, or its JOB is still on the way (it left after
-                # this READY on the same connection, which keeps order). Nothing to re-queue.
+            if busy == old.task_id or old.task_id in (h.reports or ()) or (busy is None and old.identity == identity):
+                # Same process: it runs this task, will report it, or its JOB is still on the way (it
+                # left after this READY on the same connection, which keeps order). Nothing to re-queue.
                 kept = self.tasks.get(old.task_id)
             else:
                 self._requeue_node_task(old, "node re-registered")
         if old is not None and old.identity != identity:
             self.nodes.remove(old.identity)
         node = self.nodes.register(identity, h, self.clock())
-        self._release_held(h)
+        self._release_held(node, h)
         task = None if kept is not None else self.table.claim(busy) if busy else None
         if kept is not None:
             node.state, node.task_id = BUSY, kept.task_id
@@ -76,14 +76,14 @@ class NodeSide:
         log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
         self._dispatch()
 
-    def _release_held(self: Broker, h: w.Ready) -> None:
+    def _release_held(self: Broker, node: Node, h: w.Ready) -> None:
         """Tasks held since a restart for this node go back in line if it neither runs nor reports them."""
         if h.reports is None:
             return  # an older node does not say what it will report: the recovery grace decides
-        for task_id in self.table.held_for(h.node_id):
+        for task_id in self.table.held_for(node.node_id):
             if task_id != h.busy_task and task_id not in h.reports:
-                log.info("node %s came back without task %s: it goes back in line", h.node_id, task_id,
-                         extra=ids(task_id, h.node_id))
+                log.info("node %s came back without task %s: it goes back in line", node.node_id, task_id,
+                         extra=ids(task_id, node.node_id))
                 self.table.release(task_id, self.clock())
 
     def _same_process(self: Broker, identity: bytes, h: w.Ready) -> Node | None:
@@ -133,6 +133,7 @@ class NodeSide:
             self._fail(task, w.FAILED, e.GENERATION, f"the node returned an invalid result: {wrong}")
         elif task is not None:
             self._detach(task)
+            task.node_id = node.node_id  # an adopted result: the node that made the image
             task.state = w.COMPLETED
             task.finished = self.clock()
             task.meta = h.meta
@@ -151,7 +152,9 @@ class NodeSide:
         if task is not None and h.code == e.NODE_BUSY:
             task.attempts -= 1  # it never started
             self._requeue(task, "its node could not take it")
-        elif task is not None and h.code == e.ABANDONED:
+        elif task is not None and h.code in (e.ABANDONED, e.CANCELLED):
+            # CANCELLED for a task that is not final: the broker cancelled it, then died before
+            # journaling why. Stopped, not failed: it runs again.
             if node.leaving:
                 task.attempts -= 1  # an operator stopped the node: that is not the task's failure
             self._requeue(task, "its node stopped it without failing it")

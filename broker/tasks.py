@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from broker.queue import TaskQueue
 from genserve.errors import EXPIRED
+from genserve.logs import ids
 from genserve.spec import GenerationParams, WebhookSpec
 from genserve.wire import FINAL_STATES, QUEUED, RUNNING, Job, Progress, ResultMeta, TaskView
 
@@ -152,9 +153,9 @@ def result_reserve(params: GenerationParams) -> int:
 class TaskTable:
     """Every task the broker knows, with its deadlines, journal and queue placement (no sockets).
 
-    Tasks recovered as *running* after a restart are held back for a grace period
-    (one node timeout), so the node still computing one can reclaim it before any
-    other node is offered it.
+    Tasks recovered as *running* after a restart are held for the node that ran them
+    until it claims, reports or disowns them, or the recovery grace ends; only then is
+    any other node offered them.
 
     Disk budget: the journal counts the bytes of its image files, and each unfinished task
     also holds `result_reserve` bytes for its result, so the results of accepted tasks
@@ -336,7 +337,8 @@ class TaskTable:
         """Release held tasks whose grace is over; purge results past their retention."""
         for task_id, (until, node_id) in list(self._held.items()):
             if now >= until:
-                log.warning("task %s: node %s did not come back for it; it goes back in line", task_id, node_id)
+                log.warning("task %s: node %s did not come back for it; it goes back in line", task_id, node_id,
+                            extra=ids(task_id, node_id))
                 self.release(task_id, now)  # it was running: first in line
         if now - self._last_purge > min(60.0, result_ttl / 2):
             self._last_purge = now

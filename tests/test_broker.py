@@ -378,7 +378,7 @@ def test_a_result_finished_while_the_broker_was_down_is_adopted_once(broker_fact
         task_id = submit(clients[0], spec())
         assert a.recv_job().header.task_id == task_id
         bt.close()  # the broker dies while node a computes
-        bt = broker_factory(frontend=bt.frontend, backend=bt.backend)  # same journal: the task is held for a
+        bt = broker_factory(frontend=bt.frontend, backend=bt.backend, recovery_grace=30.0)  # held for a
         b = FakeNode(ctx, bt.backend, "b").ready()
         a.ready(reports=[task_id])  # a re-registers idle (it finished meanwhile), then re-sends the report it kept
         a.finish(task_id)

@@ -7,15 +7,17 @@ import threading
 from pathlib import Path
 
 import pytest
+import zmq
 
 from genserve import wire as w
 from genserve.spec import TaskSpec
 from gpu_node.__main__ import build
 from gpu_node.catalog import resolve_model_paths
 from gpu_node.config import NodeConfig
+from gpu_node.node import Capabilities, Node
 from http_front.broker_client import BrokerClient
 from tests.conftest import stopped_at, wait_until
-from tests.fakes import FakeNode, params
+from tests.fakes import META, FakeNode, params
 
 LONG = params(prompt="slow", width=1024, height=1024, num_inference_steps=100)
 
@@ -50,8 +52,8 @@ def test_a_job_finished_while_the_broker_was_down_is_reported_to_the_next_one_no
         broker_factory, ctx, tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gpu_node.node")
     bt = broker_factory()
-    # Liveness 50: the node does not give up on the broker (10 s) before it finishes the job.
-    config = NodeConfig(broker=bt.backend, device="cpu", node_id="steady", heartbeat_interval=0.2, liveness=50,
+    # The node must not give up on the broker before it finishes the job: liveness far beyond it.
+    config = NodeConfig(broker=bt.backend, device="cpu", node_id="steady", heartbeat_interval=0.2, liveness=1000,
                         model_paths=resolve_model_paths(tiny_models, {}, "cpu", ("flux1-dev",)),
                         max_sequence_length=32)
     node, _ = build(config)
@@ -85,3 +87,37 @@ def test_a_job_finished_while_the_broker_was_down_is_reported_to_the_next_one_no
             idle.close()
         node.stop()
         thread.join(timeout=30)
+
+
+def test_ready_claims_a_running_job_and_lists_kept_reports_and_an_abandoned_job(ctx) -> None:
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
+    node = Node(NodeConfig(broker=f"tcp://127.0.0.1:{port}", device="cpu", node_id="unit"),
+                runner=lambda *_: (b"", None), capabilities=lambda _full: caps, context=ctx)
+
+    def ready() -> w.Ready:
+        node._register()
+        while router.poll(5000):
+            msg = w.split_routed(router.recv_multipart())[1]
+            if msg.command == w.READY:
+                return msg.header
+        raise AssertionError("no READY")
+
+    try:
+        node._connect()  # registers once: nothing running, nothing kept
+        first = w.split_routed(router.recv_multipart())[1].header if router.poll(5000) else None
+        assert first is not None and (first.busy_task, first.busy, first.reports) == (None, False, [])
+        node._unacked["done-1"] = w.encode(w.Result("done-1", META), [b"png"])
+        node.current = "running-2"
+        h = ready()
+        assert (h.busy_task, h.busy, h.reports) == ("running-2", True, ["done-1"])  # keeps it
+        node._abandoned.add("running-2")
+        h = ready()
+        assert (h.busy_task, h.busy, h.reports) == (None, True, ["done-1", "running-2"])  # its report follows
+    finally:
+        if node.dealer is not None:
+            node.dealer.close(linger=0)
+        node._pair.close(linger=0)
+        router.close(linger=0)
