@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         broker.run()
     finally:
         broker.close()
+    if broker.failed:
+        raise SystemExit("genserve-broker: the journal could not commit; restart to recover from it")
 
 
 if __name__ == "__main__":

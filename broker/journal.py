@@ -36,6 +36,8 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -106,6 +108,7 @@ class Journal:
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.input_bytes = 0  # bytes of input files of unfinished tasks
         self.result_bytes = 0  # bytes of stored result files
+        self._after_commit: list[Callable[[], None]] | None = None  # inside batch(): deferred work
         # Built on the starting thread, then used only by the broker thread.
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect only on a new database
@@ -134,11 +137,49 @@ class Journal:
         os.replace(tmp, self.blob_dir / name)
 
     def _unlink(self, names: Iterable[str]) -> None:
+        if self._after_commit is not None:  # a row that named them may still roll back
+            names = list(names)
+            self._after_commit.append(lambda: self._unlink(names))
+            return
         for name in names:
             try:
                 os.unlink(self.blob_dir / name)
             except FileNotFoundError:
                 pass
+
+    # ---- transactions ------------------------------------------------------
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group every write in the block into one transaction, committed when it ends (group commit).
+
+        Files are still written at once, before the rows that name them; deleting files and
+        compacting wait for the commit. Whatever the block raised, what it wrote is committed:
+        the caller's memory already holds it. A failed commit raises, and nothing that depends
+        on it (an ACK) may be sent.
+        """
+        if self._after_commit is not None:
+            yield
+            return
+        self._db.execute("BEGIN")
+        self._after_commit = []
+        try:
+            yield
+        finally:
+            deferred, self._after_commit = self._after_commit, None
+            self._db.execute("COMMIT")
+            for work in deferred:
+                work()
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One transaction for a multi-statement change, or part of the running batch."""
+        if self._after_commit is not None:
+            yield
+            return
+        with self._db:
+            self._db.execute("BEGIN")
+            yield
 
     # ---- opening -----------------------------------------------------------
 
@@ -253,8 +294,7 @@ class Journal:
         inputs, input_bytes, old_result = row or (0, 0, None)
         if result is not None:
             self._write(_result_name(task.task_id), result)
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._tx():
             self.update(task)
             self._db.execute("UPDATE tasks SET inputs=0, input_bytes=0, result_bytes=?, result_expired=0"
                              " WHERE task_id=?", (None if result is None else len(result), task.task_id))
@@ -318,8 +358,7 @@ class Journal:
             (finished_before,)).fetchall()
         if not rows:
             return []
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._tx():
             self._db.executemany("DELETE FROM tasks WHERE task_id=?", [(r[0],) for r in rows])
         self._unlink(_result_name(r[0]) for r in rows if r[1] is not None)
         self.result_bytes -= sum(r[1] or 0 for r in rows)
@@ -344,8 +383,7 @@ class Journal:
         cursor.close()
         if not victims:
             return []
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._tx():
             self._db.executemany("UPDATE tasks SET result_bytes=NULL, result_expired=1 WHERE task_id=?",
                                  [(t,) for t, _ in victims])
         self._unlink(_result_name(t) for t, _ in victims)
@@ -355,5 +393,8 @@ class Journal:
 
     def _compact(self) -> None:
         """Return freed database pages to the filesystem and truncate the WAL."""
+        if self._after_commit is not None:  # a checkpoint cannot run inside a transaction
+            self._after_commit.append(self._compact)
+            return
         self._db.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page only
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()

@@ -10,8 +10,10 @@ moves typed messages between them and the sockets.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
+from functools import partial
 from typing import Any, Callable
 
 import zmq
@@ -34,6 +36,7 @@ from genserve import wire as w
 from genserve.logs import ids, key_ref
 
 log = logging.getLogger(__name__)
+SendFailed = Callable[[zmq.ZMQError], None]
 
 
 class Broker(FrontSide, NodeSide):
@@ -53,6 +56,9 @@ class Broker(FrontSide, NodeSide):
         self._positions_at = -1  # TaskQueue.changes when positions were last compared
         self.tasks = self.table.tasks  # read-only view for INFO and tests
         self._stop = threading.Event()
+        self.failed = False  # run() ended because the journal could not commit
+        # Inside a batch of messages, what is sent waits for the batch's journal commit.
+        self._held_sends: list[tuple[zmq.Socket, list[Any], SendFailed]] | None = None
         self.frontend = self.context.socket(zmq.ROUTER)
         self.backend = self.context.socket(zmq.ROUTER)
         for sock in (self.frontend, self.backend):
@@ -124,34 +130,63 @@ class Broker(FrontSide, NodeSide):
         next_timers = 0.0
         while not self._stop.is_set():
             events = dict(poller.poll(timeout=int(tick * 1000)))
-            if self.backend in events:
-                self._drain(self.backend, self._handle_node)
-            if self.frontend in events:
-                self._drain(self.frontend, self._handle_front)
+            try:
+                if self.backend in events:
+                    self._drain(self.backend, self._handle_node)
+                if self.frontend in events:
+                    self._drain(self.frontend, self._handle_front)
+            except sqlite3.Error:
+                # Memory is now ahead of the journal: only a restart from the journal is consistent.
+                log.critical("the journal cannot commit; stopping without replying", exc_info=True)
+                self.failed = True
+                return
             now = self.clock()
             if now >= next_timers:
                 self._timers(now)
                 next_timers = now + tick
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
-        for _ in range(1000):  # bounded so one busy side cannot starve the other
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return
-            handler(frames)
-
-    def _send(self, sock: zmq.Socket, identity: bytes, header: Any, blobs: list[bytes] | tuple = ()) -> bool:
+        """Handle what is waiting on `sock` as one batch: one journal commit, then the replies (group commit)."""
+        self._held_sends = []
         try:
-            sock.send_multipart(w.routed(identity, header, blobs), flags=zmq.NOBLOCK, copy=False)
-            return True
-        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
-            log.warning("cannot send %s to %r: %s", type(header).__name__, identity, exc)
-            return False
+            with self.journal.batch():
+                for _ in range(1000):  # bounded so one busy side cannot starve the other
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    handler(frames)
+        except BaseException:
+            self._held_sends = None  # the commit failed: no ACK may claim what is not journaled
+            raise
+        held, self._held_sends = self._held_sends, None
+        for out, frames, failed in held:
+            self._emit(out, frames, failed)
 
-    def _to_node(self, node: Node, header: Any, blobs: list[bytes] | tuple = ()) -> bool:
+    def _emit(self, sock: zmq.Socket, frames: list[Any], failed: SendFailed) -> None:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
+            failed(exc)
+
+    def _out(self, sock: zmq.Socket, frames: list[Any], failed: SendFailed) -> None:
+        """Send `frames` once what the running batch wrote is committed (at once outside a batch)."""
+        if self._held_sends is not None:
+            self._held_sends.append((sock, frames, failed))
+        else:
+            self._emit(sock, frames, failed)
+
+    def _send(self, sock: zmq.Socket, identity: bytes, header: Any, blobs: list[bytes] | tuple = (),
+              failed: SendFailed | None = None) -> None:
+        def warn(exc: zmq.ZMQError) -> None:
+            log.warning("cannot send %s to %r: %s", type(header).__name__, identity, exc)
+
+        self._out(sock, w.routed(identity, header, blobs), failed or warn)
+
+    def _to_node(self, node: Node, header: Any, blobs: list[bytes] | tuple = (),
+                 failed: SendFailed | None = None) -> None:
         node.last_sent = self.clock()
-        return self._send(self.backend, node.identity, header, blobs)
+        self._send(self.backend, node.identity, header, blobs, failed)
 
     # ---- scheduling and task transitions --------------------------------
 
@@ -172,15 +207,21 @@ class Broker(FrontSide, NodeSide):
         log.info("task %s %s on node %s (attempt %d)", task.task_id, "resumed" if resumed else "started",
                  node.node_id, task.attempts, extra=ids(task.task_id, node.node_id, key_ref(task.owner)))
         self.table.update(task)
-        if not resumed and not self._to_node(node, task.job(), task.inputs):
-            self.nodes.remove(node.identity)
-            task.attempts -= 1  # it never reached the node
-            self._requeue_node_task(node, "node unreachable")
-        else:
+        if not resumed:
+            self._to_node(node, task.job(), task.inputs, partial(self._job_undelivered, task, node))
+        if task.state == w.RUNNING and task.node == node.identity:  # not already undelivered
             self._publish(task, "running")
             if not resumed:
                 self.webhooks.started(task, task.started)
                 self.metrics.started(task)
+
+    def _job_undelivered(self, task: Task, node: Node, exc: zmq.ZMQError) -> None:
+        log.warning("cannot send task %s to node %s: %s", task.task_id, node.node_id, exc,
+                    extra=ids(task.task_id, node.node_id))
+        if task.state == w.RUNNING and task.node == node.identity:
+            self.nodes.remove(node.identity)
+            task.attempts -= 1  # it never reached the node
+            self._requeue_node_task(node, "node unreachable")
 
     def _requeue_node_task(self, node: Node, why: str) -> None:
         """Put back the task a lost or re-registering node was running."""
@@ -241,18 +282,17 @@ class Broker(FrontSide, NodeSide):
                 self.subs.position_changed(task.task_id, position)
             frames = w.encode(w.Event(kind, self.subs.next_id(), task.view(position)))
             for peer in peers:
-                try:
-                    self.frontend.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:  # that front's queue is full: its renewal resends the state
-                    log.debug("event for task %s dropped: front %r is not reading", task.task_id, peer,
-                              extra=ids(task.task_id))
-                except zmq.ZMQError as exc:
-                    if exc.errno == zmq.EHOSTUNREACH:
-                        self.subs.drop_peer(peer)  # that front is gone
-                    else:
-                        log.warning("cannot send an event to front %r: %s", peer, exc)
+                self._out(self.frontend, [peer, *frames], partial(self._event_undelivered, task.task_id, peer))
         if task.final:
             self.subs.forget(task.task_id)
+
+    def _event_undelivered(self, task_id: str, peer: bytes, exc: zmq.ZMQError) -> None:
+        if isinstance(exc, zmq.Again):  # that front's queue is full: its renewal resends the state
+            log.debug("event for task %s dropped: front %r is not reading", task_id, peer, extra=ids(task_id))
+        elif exc.errno == zmq.EHOSTUNREACH:
+            self.subs.drop_peer(peer)  # that front is gone
+        else:
+            log.warning("cannot send an event to front %r: %s", peer, exc)
 
     def _publish_positions(self) -> None:
         """A `position` event for each subscribed queued task whose place moved since it was told."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import msgpack
+import pytest
 
 from broker.journal import Journal
 from broker.tasks import Task
@@ -107,6 +108,46 @@ def test_purge_removes_old_final_tasks_only(tmp_path: Path) -> None:
     assert j.purge(finished_before=500.0) == ["t0"]
     assert j.result("t0") is None
     assert {t.task_id for t in j.load()} == {"t1", "t2"}
+    j.close()
+
+
+def rows_seen_by_another_connection(path: Path) -> set[str]:
+    """Task ids committed, as a second reader sees them."""
+    db = sqlite3.connect(path)
+    try:
+        return {r[0] for r in db.execute("SELECT task_id FROM tasks")}
+    finally:
+        db.close()
+
+
+def test_a_batch_commits_its_writes_together_and_deletes_files_only_after(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    j.add(task("t0", 0))
+    with j.batch():
+        j.add(task("t1", 1))
+        done = task("t0", 0, w.COMPLETED)
+        done.finished = 10.0
+        j.finish(done, b"png")  # a multi-statement change joins the batch
+        assert rows_seen_by_another_connection(tmp_path / "j.db") == {"t0"}  # t1 not committed yet
+        assert (j.blob_dir / "t1.in0").exists() and (j.blob_dir / "t0.result").exists()  # files first
+        assert (j.blob_dir / "t0.in0").exists()  # the row that stops naming it may still roll back
+        assert j.purge(finished_before=500.0) == ["t0"]  # compaction waits for the commit
+        assert (j.blob_dir / "t0.result").exists()
+    assert rows_seen_by_another_connection(tmp_path / "j.db") == {"t1"}
+    assert not (j.blob_dir / "t0.in0").exists() and not (j.blob_dir / "t0.result").exists()
+    j.close()
+
+
+def test_what_a_failing_batch_wrote_is_committed_as_memory_already_holds_it(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    with pytest.raises(RuntimeError), j.batch():
+        j.add(task("t1", 1))
+        with j.batch():  # nested: part of the outer one
+            j.add(task("t2", 2))
+        raise RuntimeError("one handler failed")
+    assert rows_seen_by_another_connection(tmp_path / "j.db") == {"t1", "t2"}
+    j.add(task("t3", 3))  # autocommit again after the batch
+    assert rows_seen_by_another_connection(tmp_path / "j.db") == {"t1", "t2", "t3"}
     j.close()
 
 
