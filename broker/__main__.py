@@ -56,6 +56,9 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                          " (env GENSERVE_AFFINITY_WINDOW)")
     ap.add_argument("--load-cost", type=float, default=float(env.get("GENSERVE_LOAD_COST", d.load_cost)),
                     help="standard jobs a model load is billed to the key that caused it (env GENSERVE_LOAD_COST)")
+    ap.add_argument("--lora-slack", type=float, default=float(env.get("GENSERVE_LORA_SLACK", d.lora_slack)),
+                    help="standard jobs of fair-share lead a task may take over the pick on a node whose LoRA"
+                         " slots already hold its set; negative: off (env GENSERVE_LORA_SLACK)")
     ap.add_argument("--recovery-grace", type=float,
                     default=float(env.get("GENSERVE_RECOVERY_GRACE", d.recovery_grace)),
                     help="after a restart, seconds a task that was running waits for its node to come back"
@@ -97,7 +100,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     a = ap.parse_args(argv)
     if a.log_format not in logs.FORMATS:  # argparse checks choices on the command line only
         ap.error(f"GENSERVE_LOG_FORMAT must be one of {list(logs.FORMATS)}")
-    for flag, value in (("--affinity-slack", abs(a.affinity_slack)), ("--affinity-window", a.affinity_window),
+    for flag, value in (("--affinity-slack", abs(a.affinity_slack)), ("--lora-slack", abs(a.lora_slack)),
+                        ("--affinity-window", a.affinity_window),
                         ("--load-cost", a.load_cost), ("--recovery-grace", a.recovery_grace)):
         if not 0 <= value < 1e9:  # also refuses NaN, which would break the queue's ordering
             ap.error(f"{flag} must be a number from 0 to 1e9")
@@ -109,6 +113,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         max_queued_per_owner=a.max_queued_per_key, disk_budget_bytes=int(a.disk_budget_mb * MB),
         affinity_slack=None if a.affinity_slack < 0 else a.affinity_slack, affinity_window=a.affinity_window,
         load_cost=a.load_cost, recovery_grace=a.recovery_grace,
+        lora_slack=None if a.lora_slack < 0 else a.lora_slack,
         curve_secret_file=_path(a.curve_secret),
         curve_authorized_dir=_path(a.curve_authorized), insecure=a.insecure,
         webhook_secret=a.webhook_secret, webhook_allow_private=a.webhook_allow_private,

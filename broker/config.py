@@ -29,6 +29,9 @@ class BrokerConfig:
     affinity_window: float = 3600.0
     affinity_slack: float | None = 10.0
     load_cost: float = 10.0
+    # LoRA affinity: a node whose slots hold a task's LoRA set gets it before the pick if its fair-share
+    # tag is at most `lora_slack` standard jobs later (None: off).
+    lora_slack: float | None = 1.0
     # After a restart, a task that was running waits up to this long (from the first poll) for the node
     # that ran it to claim it, report it or re-register without it; only then may another node run it.
     # A node in reconnect backoff (gpu_node's reconnect_max, 8 s) comes back within it.

@@ -101,6 +101,8 @@ class NodeSide:
             node.memory_free = h.memory_free
         if h.loras is not None:
             node.loras = list(h.loras)
+        if h.lora_sets is not None:
+            node.lora_sets = dict(h.lora_sets)
         if h.stats is not None:
             node.stats = h.stats
         if h.leaving and not node.leaving:
@@ -119,6 +121,8 @@ class NodeSide:
 
     def _on_result(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Result = msg.header
+        if h.lora_sets is not None:
+            node.lora_sets = dict(h.lora_sets)
         task = self._release(node, h.task_id, h.loaded)
         if task is None:
             # A report kept by a node across a broker restart or a reconnect: finished work is

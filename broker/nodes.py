@@ -22,6 +22,7 @@ class Node:
     memory_free: int = 0
     loaded: list[str] = field(default_factory=list)
     loras: list[LoraInfo] = field(default_factory=list)
+    lora_sets: dict[str, str] = field(default_factory=dict)  # model -> LoRA set resident in its slots
     host: str = ""
     pid: int = 0
     state: str = IDLE

@@ -47,7 +47,7 @@ class Entry:
     enqueued_at: float
     owner: str = ""
     weight: float = 1.0
-    lora: str = ""  # the task's LoRA set, "" for none (only the simulator sets it so far)
+    lora: str = ""  # the task's LoRA set (genserve.spec.lora_set_key), "" for none
     share: float = 0.0  # cost / weight: what its key was charged for it, given back if it never runs
 
 

@@ -47,7 +47,7 @@ class Broker(FrontSide, NodeSide):
         self.config = config
         self.clock = clock
         self.context = context or zmq.Context.instance()
-        self.queue = TaskQueue(config.affinity_window, config.affinity_slack)
+        self.queue = TaskQueue(config.affinity_window, config.affinity_slack, config.lora_slack)
         self.nodes = NodeRegistry()
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self.table = TaskTable(self.journal, self.queue)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterator
 from broker.queue import TaskQueue
 from genserve.errors import EXPIRED
 from genserve.logs import ids
-from genserve.spec import GenerationParams, WebhookSpec
+from genserve.spec import GenerationParams, WebhookSpec, lora_set_key
 from genserve.wire import FINAL_STATES, QUEUED, RUNNING, Job, Progress, ResultMeta, TaskView
 
 if TYPE_CHECKING:
@@ -269,7 +269,7 @@ class TaskTable:
 
     def _push(self, task: Task, now: float, tag: float | None = None) -> None:
         task.tag = self.queue.push(task.task_id, task.model, task.priority, task.seq, now, task.owner,
-                                   task.weight, job_cost(task.params), tag)
+                                   task.weight, job_cost(task.params), tag, lora_set_key(task.params.loras))
 
     def claim(self, task_id: str) -> Task | None:
         """Take a waiting (queued or held) task out of line, for a node that already runs it."""

@@ -17,6 +17,11 @@ class LoraRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     weight: float = 1.0
 
 
+def lora_set_key(loras: list[LoraRef]) -> str:
+    """The LoRA set a job puts on its model, as broker and node compare it ("" for none)."""
+    return "\n".join(f"{lora.name}\t{lora.weight!r}" for lora in loras)
+
+
 class GenerationParams(msgspec.Struct, forbid_unknown_fields=True):
     """What the pipeline call needs; sizes already rounded to a multiple of 16."""
 

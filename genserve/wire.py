@@ -290,6 +290,7 @@ class Heartbeat(_Header):
     task_id: str | None = None
     leaving: bool = False  # the node is stopping: give it no new work
     stats: NodeStats | None = None
+    lora_sets: dict[str, str] | None = None  # as in Result
 
 
 class ProgressReport(_Header):
@@ -306,6 +307,7 @@ class Result(_Header):
     task_id: str
     meta: ResultMeta
     loaded: list[str] | None = None
+    lora_sets: dict[str, str] | None = None  # model -> LoRA set resident in its slots (genserve.spec.lora_set_key)
 
 
 class Error(_Header):

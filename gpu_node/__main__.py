@@ -148,9 +148,10 @@ def build(config: NodeConfig):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
     def capabilities(full: bool) -> Capabilities:
-        return Capabilities(modes, int(total), memory_free(), list(cache.loaded),
-                            scan(config.lora_dir) if full else None, cache.loads, cache.load_seconds,
-                            cache.evictions)
+        loaded = list(cache.loaded)
+        sets = {model: key for model, key in generator.lora_sets.items() if model in loaded}
+        return Capabilities(modes, int(total), memory_free(), loaded, scan(config.lora_dir) if full else None,
+                            sets, cache.loads, cache.load_seconds, cache.evictions)
 
     for model_id in config.preload:
         if model_id == "flux1-redux-dev":

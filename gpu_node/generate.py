@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from genserve.catalog import CONTROL_TYPES, MODEL_MODES, REQUIRED_IMAGES
-from genserve.spec import GenerationParams
+from genserve.spec import GenerationParams, lora_set_key
 from genserve.wire import ResultMeta
 from gpu_node.errors import Cancelled, JobError
+from gpu_node.lora_slots import slots_of
 from gpu_node.loras import LoraLibrary, LoraUse
 from gpu_node.pipeline_cache import PipelineCache
 from gpu_node.speed import SpeedOptions, set_cache
@@ -77,6 +78,8 @@ class Generator:
         self.png_level = png_level
         self.max_sequence_length = max_sequence_length
         self.speed = speed or SpeedOptions()
+        # Model -> LoRA set its slots hold after the last job (replaced whole: the socket thread reads it).
+        self.lora_sets: dict[str, str] = {}
 
     def fast(self, params: GenerationParams) -> bool:
         """Whether the step cache runs for these parameters (the request's choice, else the node's)."""
@@ -121,6 +124,9 @@ class Generator:
         fast = self.fast(jobs[0].params)
         transformer = pipe.transformer
         with torch.inference_mode(), self.loras.applied(pipe, args["loras"]) as lora:
+            if slots_of(pipe) is not None:  # the set stays for the next job only when it was packed
+                resident = lora_set_key(args["loras"]) if lora.path != "reload" else ""
+                self.lora_sets = {**self.lora_sets, jobs[0].model_id: resident}
             set_cache(transformer, fast, self.speed.cache_threshold)  # after the LoRAs: a fallback swaps blocks
             try:
                 images = pipe(**kwargs).images

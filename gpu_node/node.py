@@ -46,6 +46,7 @@ class Capabilities:
     memory_free: int
     loaded: list[str]
     loras: list[w.LoraInfo] | None = None
+    lora_sets: dict[str, str] | None = None  # loaded model -> the LoRA set its slots hold
     model_loads: int = 0
     load_seconds: float = 0.0
     evictions: int = 0
@@ -170,7 +171,8 @@ class Node:
         stats = w.NodeStats(busy_seconds=round(self.busy_seconds, 3), jobs=self.jobs, model_loads=live.model_loads,
                             load_seconds=round(live.load_seconds, 3), evictions=live.evictions)
         return w.Heartbeat(loaded=live.loaded, memory_free=live.memory_free, loras=live.loras,
-                           idle=self.current is None, task_id=self.current, leaving=leaving, stats=stats)
+                           idle=self.current is None, task_id=self.current, leaving=leaving, stats=stats,
+                           lora_sets=live.lora_sets)
 
     def _drain_broker(self) -> None:
         assert self.dealer is not None
@@ -226,8 +228,11 @@ class Node:
                 self.current = None
                 self._cancelled.discard(task_id)
                 self._abandoned.discard(task_id)
-                # The job may have loaded a model: tell the broker now, not at the next heartbeat.
-                report = msgspec.structs.replace(msg.header, loaded=self.capabilities(False).loaded)
+                # The job may have loaded a model or LoRAs: tell the broker now, not at the next heartbeat.
+                live = self.capabilities(False)
+                report = msgspec.structs.replace(msg.header, loaded=live.loaded)
+                if isinstance(report, w.Result):
+                    report = msgspec.structs.replace(report, lora_sets=live.lora_sets)
                 frames = w.encode(report, msg.blobs)
                 self._keep(task_id, frames)
                 self._send_frames(frames)

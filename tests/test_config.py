@@ -16,7 +16,8 @@ def test_broker_flags_over_env_over_defaults() -> None:
     c = broker_config(["--frontend", "tcp://127.0.0.1:7"], env)
     assert c.frontend == "tcp://127.0.0.1:7" and c.task_timeout == 30.0 and c.max_retries == 2
     assert c.node_timeout == c.heartbeat_interval * c.liveness == 3.0
-    assert c.recovery_grace == 15.0
+    assert c.recovery_grace == 15.0 and c.lora_slack == 1.0
+    assert broker_config(["--lora-slack", "-1"], {}).lora_slack is None  # off
     assert broker_config([], {"GENSERVE_RECOVERY_GRACE": "40"}).recovery_grace == 40.0
 
 
@@ -69,7 +70,7 @@ def test_broker_affinity_flags() -> None:
 
 
 @pytest.mark.parametrize("argv", [["--affinity-slack", "nan"], ["--load-cost", "-1"], ["--affinity-window", "inf"],
-                                  ["--recovery-grace", "nan"], ["--recovery-grace", "-5"]])
+                                  ["--recovery-grace", "nan"], ["--recovery-grace", "-5"], ["--lora-slack", "nan"]])
 def test_broker_refuses_bad_scheduling_flags(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         broker_config(argv, {})

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from genserve.spec import GenerationParams, LoraRef
+from genserve.spec import GenerationParams, LoraRef, lora_set_key
 from gpu_node.catalog import resolve_model_paths
 from gpu_node.config import SpeedError, SpeedOptions
 from gpu_node.errors import JobError
@@ -100,6 +100,9 @@ def test_hot_swap_equals_loading_the_loras_and_reports_its_path(tiny_models: Pat
         got, want = run(slots, job(loras=loras)), run(eager, job(loras=loras))
         assert np.abs(pixels(got) - pixels(want)).max() <= 1
         assert got[1].lora_load == ("hotswap" if loras else None) and want[1].lora_load == ("reload" if loras else None)
+        # What the node reports for LoRA affinity: the set now resident, as the broker keys tasks.
+        assert slots.lora_sets == {"flux1-dev": lora_set_key(job(loras=loras).params.loras)}
+        assert eager.lora_sets == {}  # without slots nothing stays resident
         if loras:
             assert np.abs(pixels(got) - plain).max() > 10, "the LoRA changed nothing: the test would prove nothing"
     assert pixels(run(slots, job())).tolist() == plain.tolist(), "a previous set leaked into a job without LoRAs"
@@ -111,10 +114,11 @@ def test_a_set_over_the_slot_rank_falls_back_and_leaves_the_slot_usable(tiny_mod
     both = ((CAT, 0.8), (WATERCOLOR, 0.5))
     got = run(small, job(loras=both))
     assert got[1].lora_load == "reload" and got[1].lora_seconds is not None
+    assert small.lora_sets == {"flux1-dev": ""}  # loaded beside the slots and removed: nothing stays
     assert np.abs(pixels(got) - pixels(run(eager, job(loras=both)))).max() <= 1
     assert pipe.get_list_adapters() == {"transformer": [ADAPTER]}, "the fallback's adapters were left behind"
     one = run(small, job(loras=((CAT, 0.8),)))
-    assert one[1].lora_load == "hotswap"
+    assert one[1].lora_load == "hotswap" and small.lora_sets == {"flux1-dev": f"{CAT}\t0.8"}
     assert np.abs(pixels(one) - pixels(run(eager, job(loras=((CAT, 0.8),))))).max() <= 1
 
 
