@@ -168,8 +168,11 @@ class Journal:
         finally:
             deferred, self._after_commit = self._after_commit, None
             self._db.execute("COMMIT")
-            for work in deferred:
-                work()
+            for work in deferred:  # committed: a failure from here on is logged, never raised
+                try:
+                    work()
+                except (OSError, sqlite3.Error):
+                    log.exception("journal clean-up after a commit failed")
 
     @contextmanager
     def _tx(self) -> Iterator[None]:

@@ -121,9 +121,9 @@ class NodeSide:
 
     def _on_result(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Result = msg.header
-        if h.lora_sets is not None:
-            node.lora_sets = dict(h.lora_sets)
         task = self._release(node, h.task_id, h.loaded)
+        if task is not None and h.lora_sets is not None:
+            node.lora_sets = dict(h.lora_sets)  # a late or re-sent report may describe older slots
         if task is None:
             # A report kept by a node across a broker restart or a reconnect: finished work is
             # never thrown away while its task is still waiting or running elsewhere.

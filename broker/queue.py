@@ -61,6 +61,7 @@ class TaskQueue:
         self.lora_slack = lora_slack
         self._heaps: dict[str, list[Entry]] = {}
         self._lora_heaps: dict[tuple[str, str], list[Entry]] = {}  # tasks with LoRAs, by (model, set)
+        self._per_lora: dict[tuple[str, str], int] = {}  # live tasks per (model, set): the heap goes at 0
         self._live: dict[str, Entry] = {}
         # For positions and INFO without scanning the queue: sorted (tag, seq) per priority
         # (a position is computed on every SUBMIT and every /task poll) and counts per model.
@@ -90,6 +91,7 @@ class TaskQueue:
         heapq.heappush(self._heaps.setdefault(model, []), entry)
         if lora and self.lora_slack is not None:
             heapq.heappush(self._lora_heaps.setdefault((model, lora), []), entry)
+            self._per_lora[(model, lora)] = self._per_lora.get((model, lora), 0) + 1
         bisect.insort(self._order.setdefault(priority, []), (tag, seq))
         self._owned.setdefault((owner, priority), set()).add(task_id)
         self._per_model[model] = self._per_model.get(model, 0) + 1
@@ -137,7 +139,7 @@ class TaskQueue:
         for model in {e.model for e in moved}:
             self._compact(self._heaps, model, self._per_model[model])
         for lora_key in {(e.model, e.lora) for e in moved if e.lora and self.lora_slack is not None}:
-            self._compact(self._lora_heaps, lora_key, self._per_model[lora_key[0]])
+            self._compact(self._lora_heaps, lora_key, self._per_lora[lora_key])
 
     def _compact(self, heaps: dict[Any, list[Entry]], key: Any, live_at_most: int) -> None:
         """Rebuild a heap that holds mostly stale entries (left behind by charges)."""
@@ -185,6 +187,15 @@ class TaskQueue:
         else:
             del self._per_model[entry.model]
             self._heaps.pop(entry.model, None)
+        if entry.lora and self.lora_slack is not None:
+            key = (entry.model, entry.lora)
+            left = self._per_lora[key] - 1
+            if left:
+                self._per_lora[key] = left
+                self._compact(self._lora_heaps, key, left)
+            else:
+                del self._per_lora[key]
+                self._lora_heaps.pop(key, None)
         return entry
 
     def _head(self, model: str) -> Entry | None:
@@ -197,8 +208,6 @@ class TaskQueue:
             if self._live.get(entry.task_id) is entry:
                 return entry
             heapq.heappop(heap)
-        if heap is not None and heaps is self._lora_heaps:
-            del heaps[key]  # one heap per LoRA set ever seen would grow without bound
         return None
 
     def peek_for(self, models: Iterable[str], loaded: Iterable[str] = (), now: float = 0.0,

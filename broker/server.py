@@ -37,6 +37,7 @@ from genserve.logs import ids, key_ref
 
 log = logging.getLogger(__name__)
 SendFailed = Callable[[zmq.ZMQError], None]
+BATCH_SECONDS = 0.02  # at most this much handling shares one commit
 
 
 class Broker(FrontSide, NodeSide):
@@ -57,8 +58,8 @@ class Broker(FrontSide, NodeSide):
         self.tasks = self.table.tasks  # read-only view for INFO and tests
         self._stop = threading.Event()
         self.failed = False  # run() ended because the journal could not commit
-        # Inside a batch of messages, what is sent waits for the batch's journal commit.
-        self._held_sends: list[tuple[zmq.Socket, list[Any], SendFailed]] | None = None
+        # Inside a batch of messages, what is sent (and webhooks queued) waits for the batch's journal commit.
+        self._held: list[Callable[[], None]] | None = None
         self.frontend = self.context.socket(zmq.ROUTER)
         self.backend = self.context.socket(zmq.ROUTER)
         for sock in (self.frontend, self.backend):
@@ -147,7 +148,8 @@ class Broker(FrontSide, NodeSide):
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
         """Handle what is waiting on `sock` as one batch: one journal commit, then the replies (group commit)."""
-        self._held_sends = []
+        self._held = []
+        until = time.monotonic() + BATCH_SECONDS  # an ACK waits for its batch's commit: keep batches short
         try:
             with self.journal.batch():
                 for _ in range(1000):  # bounded so one busy side cannot starve the other
@@ -156,25 +158,49 @@ class Broker(FrontSide, NodeSide):
                     except zmq.Again:
                         break
                     handler(frames)
-        except BaseException:
-            self._held_sends = None  # the commit failed: no ACK may claim what is not journaled
+                    if time.monotonic() > until:
+                        break
+        except sqlite3.Error:
+            self._held = None  # the commit failed: no ACK may claim what is not journaled
             raise
-        held, self._held_sends = self._held_sends, None
-        for out, frames, failed in held:
-            self._emit(out, frames, failed)
+        finally:
+            if self._held is not None:
+                self._flush()
 
-    def _emit(self, sock: zmq.Socket, frames: list[Any], failed: SendFailed) -> None:
+    def _flush(self) -> None:
+        """Run what the batch held back, in order; what that sends or defers goes out after it."""
+        held, i = self._held or [], 0
+        try:
+            while i < len(held):
+                i += 1
+                try:
+                    held[i - 1]()
+                except Exception:  # one send's follow-up must not cost the others theirs
+                    log.exception("error after a journal commit")
+        finally:
+            self._held = None
+
+    def _later(self, work: Callable[[], None]) -> None:
+        """Run `work` once what the running batch wrote is committed (at once outside a batch)."""
+        if self._held is not None:
+            self._held.append(work)
+        else:
+            work()
+
+    def _emit(self, sock: zmq.Socket, frames: list[Any], failed: SendFailed,
+              sent: Callable[[], None] | None = None) -> None:
         try:
             sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
             failed(exc)
+            return
+        if sent is not None:
+            sent()
 
-    def _out(self, sock: zmq.Socket, frames: list[Any], failed: SendFailed) -> None:
+    def _out(self, sock: zmq.Socket, frames: list[Any], failed: SendFailed,
+             sent: Callable[[], None] | None = None) -> None:
         """Send `frames` once what the running batch wrote is committed (at once outside a batch)."""
-        if self._held_sends is not None:
-            self._held_sends.append((sock, frames, failed))
-        else:
-            self._emit(sock, frames, failed)
+        self._later(partial(self._emit, sock, frames, failed, sent))
 
     def _send(self, sock: zmq.Socket, identity: bytes, header: Any, blobs: list[bytes] | tuple = (),
               failed: SendFailed | None = None) -> None:
@@ -184,9 +210,13 @@ class Broker(FrontSide, NodeSide):
         self._out(sock, w.routed(identity, header, blobs), failed or warn)
 
     def _to_node(self, node: Node, header: Any, blobs: list[bytes] | tuple = (),
-                 failed: SendFailed | None = None) -> None:
+                 failed: SendFailed | None = None, sent: Callable[[], None] | None = None) -> None:
         node.last_sent = self.clock()
-        self._send(self.backend, node.identity, header, blobs, failed)
+        if sent is None:
+            self._send(self.backend, node.identity, header, blobs, failed)
+        else:
+            assert failed is not None
+            self._out(self.backend, w.routed(node.identity, header, blobs), failed, sent)
 
     # ---- scheduling and task transitions --------------------------------
 
@@ -207,13 +237,18 @@ class Broker(FrontSide, NodeSide):
         log.info("task %s %s on node %s (attempt %d)", task.task_id, "resumed" if resumed else "started",
                  node.node_id, task.attempts, extra=ids(task.task_id, node.node_id, key_ref(task.owner)))
         self.table.update(task)
-        if not resumed:
-            self._to_node(node, task.job(), task.inputs, partial(self._job_undelivered, task, node))
-        if task.state == w.RUNNING and task.node == node.identity:  # not already undelivered
+        if resumed:
             self._publish(task, "running")
-            if not resumed:
-                self.webhooks.started(task, task.started)
-                self.metrics.started(task)
+        else:
+            self._to_node(node, task.job(), task.inputs, partial(self._job_undelivered, task, node),
+                          partial(self._job_sent, task, node))
+
+    def _job_sent(self, task: Task, node: Node) -> None:
+        """The JOB left (after its commit): now the task has started for the world."""
+        if task.state == w.RUNNING and task.node == node.identity:
+            self._publish(task, "running")
+            self.webhooks.started(task, task.started)
+            self.metrics.started(task)
 
     def _job_undelivered(self, task: Task, node: Node, exc: zmq.ZMQError) -> None:
         log.warning("cannot send task %s to node %s: %s", task.task_id, node.node_id, exc,
@@ -268,7 +303,7 @@ class Broker(FrontSide, NodeSide):
             self._send(self.frontend, identity, done, blobs)
         task.watchers.clear()
         self._publish(task, task.state)
-        self.webhooks.ended(task, self.clock())
+        self._later(partial(self.webhooks.ended, task, self.clock()))  # its webhook outbox commits on its own
         self.metrics.ended(task)
 
     # ---- events for streams ---------------------------------------------

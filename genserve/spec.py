@@ -18,8 +18,11 @@ class LoraRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def lora_set_key(loras: list[LoraRef]) -> str:
-    """The LoRA set a job puts on its model, as broker and node compare it ("" for none)."""
-    return "\n".join(f"{lora.name}\t{lora.weight!r}" for lora in loras)
+    """The LoRA set a job puts on its model, as broker and node compare it ("" for none).
+
+    JSON, so that no name (names may hold any character) can make two sets look alike.
+    """
+    return msgspec.json.encode([[lora.name, lora.weight] for lora in loras]).decode() if loras else ""
 
 
 class GenerationParams(msgspec.Struct, forbid_unknown_fields=True):

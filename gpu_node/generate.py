@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 from genserve.catalog import CONTROL_TYPES, MODEL_MODES, REQUIRED_IMAGES
-from genserve.spec import GenerationParams, lora_set_key
+from genserve.spec import GenerationParams
 from genserve.wire import ResultMeta
 from gpu_node.errors import Cancelled, JobError
-from gpu_node.lora_slots import slots_of
 from gpu_node.loras import LoraLibrary, LoraUse
 from gpu_node.pipeline_cache import PipelineCache
 from gpu_node.speed import SpeedOptions, set_cache
@@ -123,18 +122,18 @@ class Generator:
         kwargs["callback_on_step_end"] = callback
         fast = self.fast(jobs[0].params)
         transformer = pipe.transformer
-        with torch.inference_mode(), self.loras.applied(pipe, args["loras"]) as lora:
-            if slots_of(pipe) is not None:  # the set stays for the next job only when it was packed
-                resident = lora_set_key(args["loras"]) if lora.path != "reload" else ""
-                self.lora_sets = {**self.lora_sets, jobs[0].model_id: resident}
-            set_cache(transformer, fast, self.speed.cache_threshold)  # after the LoRAs: a fallback swaps blocks
-            try:
-                images = pipe(**kwargs).images
-            finally:
-                # diffusers clears the cache's state only after a call that completes; a cancelled or
-                # failed one would leave the previous image's residuals to the next job.
-                if getattr(transformer, "_genserve_cache", None) is not None:
-                    transformer._reset_stateful_cache()
+        try:
+            with torch.inference_mode(), self.loras.applied(pipe, args["loras"]) as lora:
+                set_cache(transformer, fast, self.speed.cache_threshold)  # after the LoRAs: a fallback swaps blocks
+                try:
+                    images = pipe(**kwargs).images
+                finally:
+                    # diffusers clears the cache's state only after a call that completes; a cancelled or
+                    # failed one would leave the previous image's residuals to the next job.
+                    if getattr(transformer, "_genserve_cache", None) is not None:
+                        transformer._reset_stateful_cache()
+        finally:
+            self.lora_sets = self.cache.lora_sets()  # loads, evictions and LoRA changes of this job
         return [self._encode(job, a, image, kwargs, fast, lora, started) for job, a, image in zip(jobs, every, images)]
 
     def _encode(self, job: Job, args: dict[str, Any], image: Image.Image, kwargs: dict[str, Any], fast: bool,

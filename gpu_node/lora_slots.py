@@ -67,6 +67,7 @@ class LoraSlots:
                 module.requires_grad_(False)
         self._used: set[str] = set()
         self.current: tuple | None = ()  # the packed set's key; None = unknown (after a restore)
+        self.label = ""  # the packed set as the broker names it (genserve.spec.lora_set_key); "" for none
         self.clear()
         transformer._genserve_slots = self
         log.info("LoRA slots of rank %d on %d layers", rank, len(self.layers))
@@ -79,6 +80,7 @@ class LoraSlots:
                 module.lora_B[ADAPTER].weight.zero_()
         self._used = set()
         self.current = ()
+        self.label = ""
 
     def pack(self, loras: list[LoraWeights]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Layer name -> (A, B) of the whole set, scales folded into B; DoesNotFit if it cannot be held."""
@@ -126,12 +128,12 @@ class LoraSlots:
             pairs[layer] = (a, b, alpha)
         return pairs
 
-    def load(self, key: tuple, loras: list[LoraWeights]) -> None:
-        """Pack `loras` and copy them into the slot in place; a no-op if `key` is already there."""
+    def load(self, key: tuple, loras: list[LoraWeights], label: str = "") -> None:
+        """Pack `loras` (named `label`) and copy them into the slot in place; a no-op if `key` is already there."""
         if key == self.current:
             return
         packed = self.pack(loras)  # raises before anything changes
-        self.current = None  # until every layer is written: a failure part-way leaves nothing trusted
+        self.current, self.label = None, ""  # until every layer is written: a failure leaves nothing trusted
         self._used |= set(packed)
         with torch.no_grad():
             for layer in self._used - set(packed):
@@ -147,7 +149,7 @@ class LoraSlots:
                 slot_b[:, :rank].copy_(b, non_blocking=True)
                 slot_b[:, rank:].zero_()
         self._used = set(packed)
-        self.current = key
+        self.current, self.label = key, label
 
 
 def slots_of(pipe: Any) -> LoraSlots | None:

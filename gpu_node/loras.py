@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from safetensors.torch import load_file
 
-from genserve.spec import LoraRef
+from genserve.spec import LoraRef, lora_set_key
 from genserve.wire import LoraInfo
 from gpu_node.errors import LoraError
 from gpu_node.lora_slots import ADAPTER, DoesNotFit, LoraWeights, slots_of
@@ -145,7 +145,7 @@ class LoraLibrary:
             key = tuple((self.resolve(s.name), self.stamp(s.name), s.weight) for s in specs)
             try:
                 if key != slots.current:  # the same set again costs nothing, not even a conversion
-                    slots.load(key, [self.weights(pipe, s) for s in specs])
+                    slots.load(key, [self.weights(pipe, s) for s in specs], lora_set_key(specs))
                 fitted = True
             except DoesNotFit as exc:
                 log.info("LoRA set does not fit the slots (%s); loading it as separate adapters", exc)

@@ -127,6 +127,15 @@ class PipelineCache:
         """Model ids whose own weights wait in host memory."""
         return tuple(m for m, e in self._models.items() if e.parked)
 
+    def lora_sets(self) -> dict[str, str]:
+        """Model -> the LoRA set its resident slots hold (models without slots, or with none, left out)."""
+        out = {}
+        for model_id, entry in self._models.items():
+            slots = getattr(getattr(entry.pipe, "transformer", None), "_genserve_slots", None)
+            if not entry.parked and slots is not None and slots.label:
+                out[model_id] = slots.label
+        return out
+
     def base(self, model_id: str, pinned: tuple[str, ...] = ()) -> Any:
         """The model's own pipeline, loading it (and evicting others) if needed."""
         entry = self._models.get(model_id)

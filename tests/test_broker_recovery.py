@@ -14,7 +14,6 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Callable
 
 import pytest
@@ -151,46 +150,61 @@ def test_an_older_node_that_does_not_list_its_reports_does_not_release_its_task(
     quiet_for(b, 0.3)
 
 
+class FailingCommit:
+    """The journal's SQLite connection, except that COMMIT fails as on a full or failing disk."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        """Run `sql`; COMMIT raises instead."""
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
 def test_when_the_journal_cannot_commit_no_reply_leaves_and_the_broker_stops(broker_factory, ctx) -> None:
     bt = broker_factory()
     client = BrokerClient(bt.frontend, timeout=1.0, context=ctx).start()
     node = FakeNode(ctx, bt.backend, "a").ready()
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-        committing = bt.broker.journal.batch
-
-        @contextmanager
-        def commit_fails() -> Iterator[None]:
-            with committing():
-                yield
-            raise sqlite3.OperationalError("disk I/O error")  # as a full or failing disk would
-
-        bt.broker.journal.batch = commit_fails
+        bt.broker.journal._db = FailingCommit(bt.broker.journal._db)
         with pytest.raises(BrokerUnavailable):  # no ACK
             submit(client, spec())
         assert node.recv_job(timeout=0.3) is None  # nor a JOB
         bt.thread.join(timeout=5)
         assert not bt.thread.is_alive() and bt.broker.failed  # it stops: its supervisor restarts it
+        accepted = set(bt.broker.tasks)
     finally:
         node.close()
         client.close()
+    bt.close()  # closing rolls the open transaction back
+    again = broker_factory(frontend=bt.frontend, backend=bt.backend)
+    assert len(accepted) == 1 and set(again.broker.tasks) == set()  # what nobody was told of is gone
 
 
-def test_a_job_that_cannot_reach_its_node_goes_back_in_line_without_costing_an_attempt(broker_factory, ctx) -> None:
-    bt = broker_factory()
+def test_a_job_that_cannot_reach_its_node_goes_back_in_line_without_costing_an_attempt(
+        broker_factory, ctx, caplog: pytest.LogCaptureFixture) -> None:
+    bt = broker_factory(liveness=100)  # the node must not expire first (20 s)
     client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
     gone = FakeNode(ctx, bt.backend, "gone").ready()
     b = None
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-        gone.close()  # vanished without a word; the broker has not expired it yet
-        time.sleep(0.1)
+        gone.close()  # vanished without a word; the broker has not expired it
+        time.sleep(0.5)  # for its ROUTER to see the connection close
         task_id = submit(client, spec())  # its JOB finds no peer (ROUTER_MANDATORY), after the commit
         wait_until(lambda: bt.broker.nodes.find("gone") is None and bt.broker.tasks[task_id].state == w.QUEUED,
                    5, 0.01, "the unreachable node to be dropped and its task queued again")
+        assert not bt.broker.tasks[task_id].waited  # no "started" (metrics, webhook) for a JOB that never left
         b = FakeNode(ctx, bt.backend, "b").ready()
         job = b.recv_job()
         assert job is not None and job.header.task_id == task_id and job.header.attempt == 1
+        assert f"cannot send task {task_id} to node gone" in caplog.text
     finally:
         if b is not None:
             b.close()

@@ -32,8 +32,10 @@ class N:
 
 def test_the_set_key_names_loras_and_weights_in_order() -> None:
     assert lora_set_key([]) == ""
-    assert lora_set_key(CAT + INK) == "cat.safetensors\t0.8\nink.safetensors\t1.0"
+    assert lora_set_key(CAT + INK) == '[["cat.safetensors",0.8],["ink.safetensors",1.0]]'
     assert lora_set_key(CAT + INK) != lora_set_key(INK + CAT) != lora_set_key([LoraRef("cat.safetensors", 0.9)])
+    tricky = [LoraRef('a",1.0],["b', 2.0)]  # a name that spells out two LoRAs must not equal them
+    assert lora_set_key(tricky) != lora_set_key([LoraRef("a", 1.0), LoraRef("b", 2.0)])
 
 
 def queue(lora_slack: float | None) -> TaskQueue:
@@ -61,7 +63,7 @@ def test_the_slack_bounds_how_far_the_set_may_jump_ahead() -> None:
 
 
 def test_the_broker_gives_a_node_the_task_whose_set_its_result_said_it_holds(broker_factory, ctx) -> None:
-    bt = broker_factory()
+    bt = broker_factory(liveness=100)  # the fake nodes do not heartbeat
     client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
     x, y = FakeNode(ctx, bt.backend, "x", loaded=["flux1-dev"]), FakeNode(ctx, bt.backend, "y", loaded=["flux1-dev"])
     try:
@@ -83,3 +85,17 @@ def test_the_broker_gives_a_node_the_task_whose_set_its_result_said_it_holds(bro
         x.close()
         y.close()
         client.close()
+
+
+def test_the_per_set_queues_go_when_their_tasks_do() -> None:
+    q = TaskQueue(affinity_window=3600.0, affinity_slack=10.0, lora_slack=1.0)
+    for i in range(500):  # every task its own set, as distinct weights make them
+        key = lora_set_key([LoraRef("cat.safetensors", 1.0 + i / 1000)])
+        q.push(f"t{i}", "m", 0, i + 1, now=0.0, owner=f"k{i % 3}", lora=key)
+        if i % 2:
+            q.take(f"t{i}")
+        elif i % 4 == 0:
+            q.charge(f"k{i % 3}", 0, 10.0)  # leaves stale entries behind
+    for i in range(0, 500, 2):
+        q.remove(f"t{i}")
+    assert len(q) == 0 and q._lora_heaps == {} and q._per_lora == {}

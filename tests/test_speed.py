@@ -101,7 +101,7 @@ def test_hot_swap_equals_loading_the_loras_and_reports_its_path(tiny_models: Pat
         assert np.abs(pixels(got) - pixels(want)).max() <= 1
         assert got[1].lora_load == ("hotswap" if loras else None) and want[1].lora_load == ("reload" if loras else None)
         # What the node reports for LoRA affinity: the set now resident, as the broker keys tasks.
-        assert slots.lora_sets == {"flux1-dev": lora_set_key(job(loras=loras).params.loras)}
+        assert slots.lora_sets == ({"flux1-dev": lora_set_key(job(loras=loras).params.loras)} if loras else {})
         assert eager.lora_sets == {}  # without slots nothing stays resident
         if loras:
             assert np.abs(pixels(got) - plain).max() > 10, "the LoRA changed nothing: the test would prove nothing"
@@ -114,11 +114,11 @@ def test_a_set_over_the_slot_rank_falls_back_and_leaves_the_slot_usable(tiny_mod
     both = ((CAT, 0.8), (WATERCOLOR, 0.5))
     got = run(small, job(loras=both))
     assert got[1].lora_load == "reload" and got[1].lora_seconds is not None
-    assert small.lora_sets == {"flux1-dev": ""}  # loaded beside the slots and removed: nothing stays
+    assert small.lora_sets == {}  # loaded beside the slots and removed: nothing stays
     assert np.abs(pixels(got) - pixels(run(eager, job(loras=both)))).max() <= 1
     assert pipe.get_list_adapters() == {"transformer": [ADAPTER]}, "the fallback's adapters were left behind"
     one = run(small, job(loras=((CAT, 0.8),)))
-    assert one[1].lora_load == "hotswap" and small.lora_sets == {"flux1-dev": f"{CAT}\t0.8"}
+    assert one[1].lora_load == "hotswap" and small.lora_sets == {"flux1-dev": f'[["{CAT}",0.8]]'}
     assert np.abs(pixels(one) - pixels(run(eager, job(loras=((CAT, 0.8),))))).max() <= 1
 
 
@@ -193,8 +193,11 @@ def test_a_parked_model_gets_empty_lora_slots_back(tiny_models: Path) -> None:
                      budget=room_for_one(tiny_models), host=1 << 30)
     plain = pixels(run(generator, job()))
     run(generator, job(loras=((CAT, 1.0),)))
+    assert generator.lora_sets == {"flux1-dev": lora_set_key([LoraRef(CAT, 1.0)])}
     run(generator, job(model="flux1-depth-dev"))
+    assert generator.lora_sets == {}  # flux1-dev is parked: nothing of it is resident to prefer
     assert pixels(run(generator, job())).tolist() == plain.tolist()
+    assert generator.lora_sets == {}  # back with empty slots, and it says so
 
 
 def test_residency_plan() -> None:
