@@ -17,7 +17,8 @@ exactly and incrementally for the disk budget. The rows still get ``auto_vacuum=
 and a truncating checkpoint after each purge, which is cheap at that size.
 
 Durability is unchanged: every accepted task, inputs included, is in the journal before
-the front gets its ACK. Files are written to a temporary name and renamed, without fsync;
+the front gets its ACK. A new file is written in place (no row names it until it is whole);
+one a row may already name is replaced through a temporary name and a rename; no fsync;
 rows use WAL with ``synchronous=NORMAL``. Both survive a process crash (kill -9); only a
 power loss can drop the last writes, the trade-off every WAL-mode service makes. Ordering
 keeps the journal consistent across a crash: files are written before the row that names
@@ -131,10 +132,23 @@ class Journal:
     # ---- files -------------------------------------------------------------
 
     def _write(self, name: str, data: bytes) -> None:
-        tmp = self.blob_dir / (name + TMP)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.blob_dir / name)
+        path = self.blob_dir / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # a row may name this file already: never leave it half-written
+            tmp = self.blob_dir / (name + TMP)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
 
     def _unlink(self, names: Iterable[str]) -> None:
         if self._after_commit is not None:  # a row that named them may still roll back

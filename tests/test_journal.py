@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -270,4 +271,21 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert all(loaded[f"t{i}"].inputs == [b"img-%d" % i] for i in range(10, 20))
     assert all(j.result(f"t{i}") == b"PNG-%d" % i for i in range(10))
     assert j.blob_bytes == sum(f.stat().st_size for f in j.blob_dir.iterdir())
+    j.close()
+
+
+def test_files_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    j = Journal(tmp_path / "j.db")
+    j._write("t1.result", b"first")
+    j._write("t1.result", b"second")  # a file a row may name is replaced, never rewritten in place
+    assert (j.blob_dir / "t1.result").read_bytes() == b"second" and sorted(os.listdir(j.blob_dir)) == ["t1.result"]
+
+    def disk_full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError):
+        j._write("t2.in0", b"input")
+    assert sorted(os.listdir(j.blob_dir)) == ["t1.result"]  # no partial file left behind
+    monkeypatch.undo()
     j.close()
