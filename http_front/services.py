@@ -12,6 +12,7 @@ import msgspec
 from genserve import wire as w
 from http_front.broker_client import BrokerClient
 from http_front.config import FrontConfig
+from http_front.final_tasks import FinalTasks
 from http_front.signing import UrlSigner
 from http_front.validation import RequestValidator
 
@@ -25,6 +26,7 @@ class Services:
     validator: RequestValidator
     signer: UrlSigner
     version: str = "0.1.0"
+    finished: FinalTasks = field(default_factory=FinalTasks, repr=False)  # polls of ended tasks skip the broker
     _info: tuple[float, w.InfoBody] | None = field(default=None, repr=False)
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _refreshing: bool = field(default=False, repr=False)
@@ -63,9 +65,14 @@ class Services:
         return body
 
     def task(self, task_id: str, fetch: bool = False) -> tuple[w.TaskView, bytes | None]:
-        """One task from the broker, and its image when `fetch` and it has one."""
+        """One task from the broker, and its image when `fetch` and it has one (an ended task: up to 1 s old)."""
+        kept = self.finished.get(task_id, fetch)
+        if kept is not None:
+            return kept
         msg = self.broker.request(w.Fetch(0, task_id) if fetch else w.Status(0, task_id))
-        return msg.header.body.task, (msg.blobs[0] if msg.blobs else None)
+        task, image = msg.header.body.task, (msg.blobs[0] if msg.blobs else None)
+        self.finished.put(task, image, fetch)
+        return task, image
 
     def image_url(self, task: w.TaskView) -> str | None:
         """A signed URL of the task's image (no key needed), once it has one."""
