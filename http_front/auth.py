@@ -10,6 +10,7 @@ without a key, and without counting against any rate limit.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 
@@ -44,6 +45,7 @@ def extract_key(req: falcon.Request) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
+@functools.lru_cache(maxsize=4096)  # parsed once per client address, not once per request
 def is_loopback(address: str | None) -> bool:
     """True for 127.0.0.0/8 and ::1 (the default key is only accepted from there)."""
     try:

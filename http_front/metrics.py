@@ -64,6 +64,9 @@ class MetricsMiddleware:
 
     def __init__(self, metrics: FrontMetrics) -> None:
         self.metrics = metrics
+        # Label children looked up once: labels() takes a lock and validates on every call.
+        self._counts: dict[tuple[str, str, str], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Note when the request arrived."""
@@ -76,9 +79,16 @@ class MetricsMiddleware:
         route = req.uri_template or "unmatched"
         method = req.method if req.method in falcon.COMBINED_METHODS else "other"  # clients choose methods
         status = resp.status if isinstance(resp.status, int) else int(str(resp.status)[:3])
-        self.metrics.requests.labels(route, method, str(status)).inc()
+        key = (route, method, str(status))
+        count = self._counts.get(key)
+        if count is None:
+            count = self._counts[key] = self.metrics.requests.labels(*key)
+        count.inc()
         if started is not None:
-            self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
+            latency = self._latencies.get(key[:2])
+            if latency is None:
+                latency = self._latencies[key[:2]] = self.metrics.latency.labels(route, method)
+            latency.observe(time.perf_counter() - started)
 
 
 class Metrics:
