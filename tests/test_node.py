@@ -22,16 +22,22 @@ from tests.fakes import META, FakeNode, params
 LONG = params(prompt="slow", width=1024, height=1024, num_inference_steps=100)
 
 
-def test_a_node_that_loses_the_broker_abandons_its_job_within_a_step(
-        broker_factory, tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="gpu_node.node")
-    bt = broker_factory()
-    config = NodeConfig(broker=bt.backend, device="cpu", node_id="fenced", heartbeat_interval=0.2, liveness=3,
+def running_node(backend: str, tiny_models: Path, node_id: str, liveness: int) -> tuple[Node, threading.Thread]:
+    """A real tiny-model node on `backend`, serving in a thread (stop it and join the thread)."""
+    config = NodeConfig(broker=backend, device="cpu", node_id=node_id, heartbeat_interval=0.2, liveness=liveness,
                         model_paths=resolve_model_paths(tiny_models, {}, "cpu", ("flux1-dev",)),
                         max_sequence_length=32)
     node, _ = build(config)
     thread = threading.Thread(target=node.run, daemon=True)
     thread.start()
+    return node, thread
+
+
+def test_a_node_that_loses_the_broker_abandons_its_job_within_a_step(
+        broker_factory, tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gpu_node.node")
+    bt = broker_factory()
+    node, thread = running_node(bt.backend, tiny_models, "fenced", liveness=3)
     client = BrokerClient(bt.frontend, context=bt.context).start()
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 30)
@@ -53,12 +59,7 @@ def test_a_job_finished_while_the_broker_was_down_is_reported_to_the_next_one_no
     caplog.set_level(logging.INFO, logger="gpu_node.node")
     bt = broker_factory()
     # The node must not give up on the broker before it finishes the job: liveness far beyond it.
-    config = NodeConfig(broker=bt.backend, device="cpu", node_id="steady", heartbeat_interval=0.2, liveness=1000,
-                        model_paths=resolve_model_paths(tiny_models, {}, "cpu", ("flux1-dev",)),
-                        max_sequence_length=32)
-    node, _ = build(config)
-    thread = threading.Thread(target=node.run, daemon=True)
-    thread.start()
+    node, thread = running_node(bt.backend, tiny_models, "steady", liveness=1000)
     client = BrokerClient(bt.frontend, context=bt.context).start()
     idle = None
     try:
