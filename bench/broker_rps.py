@@ -34,6 +34,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Iterator
 
 import zmq
 
@@ -66,6 +67,15 @@ def png16() -> bytes:
 
 # ---- the bare relay ---------------------------------------------------------------------------
 
+def waiting_on(sock: zmq.Socket) -> Iterator[list[bytes]]:
+    """Every message waiting on `sock` now, without blocking."""
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return
+
+
 def relay(frontend: str, backend: str) -> None:
     """ROUTER/ROUTER: client frames to an idle node, node frames back to the client; no decoding."""
     ctx = zmq.Context()
@@ -85,26 +95,16 @@ def relay(frontend: str, backend: str) -> None:
     poller.register(back, zmq.POLLIN)
     while True:
         events = dict(poller.poll(1000))
-        if back in events:
-            while True:
-                try:
-                    frames = back.recv_multipart(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    break
-                node = frames[0]
-                client = owner.pop(node, None)
-                if client is not None:
-                    front.send_multipart([client, *frames[1:]], copy=False)
-                    back.send_multipart([node, result_ack])
-                idle.append(node)
-        if front in events:
-            while True:
-                try:
-                    frames = front.recv_multipart(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    break
-                front.send_multipart([frames[0], ack])
-                waiting.append(frames)
+        for frames in waiting_on(back) if back in events else ():
+            node = frames[0]
+            client = owner.pop(node, None)
+            if client is not None:
+                front.send_multipart([client, *frames[1:]], copy=False)
+                back.send_multipart([node, result_ack])
+            idle.append(node)
+        for frames in waiting_on(front) if front in events else ():
+            front.send_multipart([frames[0], ack])
+            waiting.append(frames)
         while idle and waiting:
             node, frames = idle.popleft(), waiting.popleft()
             owner[node] = frames[0]
