@@ -203,20 +203,16 @@ class Broker(FrontSide, NodeSide):
         self._later(partial(self._emit, sock, frames, failed, sent))
 
     def _send(self, sock: zmq.Socket, identity: bytes, header: Any, blobs: list[bytes] | tuple = (),
-              failed: SendFailed | None = None) -> None:
+              failed: SendFailed | None = None, sent: Callable[[], None] | None = None) -> None:
         def warn(exc: zmq.ZMQError) -> None:
             log.warning("cannot send %s to %r: %s", type(header).__name__, identity, exc)
 
-        self._out(sock, w.routed(identity, header, blobs), failed or warn)
+        self._out(sock, w.routed(identity, header, blobs), failed or warn, sent)
 
     def _to_node(self, node: Node, header: Any, blobs: list[bytes] | tuple = (),
                  failed: SendFailed | None = None, sent: Callable[[], None] | None = None) -> None:
         node.last_sent = self.clock()
-        if sent is None:
-            self._send(self.backend, node.identity, header, blobs, failed)
-        else:
-            assert failed is not None
-            self._out(self.backend, w.routed(node.identity, header, blobs), failed, sent)
+        self._send(self.backend, node.identity, header, blobs, failed, sent)
 
     # ---- scheduling and task transitions --------------------------------
 
