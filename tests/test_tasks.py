@@ -37,6 +37,16 @@ def test_recovery_holds_running_tasks_for_their_node(tmp_path: Path) -> None:
     after.journal.close()
 
 
+def running_on(table: TaskTable, node_id: str) -> Task:
+    """A new task, accepted and started on `node_id`, as the journal records it."""
+    task = new(table)
+    table.accept(task, 0.0)
+    table.queue.take(task.task_id)
+    task.state, task.node_id = w.RUNNING, node_id
+    table.update(task)
+    return task
+
+
 def test_held_tasks_are_released_after_the_grace(tmp_path: Path) -> None:
     table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
     task = new(table)
@@ -53,12 +63,7 @@ def test_held_tasks_are_released_after_the_grace(tmp_path: Path) -> None:
 
 def test_a_held_task_belongs_to_the_node_that_ran_it_until_released(tmp_path: Path) -> None:
     table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
-    first, second = new(table), new(table)
-    for task, node_id in ((first, "a"), (second, "b")):
-        table.accept(task, 0.0)
-        table.queue.take(task.task_id)
-        task.state, task.node_id = w.RUNNING, node_id
-        table.update(task)
+    first, second = running_on(table, "a"), running_on(table, "b")
     table.journal.close()
 
     after = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
@@ -77,11 +82,7 @@ def test_a_held_task_belongs_to_the_node_that_ran_it_until_released(tmp_path: Pa
 
 def test_the_recovery_grace_runs_from_when_the_broker_serves(tmp_path: Path) -> None:
     table = TaskTable(Journal(tmp_path / "j.db"), TaskQueue())
-    task = new(table)
-    table.accept(task, 0.0)
-    table.queue.take(task.task_id)
-    task.state, task.node_id = w.RUNNING, "a"
-    table.update(task)
+    task = running_on(table, "a")
     table.recover(now=0.0, grace=3.0)
     table.hold_until(50.0 + 3.0)  # a slow start: loading took 50 s
     table.housekeeping(now=10.0, result_ttl=3600)
