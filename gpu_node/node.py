@@ -230,9 +230,8 @@ class Node:
                 self._abandoned.discard(task_id)
                 # The job may have loaded a model or LoRAs: tell the broker now, not at the next heartbeat.
                 live = self.capabilities(False)
-                report = msgspec.structs.replace(msg.header, loaded=live.loaded)
-                if isinstance(report, w.Result):
-                    report = msgspec.structs.replace(report, lora_sets=live.lora_sets)
+                sets = {"lora_sets": live.lora_sets} if isinstance(msg.header, w.Result) else {}
+                report = msgspec.structs.replace(msg.header, loaded=live.loaded, **sets)
                 frames = w.encode(report, msg.blobs)
                 self._keep(task_id, frames)
                 self._send_frames(frames)
