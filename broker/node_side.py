@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from broker.nodes import BUSY, IDLE, Node
+from broker.nodes import BUSY, Node
 from broker.results import check_image
 from broker.tasks import Task
 from genserve import errors as e
@@ -48,23 +48,21 @@ class NodeSide:
         h: w.Ready = msg.header
         busy = h.busy_task
         old = self.nodes.get(identity) or self._same_process(identity, h)
-        kept = None
-        if old is not None and old.task_id:
-            if busy == old.task_id or old.task_id in (h.reports or ()) or (busy is None and old.identity == identity):
-                # Same process: it runs this task, will report it, or its JOB is still on the way (it
-                # left after this READY on the same connection, which keeps order). Nothing to re-queue.
-                kept = self.tasks.get(old.task_id)
-            else:
-                self._requeue_node_task(old, "node re-registered")
+        kept = self._kept(old, identity, h) if old is not None else []
         if old is not None and old.identity != identity:
             self.nodes.remove(old.identity)
         node = self.nodes.register(identity, h, self.clock())
         self._release_held(node, h)
-        task = None if kept is not None else self.table.claim(busy) if busy else None
-        if kept is not None:
-            node.state, node.task_id = BUSY, kept.task_id
-            kept.node = identity
-            self.table.update(kept)
+        task = None if kept else self.table.claim(busy) if busy else None
+        if kept:
+            node.state, node.task_id = BUSY, kept[0].task_id
+            node.next_id = kept[1].task_id if len(kept) > 1 else None
+            for one in kept:
+                one.node = identity
+                self.table.update(one)
+            started = next((one for one in kept if one.task_id == busy and one.prefetched), None)
+            if started is not None:
+                self._node_began(started, node)  # it took the waiting job while it was away
         elif task is not None:
             # After a broker restart the node is still running this task: it keeps it.
             self._start(task, node, resumed=True)
@@ -75,6 +73,27 @@ class NodeSide:
             node.task_id = None
         log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
         self._dispatch()
+
+    def _kept(self: Broker, old: Node, identity: bytes, h: w.Ready) -> list[Task]:
+        """Of what the node's previous entry ran or held, the tasks it keeps; the others go back in line.
+
+        It keeps a task it runs or will report on; on the same connection also one whose JOB is
+        still on the way (sent after this READY left, and that connection keeps order).
+        """
+        claims = {h.busy_task, *(h.reports or ())}
+        kept: list[Task] = []
+        for task_id, waiting in ((old.task_id, False), (old.next_id, True)):
+            task = self.tasks.get(task_id or "")
+            if task is None or task.final:
+                continue
+            if task_id in claims or (old.identity == identity and (waiting or h.busy_task is None)):
+                kept.append(task)
+            else:
+                if task.prefetched:
+                    task.attempts -= 1  # it never started there
+                self._requeue(task, "node re-registered")
+        old.task_id = old.next_id = None
+        return kept
 
     def _release_held(self: Broker, node: Node, h: w.Ready) -> None:
         """Tasks held since a restart for this node go back in line if it neither runs nor reports them."""
@@ -109,13 +128,15 @@ class NodeSide:
             node.draining = node.leaving = True  # a stopping node: no new work while its job winds down
             log.info("node %s is stopping", node.node_id)
         if h.idle and node.state == BUSY and node.task_id is None:
-            node.state = IDLE  # a cancelled task has finished unwinding
+            node.free_running()  # a cancelled task has finished unwinding
             self._dispatch()
 
     def _on_progress(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.ProgressReport = msg.header
         task = self.tasks.get(h.task_id)
         if task is not None and task.node == identity and task.state == w.RUNNING:
+            if task.prefetched:
+                self._node_began(task, node)
             task.step, task.total = h.step, h.total
             self._publish(task, "progress")
 
@@ -150,12 +171,15 @@ class NodeSide:
 
     def _on_error(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Error = msg.header
+        prefetched = h.task_id == node.next_id
         task = self._release(node, h.task_id, h.loaded) or self._held_report(node, h.task_id)
-        if h.code == e.NODE_BUSY:
+        if h.code == e.NODE_BUSY and prefetched:
+            node.prefetch_refused = True  # it still unwinds something: no more waiting jobs until it reports
+        elif h.code == e.NODE_BUSY:
             node.state, node.task_id = BUSY, None  # busy with work we do not know of: idle when it says so
-        if task is not None and h.code == e.NODE_BUSY:
+        if task is not None and h.code in (e.NODE_BUSY, e.RECALLED):
             task.attempts -= 1  # it never started
-            self._requeue(task, "its node could not take it")
+            self._requeue(task, "its node could not take it" if h.code == e.NODE_BUSY else "recalled unstarted")
         elif task is not None and h.code in (e.ABANDONED, e.CANCELLED):
             # CANCELLED for a task that is not final: the broker cancelled it, then died before
             # journaling why. Stopped, not failed: it runs again.
@@ -190,11 +214,15 @@ class NodeSide:
                 self._requeue_node_task(node, "node disconnected")
 
     def _release(self: Broker, node: Node, task_id: str, loaded: list[str] | None = None) -> Task | None:
-        """Mark the node idle; return the task only if this node legitimately owns it."""
+        """Free the node's slot for this task; return the task only if this node legitimately owns it."""
         if loaded is not None:
             node.loaded = list(loaded)
-        if node.task_id == task_id or (node.state == BUSY and node.task_id is None):
-            node.state, node.task_id = IDLE, None  # also ends a cancelled task's unwinding
+        if node.next_id == task_id:
+            node.next_id = None  # a waiting job came back (recalled, refused or cancelled)
+            node.recalling = None
+        elif node.task_id == task_id or (node.state == BUSY and node.task_id is None):
+            node.free_running()  # also ends a cancelled task's unwinding; a waiting job runs now
+            node.prefetch_refused = False
         task = self.tasks.get(task_id)
         if task is not None and task.final:
             return None

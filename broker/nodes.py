@@ -26,7 +26,11 @@ class Node:
     host: str = ""
     pid: int = 0
     state: str = IDLE
-    task_id: str | None = None
+    task_id: str | None = None  # the job it runs (or will report on); None while BUSY: unwinding a cancel
+    next_id: str | None = None  # a job waiting on the node behind task_id (prefetch)
+    prefetch: int = 0  # jobs it takes beyond the running one (0 or 1 here)
+    recalling: str | None = None  # next_id, once a RECALL for it has gone out
+    prefetch_refused: bool = False  # it answered a prefetched JOB with NODE_BUSY: none until its next report
     draining: bool = False
     leaving: bool = False  # the node is shutting down (it said so in a heartbeat)
     last_seen: float = 0.0
@@ -39,6 +43,18 @@ class Node:
         """True when the node may be given a new task."""
         return self.state == IDLE and not self.draining
 
+    @property
+    def can_prefetch(self) -> bool:
+        """True when the node runs a job and has room for one more waiting behind it."""
+        return (self.prefetch > 0 and self.state == BUSY and self.task_id is not None and self.next_id is None
+                and not self.draining and not self.prefetch_refused)
+
+    def free_running(self) -> None:
+        """The running job ended: the waiting one, if any, runs now."""
+        self.task_id, self.next_id = self.next_id, None
+        self.state = BUSY if self.task_id else IDLE
+        self.recalling = None
+
     def view(self, now: float) -> NodeView:
         """The node as INFO reports it (and `genservectl nodes` shows it)."""
         return NodeView(
@@ -46,7 +62,8 @@ class Node:
             state="draining" if self.draining and self.state == IDLE else self.state,
             draining=self.draining, task_id=self.task_id, models=self.models, loaded=self.loaded,
             loras=self.loras, memory_total=self.memory_total, memory_free=self.memory_free,
-            last_heartbeat_age_s=round(max(0.0, now - self.last_seen), 3), jobs_done=self.jobs_done)
+            last_heartbeat_age_s=round(max(0.0, now - self.last_seen), 3), jobs_done=self.jobs_done,
+            next_task_id=self.next_id)
 
 
 class NodeRegistry:
@@ -79,6 +96,7 @@ class NodeRegistry:
             models={m: list(modes) for m, modes in info.models.items()},
             memory_total=info.memory_total, memory_free=info.memory_free, loaded=list(info.loaded),
             loras=list(info.loras), host=info.host, pid=info.pid, last_seen=now, last_sent=now,
+            prefetch=min(info.prefetch, 1),
         )
         old = self._nodes.get(identity)
         if old is not None:
@@ -104,6 +122,14 @@ class NodeRegistry:
     def available(self) -> list[Node]:
         """Idle, non-draining nodes in registration order."""
         return [n for n in self._nodes.values() if n.available]
+
+    def prefetchable(self) -> list[Node]:
+        """Busy nodes with room for a job waiting behind the running one, in registration order."""
+        return [n for n in self._nodes.values() if n.can_prefetch]
+
+    def prefetched(self) -> list[Node]:
+        """Nodes holding a job that waits behind their running one."""
+        return [n for n in self._nodes.values() if n.next_id is not None]
 
     def serves(self, model: str, mode: str) -> bool:
         """Whether any registered node (draining ones too: they come back) serves model in mode."""

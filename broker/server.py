@@ -27,7 +27,7 @@ from broker.journal import Journal
 from broker.metrics import BrokerMetrics
 from broker.node_side import NodeSide
 from broker.nodes import BUSY, Node, NodeRegistry
-from broker.queue import TaskQueue
+from broker.queue import Entry, TaskQueue
 from broker.ratelimit import TokenLedger
 from broker.tasks import Task, TaskTable
 from broker.webhooks import WebhookConfig, WebhookOutbox
@@ -217,21 +217,57 @@ class Broker(FrontSide, NodeSide):
     # ---- scheduling and task transitions --------------------------------
 
     def _dispatch(self) -> None:
-        """Start what the dispatch plan pairs: best task first, on a node with its model loaded first."""
-        for node, entry in plan(self.queue, self.nodes.available(), self.clock(), load_cost=self.config.load_cost):
-            task = self.tasks[entry.task_id]
-            task.tag = entry.tag  # its place, with any load bills, should it come back to the queue
-            self._start(task, node)
+        """Start what the dispatch plan pairs: best task first, on a node with its model loaded first.
 
-    def _start(self, task: Task, node: Node, resumed: bool = False) -> None:
-        """Run `task` on `node`; `resumed` means the node already runs it (no JOB, same attempt)."""
+        Idle nodes are served first; what is left waits on busy nodes that take a job behind the
+        running one (prefetch), and a waiting job that an idle node or more urgent work should have
+        is recalled.
+        """
+        now, cost = self.clock(), self.config.load_cost
+        for node, entry in plan(self.queue, self.nodes.available(), now, load_cost=cost):
+            self._start(self._placed(entry), node)
+        if len(self.queue):
+            for node, entry in plan(self.queue, self.nodes.prefetchable(), now, load_cost=cost):
+                self._start(self._placed(entry), node, prefetch=True)
+        self._recall_misplaced(now)
+
+    def _placed(self, entry: Entry) -> Task:
+        task = self.tasks[entry.task_id]
+        task.tag = entry.tag  # its place, with any load bills, should it come back to the queue
+        return task
+
+    def _recall_misplaced(self, now: float) -> None:
+        """RECALL a waiting job that an idle node could run now, or that more urgent work should overtake."""
+        idle = None
+        for node in self.nodes.prefetched():
+            task = self.tasks.get(node.next_id or "")
+            if task is None or not task.prefetched or node.recalling == task.task_id:
+                continue
+            if idle is None:
+                idle = self.nodes.available()
+            urgent = self.queue.peek_for(node.models, node.loaded, now) if len(self.queue) else None
+            if node.draining or (urgent is not None and urgent.priority < task.priority) or \
+                    any(task.mode in other.models.get(task.model, ()) for other in idle):
+                log.info("recalling task %s from node %s", task.task_id, node.node_id,
+                         extra=ids(task.task_id, node.node_id))
+                node.recalling = task.task_id
+                self._to_node(node, w.Recall(task.task_id))
+
+    def _start(self, task: Task, node: Node, resumed: bool = False, prefetch: bool = False) -> None:
+        """Run `task` on `node`; `resumed`: the node already runs it (no JOB, same attempt); `prefetch`:
+        it waits on the node behind the running job until the node says it started."""
         task.state, task.node, task.node_id = w.RUNNING, node.identity, node.node_id
-        task.started = self.clock()
+        task.prefetched = prefetch
+        task.started = None if prefetch else self.clock()
         task.attempts += 0 if resumed else 1
         task.step, task.total = 0, task.params.num_inference_steps
-        node.state, node.task_id = BUSY, task.task_id
-        log.info("task %s %s on node %s (attempt %d)", task.task_id, "resumed" if resumed else "started",
-                 node.node_id, task.attempts, extra=ids(task.task_id, node.node_id, key_ref(task.owner)))
+        if prefetch:
+            node.next_id = task.task_id
+        else:
+            node.state, node.task_id = BUSY, task.task_id
+        log.info("task %s %s on node %s (attempt %d)", task.task_id,
+                 "resumed" if resumed else "sent to wait" if prefetch else "started", node.node_id, task.attempts,
+                 extra=ids(task.task_id, node.node_id, key_ref(task.owner)))
         self.table.update(task)
         if resumed:
             self._publish(task, "running")
@@ -240,11 +276,22 @@ class Broker(FrontSide, NodeSide):
                           partial(self._job_sent, task, node))
 
     def _job_sent(self, task: Task, node: Node) -> None:
-        """The JOB left (after its commit): now the task has started for the world."""
-        if task.state == w.RUNNING and task.node == node.identity:
-            self._publish(task, "running")
-            self.webhooks.started(task, task.started)
-            self.metrics.started(task)
+        """The JOB left (after its commit): a task that runs at once has now started for the world."""
+        if task.state == w.RUNNING and task.node == node.identity and not task.prefetched:
+            self._began(task)
+
+    def _began(self, task: Task) -> None:
+        self._publish(task, "running")
+        self.webhooks.started(task, task.started)
+        self.metrics.started(task)
+
+    def _node_began(self, task: Task, node: Node) -> None:
+        """The node started a job that waited behind its previous one."""
+        task.prefetched, task.started = False, self.clock()
+        if node.recalling == task.task_id:
+            node.recalling = None  # too late to recall: it runs
+        self.table.update(task)
+        self._began(task)
 
     def _job_undelivered(self, task: Task, node: Node, exc: zmq.ZMQError) -> None:
         log.warning("cannot send task %s to node %s: %s", task.task_id, node.node_id, exc,
@@ -255,11 +302,15 @@ class Broker(FrontSide, NodeSide):
             self._requeue_node_task(node, "node unreachable")
 
     def _requeue_node_task(self, node: Node, why: str) -> None:
-        """Put back the task a lost or re-registering node was running."""
-        task = self.tasks.get(node.task_id or "")
-        node.task_id = None
-        if task is not None and not task.final:
-            self._requeue(task, why)
+        """Put back the tasks a lost or re-registering node was running or holding."""
+        running, waiting = node.task_id, node.next_id
+        node.task_id = node.next_id = None
+        for task_id in (running, waiting):
+            task = self.tasks.get(task_id or "")
+            if task is not None and not task.final:
+                if task.prefetched:
+                    task.attempts -= 1  # it never started there
+                self._requeue(task, why)
 
     def _requeue(self, task: Task, why: str) -> None:
         """Back to the queue at its original priority and place, or failed after max_retries."""
@@ -274,14 +325,17 @@ class Broker(FrontSide, NodeSide):
         self._publish(task, "position")
 
     def _detach(self, task: Task, reason: str = "finished elsewhere") -> None:
-        """Take an ending task out of the queue, or stop it on the node that runs it."""
+        """Take an ending task out of the queue, or stop it on the node that runs or holds it."""
         self.table.withdraw(task.task_id)
         if task.state == w.RUNNING and task.node is not None:
             node = self.nodes.get(task.node)
-            if node is not None and node.task_id == task.task_id:
-                # The node keeps BUSY until it reports idle, so nothing overlaps.
+            if node is not None and task.task_id in (node.task_id, node.next_id):
                 self._to_node(node, w.Cancel(task.task_id, reason))
-                node.task_id = None
+                if node.task_id == task.task_id:
+                    node.task_id = None  # the node keeps BUSY until it reports, so nothing overlaps
+                else:
+                    node.next_id = None  # a waiting job is dropped at once (or stops if it just started)
+        task.prefetched = False
 
     def _fail(self, task: Task, state: str, code: str, message: str) -> None:
         self._detach(task, code)

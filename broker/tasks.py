@@ -54,12 +54,20 @@ class Task:
     webhook: WebhookSpec | None = None
     weight: float = 1.0  # its key's fair-share weight when it was accepted
     tag: float | None = None  # its fair-share place in the queue (broker.queue), kept across re-queues
+    # Sent to a node as the job after its running one, not started there yet: journaled as running on
+    # that node (a restart holds it for the node), shown as queued (first in line).
+    prefetched: bool = False
     watchers: set[bytes] = field(default_factory=set)
 
     @property
     def final(self) -> bool:
         """True once the task is completed, failed or cancelled."""
         return self.state in FINAL_STATES
+
+    @property
+    def status(self) -> str:
+        """The state clients see: a prefetched task that has not started is still queued."""
+        return QUEUED if self.prefetched and self.state == RUNNING else self.state
 
     def job(self) -> Job:
         """The JOB a node receives for this task."""
@@ -68,10 +76,10 @@ class Task:
     def view(self, position: int | None = None) -> TaskView:
         """The task as STATUS, FETCH, CANCEL_TASK and DONE report it."""
         return TaskView(
-            task_id=self.task_id, status=self.state, model_id=self.model, mode=self.mode,
+            task_id=self.task_id, status=self.status, model_id=self.model, mode=self.mode,
             priority=self.priority, owner=self.owner, params=self.params, created_at=self.created,
             attempts=self.attempts, started_at=self.started, finished_at=self.finished,
-            node_id=self.node_id, queue_position=position,
+            node_id=self.node_id, queue_position=0 if self.prefetched else position,
             progress=Progress(self.step, self.total) if self.total else None,
             error_code=self.error_code, error=self.error if self.error_code else None, meta=self.meta,
             result_expired=self.result_expired)
@@ -243,12 +251,12 @@ class TaskTable:
 
     def _indexed(self, task: Task) -> None:
         self._by_seq[task.seq] = task.task_id
-        self._index.put(task.seq, task.owner, task.state)
+        self._index.put(task.seq, task.owner, task.status)
 
     def update(self, task: Task) -> None:
         """Persist a change of a task that is not ending (e.g. it started)."""
         self.journal.update(task)
-        self._index.put(task.seq, task.owner, task.state)
+        self._index.put(task.seq, task.owner, task.status)
 
     def finish(self, task: Task, result: bytes | None) -> None:
         """Persist a final state (the caller has set it) and the result image, if any."""
@@ -263,7 +271,7 @@ class TaskTable:
 
     def enqueue(self, task: Task, now: float) -> None:
         """Put an accepted task back in the queue at its original priority and place."""
-        task.state, task.step, task.node, task.node_id = QUEUED, 0, None, None
+        task.state, task.step, task.node, task.node_id, task.prefetched = QUEUED, 0, None, None, False
         self.update(task)
         self._push(task, now, task.tag if task.tag is not None else self.queue.front_tag(task.priority))
 
@@ -322,7 +330,7 @@ class TaskTable:
         """Number of tasks per state."""
         out: dict[str, int] = {}
         for task in self.tasks.values():
-            out[task.state] = out.get(task.state, 0) + 1
+            out[task.status] = out.get(task.status, 0) + 1
         return out
 
     def overdue(self, now: float) -> Iterator[Task]:

@@ -15,6 +15,7 @@ TIMEOUT: Final = "timeout"
 CANCELLED: Final = "cancelled"
 NODE_LOST: Final = "node_lost"
 ABANDONED: Final = "abandoned"  # node lost the broker or is stopping: re-queue, not a failure
+RECALLED: Final = "recalled"  # a waiting job the node gave back unstarted: re-queue, no attempt spent
 NODE_BUSY: Final = "node_busy"  # a JOB reached a node that already runs one: re-queue
 IDEMPOTENCY: Final = "idempotency_mismatch"  # an Idempotency-Key reused for a different request
 EXPIRED: Final = "expired"  # a SUBMIT reached the broker after its deadline: its client was told it failed

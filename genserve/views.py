@@ -92,6 +92,7 @@ class NodeView(msgspec.Struct):
     memory_free: int
     last_heartbeat_age_s: float
     jobs_done: int
+    next_task_id: str | None = None  # a job waiting on the node behind task_id (prefetch)
 
 
 class ServedModel(msgspec.Struct):

@@ -39,6 +39,7 @@ DISCONNECT = b"\x06"  # both ways
 JOB = b"\x10"
 CANCEL = b"\x11"
 RESULT_ACK = b"\x12"  # the broker has stored a RESULT/ERROR: the node may forget it
+RECALL = b"\x13"  # give back a job that waits behind the running one, unless it has started
 # Front -> broker
 SUBMIT = b"\x20"
 STATUS = b"\x21"
@@ -278,6 +279,9 @@ class Ready(_Header):
     # the broker was away, and a task this node gave up but is still unwinding. None: an older
     # node that does not say, so the broker waits out its recovery grace for them.
     reports: list[str] | None = None
+    # Jobs it takes beyond the running one (a credit of 1 + prefetch): the next job waits on the node
+    # while the previous image is encoded and sent. 0: one job at a time, as older nodes.
+    prefetch: Annotated[int, msgspec.Meta(ge=0, le=8)] = 0
 
 
 class Heartbeat(_Header):
@@ -294,7 +298,7 @@ class Heartbeat(_Header):
 
 
 class ProgressReport(_Header):
-    """A running task's denoising step."""
+    """A running task's denoising step; step 0: the node has just started it (after a prefetch, too)."""
 
     task_id: str
     step: int
@@ -343,6 +347,12 @@ class Cancel(_Header):
     reason: str = ""
 
 
+class Recall(_Header):
+    """Give back this waiting job (ERROR `recalled`) if it has not started; a started one runs on."""
+
+    task_id: str
+
+
 class ResultAck(_Header):
     """The broker has stored the node's report for this task."""
 
@@ -351,7 +361,7 @@ class ResultAck(_Header):
 
 HEADERS: dict[bytes, type[Any]] = {
     READY: Ready, HEARTBEAT: Heartbeat, PROGRESS: ProgressReport, RESULT: Result, ERROR: Error,
-    DISCONNECT: Disconnect, JOB: Job, CANCEL: Cancel, RESULT_ACK: ResultAck,
+    DISCONNECT: Disconnect, JOB: Job, CANCEL: Cancel, RESULT_ACK: ResultAck, RECALL: Recall,
     SUBMIT: Submit, STATUS: Status, FETCH: Fetch, CANCEL_TASK: CancelTask, INFO: InfoRequest,
     ADMIN: Admin, LEASE: Lease, LIST: ListTasks, WATCH: Watch, METRICS: MetricsRequest, ACK: Ack,
     REPLY: Reply, FAIL: Fail,
@@ -360,7 +370,8 @@ HEADERS: dict[bytes, type[Any]] = {
 COMMANDS: dict[type[Any], bytes] = {kind: command for command, kind in HEADERS.items()}
 COMMAND_NAMES: dict[bytes, str] = {
     READY: "READY", HEARTBEAT: "HEARTBEAT", PROGRESS: "PROGRESS", RESULT: "RESULT", ERROR: "ERROR",
-    DISCONNECT: "DISCONNECT", JOB: "JOB", CANCEL: "CANCEL", RESULT_ACK: "RESULT_ACK", SUBMIT: "SUBMIT",
+    DISCONNECT: "DISCONNECT", JOB: "JOB", CANCEL: "CANCEL", RESULT_ACK: "RESULT_ACK", RECALL: "RECALL",
+    SUBMIT: "SUBMIT",
     STATUS: "STATUS", FETCH: "FETCH", CANCEL_TASK: "CANCEL_TASK", INFO: "INFO", ADMIN: "ADMIN",
     LEASE: "LEASE", LIST: "LIST", WATCH: "WATCH", METRICS: "METRICS", ACK: "ACK", REPLY: "REPLY", FAIL: "FAIL",
     DONE: "DONE",

@@ -19,6 +19,8 @@ import zmq
 
 from broker.config import BrokerConfig
 from broker.server import Broker
+from http_front.broker_client import BrokerClient
+from tests.fakes import FakeNode
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -300,3 +302,21 @@ class Cluster:
 def cluster(processes: Processes, tiny_models: Path, tmp_path: Path) -> Cluster:
     """Broker, one node and a front as subprocesses on random ports (killed at teardown)."""
     return Cluster(processes, tiny_models, tmp_path / "broker")
+
+
+@pytest.fixture
+def parts(broker_factory, ctx):
+    """A broker, a client, and a list that closes fake nodes at teardown."""
+    bt = broker_factory()
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    nodes: list[FakeNode] = []
+
+    def node(name: str, **kw: Any) -> FakeNode:
+        n = FakeNode(ctx, bt.backend, name, **kw)
+        nodes.append(n)
+        return n
+
+    yield bt, client, node
+    for n in nodes:
+        n.close()
+    client.close()

@@ -41,12 +41,14 @@ class FakeNode:
         self.sock.send_multipart(w.encode(header, blobs))
 
     def ready(self, busy_task: str | None = None, busy: bool = False,
-              reports: Sequence[str] | None = ()) -> "FakeNode":
+              reports: Sequence[str] | None = (), prefetch: int = 0) -> "FakeNode":
         """Register (READY with capabilities); `busy` without a task: still unwinding an abandoned job;
-        `reports`: tasks whose RESULT or ERROR follows (None: say nothing, as an older node)."""
+        `reports`: tasks whose RESULT or ERROR follows (None: say nothing, as an older node);
+        `prefetch`: jobs it takes beyond the running one."""
         self.send(w.Ready(node_id=self.name, device="fake", host="fakehost", pid=1, models=self.models,
                           loaded=self.loaded, memory_total=1 << 30, memory_free=1 << 29, busy_task=busy_task,
-                          busy=busy or busy_task is not None, reports=None if reports is None else list(reports)))
+                          busy=busy or busy_task is not None, reports=None if reports is None else list(reports),
+                          prefetch=prefetch))
         return self
 
     def recv(self, timeout: float = 2.0, skip_heartbeats: bool = True) -> w.Message | None:
@@ -69,6 +71,14 @@ class FakeNode:
     def heartbeat(self, idle: bool = True, **extra: Any) -> None:
         """Tell the broker we are alive (idle unless told otherwise)."""
         self.send(w.Heartbeat(loaded=self.loaded, idle=idle, **extra))
+
+    def started(self, task_id: str, total: int = 4) -> None:
+        """Say a job has started (PROGRESS step 0), as a node does when it takes a waiting job."""
+        self.send(w.ProgressReport(task_id, 0, total))
+
+    def error(self, task_id: str, code: str, message: str = "") -> None:
+        """Report a job that ended without an image."""
+        self.send(w.Error(task_id, code, message or code))
 
     def finish(self, task_id: str, png: bytes | None = None) -> None:
         """Report a successful result."""

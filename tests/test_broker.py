@@ -24,24 +24,6 @@ def spec(model: str = "flux1-dev", mode: str = "text2img", priority: int = 0, **
 
 
 
-@pytest.fixture
-def parts(broker_factory, ctx):
-    """A broker, a client, and a list that closes fake nodes at teardown."""
-    bt = broker_factory()
-    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
-    nodes: list[FakeNode] = []
-
-    def node(name: str, **kw: Any) -> FakeNode:
-        n = FakeNode(ctx, bt.backend, name, **kw)
-        nodes.append(n)
-        return n
-
-    yield bt, client, node
-    for n in nodes:
-        n.close()
-    client.close()
-
-
 def submit(client: BrokerClient, task: TaskSpec, watch: bool = False, owner: str = "k") -> str:
     return client.request(w.Submit(0, task, owner, watch=watch)).header.task_id
 

@@ -1,0 +1,226 @@
+"""Prefetch on real sockets with fake nodes: a job waits on a busy node behind its running one.
+
+A node that says `prefetch=1` in READY may hold one job beyond the one it runs, so the next
+starts while the previous image is encoded and sent. The broker gives an idle node work
+first, recalls a waiting job that an idle node or more urgent work should have, and keeps
+every rule of a running task for the waiting one: a cancel reaches it, a lost node's jobs
+come back (a waiting one without spending an attempt), and no task is ever on two nodes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from genserve import errors as e
+from genserve import wire as w
+from http_front.broker_client import BrokerClient
+from tests.conftest import BrokerThread, wait_until
+from tests.fakes import FakeNode
+from tests.test_broker import spec, submit
+
+
+def view(client: BrokerClient, task_id: str) -> w.TaskView:
+    return client.request(w.Status(0, task_id)).header.body.task
+
+
+def recv_command(node: FakeNode, command: bytes, timeout: float = 2.0) -> w.Message | None:
+    """The next message of this command (others skipped), or None."""
+    until = time.monotonic() + timeout
+    while (left := until - time.monotonic()) > 0:
+        msg = node.recv(left)
+        if msg is not None and msg.command == command:
+            return msg
+    return None
+
+
+def busy_with_one_waiting(parts: Any, **kw: Any) -> tuple[BrokerThread, BrokerClient, FakeNode, str, str]:
+    """Node "a" (prefetch 1) runs task one; task two waits on it."""
+    bt, client, node = parts
+    a = node("a").ready(prefetch=1)
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    one = submit(client, spec(**kw))
+    assert a.recv_job().header.task_id == one
+    two = submit(client, spec(**kw))
+    assert a.recv_job().header.task_id == two, "the second job did not wait on the busy node"
+    return bt, client, a, one, two
+
+
+def test_a_waiting_job_shows_as_queued_first_in_line_until_its_node_starts_it(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    waiting = view(client, two)
+    assert (waiting.status, waiting.queue_position, waiting.started_at) == (w.QUEUED, 0, None)
+    assert waiting.attempts == 1 and view(client, one).status == w.RUNNING
+    a.started(two)  # the pipeline of one returned: two starts while one's image is encoded
+    wait_until(lambda: view(client, two).status == w.RUNNING, 5, what="two to start")
+    a.finish(one)
+    wait_until(lambda: view(client, one).status == w.COMPLETED, 5)
+    three = submit(client, spec())
+    assert a.recv_job().header.task_id == three  # one reported: room for another behind two
+    a.finish(two)
+    assert view(client, two).started_at is not None
+    wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
+
+
+def test_a_node_without_prefetch_gets_one_job_at_a_time(parts) -> None:
+    bt, client, node = parts
+    a = node("a").ready()  # an older node: says nothing of prefetch
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    one, two = submit(client, spec()), submit(client, spec())
+    assert a.recv_job().header.task_id == one
+    assert a.recv_job(timeout=0.5) is None and view(client, two).queue_position == 0
+    a.finish(one)
+    assert a.recv_job().header.task_id == two
+
+
+def test_an_idle_node_gets_work_before_a_busy_node_takes_a_second_job(parts) -> None:
+    bt, client, node = parts
+    a = node("a").ready(prefetch=1)
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    one = submit(client, spec())
+    assert a.recv_job().header.task_id == one
+    b = node("b").ready(prefetch=1)
+    wait_until(lambda: len(bt.broker.nodes) == 2, 5)
+    two = submit(client, spec())
+    assert b.recv_job().header.task_id == two
+    assert a.recv_job(timeout=0.3) is None
+
+
+def test_more_urgent_work_recalls_a_waiting_job_which_keeps_its_attempt_and_place(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts, priority=5)
+    urgent = submit(client, spec(priority=0))
+    recall = recv_command(a, w.RECALL)
+    assert recall is not None and recall.header.task_id == two
+    a.error(two, e.RECALLED)  # it had not started: the node gives it back
+    assert a.recv_job().header.task_id == urgent  # the urgent task waits behind one instead
+    back = view(client, two)
+    assert (back.status, back.attempts, back.queue_position) == (w.QUEUED, 0, 0)
+    a.started(urgent)
+    a.finish(one)
+    assert a.recv_job().header.task_id == two  # room again: two waits behind urgent
+    assert view(client, two).attempts == 1
+
+
+def test_a_recall_that_comes_too_late_leaves_the_started_job_running(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts, priority=5)
+    a.finish(one)
+    a.started(two)
+    submit(client, spec(priority=0))
+    # Whether or not a RECALL crossed the start, two runs on the node it started on.
+    wait_until(lambda: view(client, two).status == w.RUNNING, 5)
+    a.finish(two)
+    wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
+    assert view(client, two).attempts == 1
+
+
+def test_a_node_that_becomes_idle_takes_a_waiting_job_from_a_busy_one(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    b = parts[2]("b").ready(prefetch=1)
+    recall = recv_command(a, w.RECALL)
+    assert recall is not None and recall.header.task_id == two
+    assert b.recv_job(timeout=0.3) is None, "two went to b while a still held it"
+    a.error(two, e.RECALLED)
+    assert b.recv_job().header.task_id == two
+    assert view(client, two).attempts == 1
+
+
+def test_cancelling_a_waiting_job_reaches_its_node_and_frees_the_place(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    cancelled = client.request(w.CancelTask(0, two)).header.body.task
+    assert cancelled.status == w.CANCELLED
+    cancel = recv_command(a, w.CANCEL)
+    assert cancel is not None and cancel.header.task_id == two
+    a.error(two, e.CANCELLED)
+    assert recv_command(a, w.RESULT_ACK).header.task_id == two
+    three = submit(client, spec())
+    assert a.recv_job().header.task_id == three  # the waiting place is free again
+    assert view(client, one).status == w.RUNNING
+
+
+def test_a_job_that_waits_past_its_deadline_fails_and_its_node_is_told(broker_factory, ctx) -> None:
+    bt = broker_factory(task_timeout=1.0)
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    a = FakeNode(ctx, bt.backend, "a").ready(prefetch=1)
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        one, two = submit(client, spec()), submit(client, spec())
+        assert [a.recv_job().header.task_id, a.recv_job().header.task_id] == [one, two]
+        cancels = set()
+        until = time.monotonic() + 5
+        while cancels != {one, two} and time.monotonic() < until:
+            a.heartbeat(idle=False, task_id=one)
+            msg = recv_command(a, w.CANCEL, timeout=0.1)
+            if msg is not None:
+                cancels.add(msg.header.task_id)
+        assert cancels == {one, two}
+        assert view(client, two).error_code == e.TIMEOUT
+    finally:
+        a.close()
+        client.close()
+
+
+def test_a_lost_node_gives_back_its_waiting_job_without_spending_an_attempt(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    b = parts[2]("b").ready()  # no prefetch: it gets the jobs only once a is gone
+    assert recv_command(a, w.RECALL) is not None
+    a.close()  # dies without answering
+    jobs: list[str] = []
+    until = time.monotonic() + 10
+    while len(jobs) < 2 and time.monotonic() < until:
+        b.heartbeat()
+        job = b.recv_job(timeout=0.1)
+        if job is not None:
+            assert bt.broker.nodes.find("a") is None, "a task went to b while a still held it"
+            jobs.append(job.header.task_id)
+            b.finish(job.header.task_id)
+    assert sorted(jobs) == sorted([one, two])
+    wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
+    assert view(client, one).attempts == 2 and view(client, two).attempts == 1
+
+
+def test_a_node_that_refuses_a_waiting_job_gets_no_other_until_it_reports(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    a.error(two, e.NODE_BUSY)  # still unwinding something the broker did not know of
+    three = submit(client, spec())
+    assert a.recv_job(timeout=0.4) is None
+    assert view(client, two).attempts == 0 and view(client, three).status == w.QUEUED
+    a.finish(one)
+    got = [a.recv_job().header.task_id, a.recv_job().header.task_id]
+    assert got == [two, three]
+
+
+def test_a_node_that_re_registers_gives_back_its_waiting_job_once(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    # It reconnects on a new socket: it still runs one, and reports two given back.
+    a2 = parts[2]("a", identity=b"a-reconnected").ready(busy_task=one, reports=[two], prefetch=1)
+    wait_until(lambda: bt.broker.nodes.get(b"a-reconnected") is not None, 5)
+    assert bt.broker.nodes.get(b"a-reconnected").next_id == two  # held until its report comes
+    a2.error(two, e.RECALLED)
+    assert a2.recv_job().header.task_id == two  # back in line, and a2 has room behind one again
+    assert view(client, two).attempts == 1 and view(client, one).attempts == 1
+
+
+def test_after_a_broker_restart_a_waiting_job_is_held_for_its_node_and_given_back(broker_factory, ctx) -> None:
+    bt = broker_factory()
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    a = FakeNode(ctx, bt.backend, "a").ready(prefetch=1)
+    b = None
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        one, two = submit(client, spec()), submit(client, spec())
+        assert [a.recv_job().header.task_id, a.recv_job().header.task_id] == [one, two]
+        bt.close()
+        bt2 = broker_factory(frontend=bt.frontend, backend=bt.backend, recovery_grace=30.0)
+        b = FakeNode(ctx, bt2.backend, "b").ready()
+        assert b.recv_job(timeout=0.5) is None, "a held task went to another node"
+        a.ready(busy_task=one, reports=[two], prefetch=1)
+        a.error(two, e.RECALLED)
+        assert b.recv_job().header.task_id == two
+        assert bt2.broker.tasks[two].attempts == 1
+        a.finish(one)
+        wait_until(lambda: bt2.broker.tasks[one].state == w.COMPLETED, 5)
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+        client.close()
