@@ -59,6 +59,9 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                     help="weights kept loaded before LRU eviction; 0 = 90%% of GPU / 50%% of RAM")
     ap.add_argument("--lora-cache-gb", type=float, default=float(env.get("GENSERVE_LORA_CACHE_GB", 2)),
                     help="LoRA tensors kept in memory before LRU eviction (env GENSERVE_LORA_CACHE_GB)")
+    ap.add_argument("--prefetch", type=int, choices=(0, 1), default=int(env.get("GENSERVE_PREFETCH", d.prefetch)),
+                    help="1: take the next job while one runs, so it starts while the last image is encoded;"
+                         " 0: one job at a time (env GENSERVE_PREFETCH)")
     ap.add_argument("--png-level", type=int, default=int(env.get("GENSERVE_PNG_LEVEL", d.png_compress_level)),
                     help="zlib level for result PNGs, 0-9 (env GENSERVE_PNG_LEVEL)")
     ap.add_argument("--max-sequence-length", type=int,
@@ -104,7 +107,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     return NodeConfig(
         broker=a.broker, device=device, model_paths=paths,
         lora_dir=Path(a.lora_dir) if a.lora_dir else None, node_id=a.node_id,
-        heartbeat_interval=a.heartbeat, liveness=a.liveness, shutdown_grace=a.shutdown_grace,
+        heartbeat_interval=a.heartbeat, liveness=a.liveness, shutdown_grace=a.shutdown_grace, prefetch=a.prefetch,
         preload=tuple(m.strip() for m in a.preload.split(",") if m.strip()),
         memory_budget=int(a.memory_budget_gb * (1 << 30)), png_compress_level=a.png_level,
         lora_cache_bytes=int(a.lora_cache_gb * (1 << 30)),
@@ -161,7 +164,7 @@ def build(config: NodeConfig):
     if config.speed.compile and config.speed.warmup:
         seconds = generator.warm([m for m in config.preload if m in cache.loaded], config.speed.warmup)
         log.info("warm-up at %s took %.1f s", config.speed.warmup, seconds)
-    return Node(config, generator.run, capabilities), generator
+    return Node(config, generator.render, capabilities), generator
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,6 +50,7 @@ class NodeConfig:
     reconnect_max: float = 8.0
     shutdown_grace: float = 20.0  # most seconds a stopping node waits for its job's current step
     progress_interval: float = 0.2
+    prefetch: int = 1  # jobs taken beyond the running one, so the next starts while an image is encoded
     preload: tuple[str, ...] = ()
     memory_budget: int = 0  # bytes of weights kept loaded; 0 = 90% of the device
     lora_cache_bytes: int = 2 << 30

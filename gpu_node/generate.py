@@ -6,6 +6,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -88,8 +89,13 @@ class Generator:
 
     def run(self, job: Job, on_step: Callable[[int, int], None],
             should_stop: Callable[[], bool]) -> tuple[bytes, ResultMeta]:
-        """Generate one image; returns (PNG bytes, metadata)."""
-        return self.run_batch([job], on_step, should_stop)[0]
+        """Generate one image; returns (image bytes, metadata)."""
+        return self.render(job, on_step, should_stop)()
+
+    def render(self, job: Job, on_step: Callable[[int, int], None],
+               should_stop: Callable[[], bool]) -> Callable[[], tuple[bytes, ResultMeta]]:
+        """Run the pipeline for one job; returns what encodes its image (the node calls it on another thread)."""
+        return self.render_batch([job], on_step, should_stop)[0]
 
     @staticmethod
     def batch_key(job: Job) -> tuple | None:
@@ -103,6 +109,11 @@ class Generator:
     def run_batch(self, jobs: list[Job], on_step: Callable[[int, int], None],
                   should_stop: Callable[[], bool]) -> list[tuple[bytes, ResultMeta]]:
         """Generate one image per job in one pipeline call; returns (image bytes, metadata) per job."""
+        return [encode() for encode in self.render_batch(jobs, on_step, should_stop)]
+
+    def render_batch(self, jobs: list[Job], on_step: Callable[[int, int], None],
+                     should_stop: Callable[[], bool]) -> list[Callable[[], tuple[bytes, ResultMeta]]]:
+        """One pipeline call for all jobs; returns, per job, what encodes its image and makes its metadata."""
         started = time.perf_counter()
         if len(jobs) > 1 and (None in (keys := {self.batch_key(j) for j in jobs}) or len(keys) > 1):
             raise JobError("only text2img jobs with equal model, size, steps, cfg, speed and LoRAs run together")
@@ -134,7 +145,8 @@ class Generator:
                         transformer._reset_stateful_cache()
         finally:
             self.lora_sets = self.cache.lora_sets()  # loads, evictions and LoRA changes of this job
-        return [self._encode(job, a, image, kwargs, fast, lora, started) for job, a, image in zip(jobs, every, images)]
+        return [partial(self._encode, job, a, image, kwargs, fast, lora, started)
+                for job, a, image in zip(jobs, every, images)]
 
     def _encode(self, job: Job, args: dict[str, Any], image: Image.Image, kwargs: dict[str, Any], fast: bool,
                 lora: LoraUse, started: float) -> tuple[bytes, ResultMeta]:

@@ -1,16 +1,20 @@
-"""A GPU node: a DEALER to the broker on one thread, generation on another.
+"""A GPU node: a DEALER to the broker on one thread, generation on another, encoding on a third.
 
-The socket thread owns the DEALER: it registers (READY), heartbeats, forwards
-JOBs to the worker and the worker's PROGRESS/RESULT/ERROR to the broker, and
-reconnects with exponential backoff when the broker falls silent. The worker
-thread owns the pipelines and runs one job at a time. The two talk over an
-inproc PAIR, each end owned by one thread.
+The socket thread owns the DEALER: it registers (READY), heartbeats, hands JOBs to the
+worker through the `JobSlot`, relays reports to the broker, and reconnects with
+exponential backoff when the broker falls silent. The worker thread owns the pipelines
+and runs one job at a time; as soon as a pipeline call returns it hands the image to
+the encoder thread and takes the next job, which may already wait on the node
+(prefetch), so the device does not idle while an image is encoded and sent. Worker and
+encoder report to the socket thread over inproc PUSH sockets into one PULL, each
+socket owned by one thread.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -27,12 +31,13 @@ from genserve import wire as w
 from genserve.curve import setup_client
 from genserve.logs import ids
 from gpu_node.config import NodeConfig
+from gpu_node.slot import JobSlot
 
 log = logging.getLogger(__name__)
 
-WORKER_ENDPOINT = "inproc://genserve-worker-{}"
+REPORTS_ENDPOINT = "inproc://genserve-reports-{}"
 FULL_EVERY = 10
-PAIR_SEND_TIMEOUT_MS = 1000  # a send to a thread that has gone must not hang the process
+PUSH_SEND_TIMEOUT_MS = 1000  # a send to a thread that has gone must not hang the process
 FINAL_LINGER_MS = 500  # lets the last RESULT/ERROR/DISCONNECT leave before the process exits
 MAX_UNACKED = 16  # finished reports kept for the broker; beyond this the oldest is dropped
 
@@ -52,13 +57,17 @@ class Capabilities:
     evictions: int = 0
 
 
+Encode = Callable[[], "tuple[bytes, w.ResultMeta]"]  # turns a finished pipeline call into the result's bytes
+
+
 class Node:
-    """Socket side of a node; `runner(job, on_step, should_stop)` does the work.
+    """Socket side of a node; `runner(job, on_step, should_stop)` runs the pipeline and returns
+    a callable that encodes its image (run on the encoder thread).
 
     `capabilities(full)` describes the node; `full` also rescans the LoRA folder.
     """
 
-    def __init__(self, config: NodeConfig, runner: Callable[..., tuple[bytes, w.ResultMeta]],
+    def __init__(self, config: NodeConfig, runner: Callable[..., Encode],
                  capabilities: Callable[[bool], Capabilities], context: zmq.Context | None = None) -> None:
         self.config = config
         self.runner = runner
@@ -71,20 +80,26 @@ class Node:
         # Final reports (RESULT/ERROR frames) the broker has not acknowledged yet: re-sent after
         # every registration, so work finished while the broker was away is never redone.
         self._unacked: OrderedDict[str, list[bytes]] = OrderedDict()
-        self.current: str | None = None
+        self.slot = JobSlot(config.prefetch)
+        self._encodes: queue.Queue[tuple[str, Encode] | None] = queue.Queue()
         self.busy_seconds = 0.0  # inside the runner, written by the worker thread only
         self.jobs = 0
         self._step = 0  # last denoising step of the current job (written by the worker)
         self._cancel_step: int | None = None  # the step at which the current job's CANCEL arrived
-        self._endpoint = WORKER_ENDPOINT.format(uuid.uuid4().hex)
-        self._pair = self.context.socket(zmq.PAIR)
-        self._pair.setsockopt(zmq.LINGER, 0)
-        self._pair.setsockopt(zmq.SNDTIMEO, PAIR_SEND_TIMEOUT_MS)
-        self._pair.bind(self._endpoint)
+        self._endpoint = REPORTS_ENDPOINT.format(uuid.uuid4().hex)
+        self._reports = self.context.socket(zmq.PULL)
+        self._reports.setsockopt(zmq.LINGER, 0)
+        self._reports.bind(self._endpoint)
         self._worker = threading.Thread(target=self._work, name="genserve-worker", daemon=True)
+        self._encoder = threading.Thread(target=self._encode_results, name="genserve-encoder", daemon=True)
         self.dealer: zmq.Socket | None = None
         self._last_recv = self._last_sent = self._registered_at = 0.0
         self._beats = 0
+
+    @property
+    def current(self) -> str | None:
+        """The task the worker runs now, if any."""
+        return self.slot.running
 
     # ---- socket thread ---------------------------------------------------
 
@@ -101,15 +116,20 @@ class Node:
 
     def _register(self) -> None:
         self._registered_at = time.monotonic()
-        keeps = self.current if self.current not in self._abandoned else None
-        reports = list(self._unacked)
-        if self.current is not None and keeps is None:
-            reports.append(self.current)  # abandoned: its RESULT or ERROR comes when the worker stops
+        held = self.slot.give_back()  # a waiting job is given back: the broker may have placed it elsewhere
+        for task_id in held.recalled:
+            self._keep(task_id, w.encode(w.Error(task_id, e.RECALLED, "given back at registration")))
+        running = held.running
+        keeps = running if running not in self._abandoned else None
+        reports = [*self._unacked, *held.finishing]
+        if running is not None and keeps is None:
+            reports.append(running)  # abandoned: its RESULT or ERROR comes when the worker stops
         caps = self.capabilities(True)
         self._send(w.Ready(node_id=self.node_id, device=self.config.device, host=socket.gethostname(),
                            pid=os.getpid(), models=caps.models, memory_total=caps.memory_total,
                            memory_free=caps.memory_free, loaded=caps.loaded, loras=caps.loras or [],
-                           busy_task=keeps, busy=self.current is not None, reports=reports))
+                           busy_task=keeps, busy=running is not None, reports=reports,
+                           prefetch=self.slot.prefetch))
         for task_id, frames in self._unacked.items():
             log.info("re-sending the unacknowledged report of task %s", task_id, extra=ids(task_id, self.node_id))
             self._send_frames(frames)
@@ -132,10 +152,11 @@ class Node:
     def run(self) -> None:
         """Serve until stop(): register, then relay between broker and worker."""
         self._worker.start()
+        self._encoder.start()
         self._connect()
         backoff = self.config.heartbeat_interval
         poller = zmq.Poller()
-        poller.register(self._pair, zmq.POLLIN)
+        poller.register(self._reports, zmq.POLLIN)
         poller.register(self.dealer, zmq.POLLIN)
         interval = self.config.heartbeat_interval
         while not self._stop.is_set():
@@ -143,16 +164,17 @@ class Node:
             if self.dealer in events:
                 self._drain_broker()
                 backoff = interval
-            if self._pair in events:
-                self._drain_worker()
+            if self._reports in events:
+                self._drain_reports()
             now = time.monotonic()
             if now - self._last_recv > interval * self.config.liveness:
                 log.warning("broker silent for %.1fs; reconnecting in %.1fs", now - self._last_recv, backoff)
-                if self.current is not None and self.current not in self._abandoned:
+                running = self.slot.running
+                if running is not None and running not in self._abandoned:
                     # The broker has expired us by now and may give the task to another node:
                     # stop at the next step so that it never runs twice at once.
-                    log.warning("abandoning task %s", self.current, extra=ids(self.current, self.node_id))
-                    self._abandoned.add(self.current)
+                    log.warning("abandoning task %s", running, extra=ids(running, self.node_id))
+                    self._abandoned.add(running)
                 poller.unregister(self.dealer)
                 if self._stop.wait(backoff):
                     poller.register(self.dealer, zmq.POLLIN)
@@ -171,7 +193,7 @@ class Node:
         stats = w.NodeStats(busy_seconds=round(self.busy_seconds, 3), jobs=self.jobs, model_loads=live.model_loads,
                             load_seconds=round(live.load_seconds, 3), evictions=live.evictions)
         return w.Heartbeat(loaded=live.loaded, memory_free=live.memory_free, loras=live.loras,
-                           idle=self.current is None, task_id=self.current, leaving=leaving, stats=stats,
+                           idle=self.slot.idle, task_id=self.slot.running, leaving=leaving, stats=stats,
                            lora_sets=live.lora_sets)
 
     def _drain_broker(self) -> None:
@@ -191,11 +213,10 @@ class Node:
                 self._on_job(msg)
             elif msg.command == w.RESULT_ACK:
                 self._unacked.pop(msg.header.task_id, None)
-            elif msg.command == w.CANCEL and msg.header.task_id == self.current:
-                self._cancelled.add(msg.header.task_id)  # first, so the worker stops at most one step later
-                self._cancel_step = self._step
-                log.info("cancel %s (%s) at step %d", msg.header.task_id, msg.header.reason, self._step,
-                         extra=ids(msg.header.task_id, self.node_id))
+            elif msg.command == w.CANCEL:
+                self._on_cancel(msg.header)
+            elif msg.command == w.RECALL and self.slot.recall(msg.header.task_id):
+                self._report(w.Error(msg.header.task_id, e.RECALLED, "recalled before it started"))
             elif msg.command == w.DISCONNECT:
                 # After a broker restart every message we sent meanwhile earns one of these:
                 # register once, not once per message.
@@ -204,37 +225,48 @@ class Node:
                     log.info("broker asked to re-register: %s", msg.header.reason)
                     self._register()
 
+    def _on_cancel(self, h: w.Cancel) -> None:
+        # Marked first, so that the worker stops at most one step later, or before the first step
+        # if it takes the job from the slot meanwhile.
+        self._cancelled.add(h.task_id)
+        if self.slot.recall(h.task_id):
+            self._cancelled.discard(h.task_id)
+            self._report(w.Error(h.task_id, e.CANCELLED, "cancelled before it started"))
+        elif h.task_id == self.slot.running:  # not waiting, so no later take can start it: this is final
+            self._cancel_step = self._step
+            log.info("cancel %s (%s) at step %d", h.task_id, h.reason, self._step, extra=ids(h.task_id, self.node_id))
+        else:
+            self._cancelled.discard(h.task_id)  # finished, or never here: nothing to stop
+
     def _on_job(self, msg: w.Message) -> None:
         task_id = msg.header.task_id
-        if self.current is not None or self._stop.is_set():
-            self._send(w.Error(task_id, e.NODE_BUSY, "node is busy" if self.current else "node is stopping"))
-            return
-        self.current, self._cancel_step = task_id, None
-        try:
-            self._pair.send_multipart(w.encode(msg.header, msg.blobs), copy=False)
-        except zmq.Again:  # the worker is gone (stopping): let the broker place the task elsewhere
-            self.current = None
-            self._send(w.Error(task_id, e.NODE_BUSY, "worker unavailable"))
+        if self._stop.is_set():
+            self._send(w.Error(task_id, e.NODE_BUSY, "node is stopping"))
+        elif not self.slot.offer(task_id, msg):
+            self._send(w.Error(task_id, e.NODE_BUSY, "node is busy"))
 
-    def _drain_worker(self) -> None:
+    def _report(self, header: w.Result | w.Error, blobs: list[bytes] | tuple = ()) -> None:
+        """Send a final report, kept until the broker acknowledges it."""
+        frames = w.encode(header, blobs)
+        self._keep(header.task_id, frames)
+        self._send_frames(frames)
+
+    def _drain_reports(self) -> None:
         while True:
             try:
-                frames = self._pair.recv_multipart(zmq.NOBLOCK)
+                frames = self._reports.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             msg = w.decode(frames)
             if msg.command in (w.RESULT, w.ERROR):
                 task_id = msg.header.task_id
-                self.current = None
                 self._cancelled.discard(task_id)
                 self._abandoned.discard(task_id)
                 # The job may have loaded a model or LoRAs: tell the broker now, not at the next heartbeat.
                 live = self.capabilities(False)
                 sets = {"lora_sets": live.lora_sets} if isinstance(msg.header, w.Result) else {}
-                report = msgspec.structs.replace(msg.header, loaded=live.loaded, **sets)
-                frames = w.encode(report, msg.blobs)
-                self._keep(task_id, frames)
-                self._send_frames(frames)
+                self._report(msgspec.structs.replace(msg.header, loaded=live.loaded, **sets), msg.blobs)
+                self.slot.reported(task_id)  # after _keep: a READY lists it either way
             else:
                 self._send_frames(frames)
 
@@ -246,52 +278,102 @@ class Node:
                         extra=ids(dropped, self.node_id))
 
     def _shutdown(self) -> None:
-        """Let the running job stop at its next step, report it, leave the broker; every wait bounded."""
+        """Give back waiting jobs, let the running one stop at its next step and the encoder finish,
+        report them, leave the broker; every wait bounded."""
         deadline = time.monotonic() + self.config.shutdown_grace
         if self.dealer is not None:
             self._send(self._heartbeat(leaving=True))  # no new JOB, please
-        if self.current is not None:
-            log.info("stopping: task %s will be re-queued after its current step", self.current,
-                     extra=ids(self.current, self.node_id))
-        while self._worker.is_alive() and time.monotonic() < deadline:
-            if self._pair.poll(50):
-                self._drain_worker()
+        for task_id in self.slot.give_back().recalled:
+            self._report(w.Error(task_id, e.RECALLED, "node is stopping"))
+        if self.slot.running is not None:
+            log.info("stopping: task %s will be re-queued after its current step", self.slot.running,
+                     extra=ids(self.slot.running, self.node_id))
+        while (self._worker.is_alive() or self._encoder.is_alive()) and time.monotonic() < deadline:
+            if self._reports.poll(50):
+                self._drain_reports()
             if self.dealer is not None and self.dealer.poll(0):
                 self._drain_broker()
             if self.dealer is not None and time.monotonic() - self._last_sent >= self.config.heartbeat_interval:
                 self._send(self._heartbeat(leaving=True))  # a long last step must not look like death
-        self._drain_worker()
-        if self._worker.is_alive():
+        self._drain_reports()
+        if self._worker.is_alive() or self._encoder.is_alive():
             log.warning("the worker did not stop within %.1fs; leaving anyway", self.config.shutdown_grace)
         if self.dealer is not None:
             # DISCONNECT makes the broker re-queue at once whatever it still thinks we run.
             self._send(w.Disconnect("shutting down"))
             self.dealer.close(linger=FINAL_LINGER_MS)
             self.dealer = None
-        self._pair.close(linger=0)
+        self._reports.close(linger=0)
 
-    # ---- worker thread ---------------------------------------------------
+    # ---- worker and encoder threads --------------------------------------
+
+    def _push_socket(self) -> zmq.Socket:
+        push = self.context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDTIMEO, PUSH_SEND_TIMEOUT_MS)
+        push.connect(self._endpoint)
+        return push
 
     def _work(self) -> None:
-        pair = self.context.socket(zmq.PAIR)
-        pair.setsockopt(zmq.LINGER, 0)
-        pair.setsockopt(zmq.SNDTIMEO, PAIR_SEND_TIMEOUT_MS)
-        pair.connect(self._endpoint)
+        push = self._push_socket()
         try:
             while not self._stop.is_set():
-                if not pair.poll(100):
+                taken = self.slot.take(0.1)
+                if taken is None:
                     continue
-                msg = w.decode(pair.recv_multipart())
-                try:
-                    pair.send_multipart(self._run_job(msg.header, msg.blobs, pair), copy=False)
-                except zmq.Again:
-                    log.warning("could not hand the report of task %s back; the broker re-queues it",
-                                msg.header.task_id, extra=ids(msg.header.task_id, self.node_id))
+                task_id, msg = taken
+                self._step, self._cancel_step = 0, None
+                outcome = self._run_job(msg.header, msg.blobs, push)
+                self.slot.finished(task_id)  # the next job may start now, while this one is encoded
+                if callable(outcome):
+                    self._encodes.put((task_id, outcome))
+                else:
+                    self._hand_back(push, task_id, outcome)
         finally:
-            pair.close(linger=0)
+            self._encodes.put(None)  # the encoder finishes what is queued, then ends
+            push.close(linger=0)
 
-    def _run_job(self, h: w.Job, blobs: list[bytes], pair: zmq.Socket) -> list[bytes]:
-        """Run one JOB on the worker thread; returns the RESULT or ERROR frames for the broker."""
+    def _hand_back(self, push: zmq.Socket, task_id: str, frames: list[bytes]) -> None:
+        try:
+            push.send_multipart(frames, copy=False)
+        except zmq.Again:
+            log.warning("could not hand the report of task %s back; the broker re-queues it", task_id,
+                        extra=ids(task_id, self.node_id))
+
+    def _encode_results(self) -> None:
+        push = self._push_socket()
+        try:
+            while True:
+                try:
+                    item = self._encodes.get(timeout=0.1)
+                except queue.Empty:
+                    if not self._worker.is_alive():
+                        return
+                    continue
+                if item is None:
+                    return
+                task_id, encode = item
+                self._hand_back(push, task_id, self._encoded(task_id, encode))
+        finally:
+            push.close(linger=0)
+
+    def _encoded(self, task_id: str, encode: Encode) -> list[bytes]:
+        """The RESULT (or ERROR) frames of a finished pipeline call, encoded on the encoder thread."""
+        from gpu_node.errors import JobError
+
+        tagged = ids(task_id, self.node_id)
+        try:
+            data, meta = encode()
+        except JobError as exc:
+            return w.encode(w.Error(task_id, exc.code, str(exc)))
+        except Exception as exc:  # a failed encode fails this job only
+            log.exception("task %s failed while encoding", task_id, extra=tagged)
+            return w.encode(w.Error(task_id, e.GENERATION, f"{type(exc).__name__}: {exc}"))
+        log.info("task %s done in %.3fs (seed %s)", task_id, meta.generation_time, meta.seed, extra=tagged)
+        return w.encode(w.Result(task_id, meta), [data])
+
+    def _run_job(self, h: w.Job, blobs: list[bytes], push: zmq.Socket) -> Encode | list[bytes]:
+        """Run one JOB's pipeline on the worker thread; returns its encoder, or the ERROR frames."""
         from gpu_node.errors import Cancelled, JobError
         from gpu_node.generate import Job
 
@@ -300,7 +382,7 @@ class Node:
         tagged = ids(task_id, self.node_id)
         log.info("task %s: %s %s %dx%d, %d steps (attempt %d)", task_id, h.model_id, h.mode, h.params.width,
                  h.params.height, h.params.num_inference_steps, h.attempt, extra=tagged)
-        self._step = 0
+        self._hand_back(push, task_id, w.encode(w.ProgressReport(task_id, 0, h.params.num_inference_steps)))
         last_progress = time.monotonic()
 
         def on_step(step: int, total: int) -> None:
@@ -312,7 +394,7 @@ class Node:
             if now - last_progress >= self.config.progress_interval:
                 last_progress = now
                 try:
-                    pair.send_multipart(w.encode(w.ProgressReport(task_id, step, total)), zmq.NOBLOCK)
+                    push.send_multipart(w.encode(w.ProgressReport(task_id, step, total)), zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # progress is advisory; the next one will do
 
@@ -320,9 +402,11 @@ class Node:
             return task_id in self._cancelled or task_id in self._abandoned or self._stop.is_set()
 
         try:
+            if should_stop():  # cancelled or given up while it waited: not one step
+                raise Cancelled(task_id)
             started = time.perf_counter()
             try:
-                png, meta = self.runner(job, on_step, should_stop)
+                return self.runner(job, on_step, should_stop)
             finally:
                 self.busy_seconds += time.perf_counter() - started
                 self.jobs += 1
@@ -337,5 +421,3 @@ class Node:
         except Exception as exc:  # any failure fails this job only; the node keeps serving
             log.exception("task %s failed", task_id, extra=tagged)
             return w.encode(w.Error(task_id, e.GENERATION, f"{type(exc).__name__}: {exc}"))
-        log.info("task %s done in %.3fs (seed %s)", task_id, meta.generation_time, meta.seed, extra=tagged)
-        return w.encode(w.Result(task_id, meta), [png])

@@ -96,7 +96,7 @@ def test_ready_claims_a_running_job_and_lists_kept_reports_and_an_abandoned_job(
     port = router.bind_to_random_port("tcp://127.0.0.1")
     caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
     node = Node(NodeConfig(broker=f"tcp://127.0.0.1:{port}", device="cpu", node_id="unit"),
-                runner=lambda *_: (b"", None), capabilities=lambda _full: caps, context=ctx)
+                runner=lambda *_: lambda: (b"", None), capabilities=lambda _full: caps, context=ctx)
 
     def ready() -> w.Ready:
         node._register()
@@ -111,7 +111,7 @@ def test_ready_claims_a_running_job_and_lists_kept_reports_and_an_abandoned_job(
         first = w.split_routed(router.recv_multipart())[1].header if router.poll(5000) else None
         assert first is not None and (first.busy_task, first.busy, first.reports) == (None, False, [])
         node._unacked["done-1"] = w.encode(w.Result("done-1", META), [b"png"])
-        node.current = "running-2"
+        assert node.slot.offer("running-2", None) and node.slot.take(0) is not None
         h = ready()
         assert (h.busy_task, h.busy, h.reports) == ("running-2", True, ["done-1"])  # keeps it
         node._abandoned.add("running-2")
@@ -120,5 +120,5 @@ def test_ready_claims_a_running_job_and_lists_kept_reports_and_an_abandoned_job(
     finally:
         if node.dealer is not None:
             node.dealer.close(linger=0)
-        node._pair.close(linger=0)
+        node._reports.close(linger=0)
         router.close(linger=0)

@@ -1,0 +1,92 @@
+"""A real tiny-model node with prefetch, against a real broker: the device does not wait for the encoder.
+
+The worker hands a finished pipeline call to the encoder thread and takes the next job,
+which already waits on the node. A waiting job can be cancelled or given back without
+ever reaching the pipeline.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from genserve import wire as w
+from genserve.spec import TaskSpec
+from http_front.broker_client import BrokerClient
+from tests.conftest import wait_until
+from tests.fakes import params
+from tests.test_node import LONG, running_node
+
+SMALL = params(prompt="small", width=32, height=32, num_inference_steps=2)
+
+
+def watch_runner(node: Any, on_call: Callable[[str], None], wrap_encode: Callable[[str, Any], Any]) -> list[str]:
+    """Wrap the node's pipeline runner: `on_call(task_id)` before each call, `wrap_encode` on its encoder."""
+    calls: list[str] = []
+    real = node.runner
+
+    def runner(job: Any, on_step: Any, should_stop: Any) -> Any:
+        calls.append(job.task_id)
+        on_call(job.task_id)
+        return wrap_encode(job.task_id, real(job, on_step, should_stop))
+
+    node.runner = runner
+    return calls
+
+
+def test_the_next_pipeline_call_starts_while_the_previous_image_is_still_being_encoded(
+        broker_factory, tiny_models: Path) -> None:
+    bt = broker_factory()
+    node, thread = running_node(bt.backend, tiny_models, "prefetching", liveness=1000)
+    second_started = threading.Event()
+    overlapped: list[bool] = []
+
+    def slow_encode(task_id: str, encode: Any) -> Any:
+        def held() -> Any:
+            if not overlapped:  # the first image: encode only once the next call has begun (or 30 s passed)
+                overlapped.append(second_started.wait(30))
+            return encode()
+        return held
+
+    calls = watch_runner(node, lambda _task_id: len(calls) > 1 and second_started.set(), slow_encode)
+    client = BrokerClient(bt.frontend, context=bt.context).start()
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 30)
+        ids = [client.request(w.Submit(0, TaskSpec("flux1-dev", "text2img", 0, SMALL), "k")).header.task_id
+               for _ in range(2)]
+        wait_until(lambda: all(bt.broker.tasks[t].state == w.COMPLETED for t in ids), 60, what="both tasks")
+        assert overlapped == [True], "the second job did not start while the first image was being encoded"
+        assert calls == ids and all(bt.broker.journal.result(t)[:8] == b"\x89PNG\r\n\x1a\n" for t in ids)
+        assert [bt.broker.tasks[t].attempts for t in ids] == [1, 1]
+    finally:
+        client.close()
+        node.stop()
+        thread.join(timeout=30)
+
+
+def test_a_waiting_job_is_cancelled_or_given_back_on_stop_without_reaching_the_pipeline(
+        broker_factory, tiny_models: Path) -> None:
+    bt = broker_factory()
+    node, thread = running_node(bt.backend, tiny_models, "holding", liveness=1000)
+    calls = watch_runner(node, lambda _task_id: None, lambda _task_id, encode: encode)
+    client = BrokerClient(bt.frontend, context=bt.context).start()
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 30)
+        long, cancelled, kept = (client.request(w.Submit(0, TaskSpec("flux1-dev", "text2img", 0, p), "k"))
+                                 .header.task_id for p in (LONG, SMALL, SMALL))
+        wait_until(lambda: node.slot.waiting() == [cancelled], 30, 0.01, "a job to wait behind the long one")
+        assert bt.broker.tasks[cancelled].status == w.QUEUED and bt.broker.tasks[cancelled].node is not None
+        assert client.request(w.CancelTask(0, cancelled)).header.body.task.status == w.CANCELLED
+        wait_until(lambda: node.slot.waiting() == [kept], 30, 0.01, "the freed place to take the next job")
+        node.stop()  # the long job stops at its next step; the waiting one is given back unstarted
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        wait_until(lambda: bt.broker.tasks[kept].state == w.QUEUED and bt.broker.tasks[long].state == w.QUEUED,
+                   10, what="both to be back in line")
+        assert calls == [long]  # neither the cancelled nor the given-back job ran a step
+        assert (bt.broker.tasks[kept].attempts, bt.broker.tasks[long].attempts) == (0, 0)
+    finally:
+        client.close()
+        node.stop()
+        thread.join(timeout=30)
