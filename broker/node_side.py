@@ -223,6 +223,11 @@ class NodeSide:
         elif node.task_id == task_id or (node.state == BUSY and node.task_id is None):
             node.free_running()  # also ends a cancelled task's unwinding; a waiting job runs now
             node.prefetch_refused = False
+            promoted = self.tasks.get(node.task_id or "")
+            if promoted is not None and promoted.prefetched:
+                # The node's worker takes its waiting job as soon as a pipeline call ends, before
+                # that job's report goes out: it has started (its step-0 PROGRESS may come later).
+                self._node_began(promoted, node)
         task = self.tasks.get(task_id)
         if task is not None and task.final:
             return None

@@ -19,15 +19,15 @@ from typing import Any, Callable
 import zmq
 
 from broker.config import BrokerConfig
-from broker.dispatch import plan
 from broker.events import Subscriptions
 from broker.front_side import FrontSide, RequestError  # noqa: F401  (RequestError: part of the broker's API)
 from broker.hooks import TaskWebhooks, load_secret
 from broker.journal import Journal
 from broker.metrics import BrokerMetrics
 from broker.node_side import NodeSide
-from broker.nodes import BUSY, Node, NodeRegistry
-from broker.queue import Entry, TaskQueue
+from broker.nodes import Node, NodeRegistry
+from broker.placement import Placement
+from broker.queue import TaskQueue
 from broker.ratelimit import TokenLedger
 from broker.tasks import Task, TaskTable
 from broker.webhooks import WebhookConfig, WebhookOutbox
@@ -40,7 +40,7 @@ SendFailed = Callable[[zmq.ZMQError], None]
 BATCH_SECONDS = 0.02  # at most this much handling shares one commit
 
 
-class Broker(FrontSide, NodeSide):
+class Broker(FrontSide, NodeSide, Placement):
     """Priority-queue broker between HTTP fronts and GPU nodes."""
 
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None,
@@ -215,83 +215,6 @@ class Broker(FrontSide, NodeSide):
         self._send(self.backend, node.identity, header, blobs, failed, sent)
 
     # ---- scheduling and task transitions --------------------------------
-
-    def _dispatch(self) -> None:
-        """Start what the dispatch plan pairs: best task first, on a node with its model loaded first.
-
-        Idle nodes are served first; what is left waits on busy nodes that take a job behind the
-        running one (prefetch), and a waiting job that an idle node or more urgent work should have
-        is recalled.
-        """
-        now, cost = self.clock(), self.config.load_cost
-        for node, entry in plan(self.queue, self.nodes.available(), now, load_cost=cost):
-            self._start(self._placed(entry), node)
-        if len(self.queue):
-            for node, entry in plan(self.queue, self.nodes.prefetchable(), now, load_cost=cost):
-                self._start(self._placed(entry), node, prefetch=True)
-        self._recall_misplaced(now)
-
-    def _placed(self, entry: Entry) -> Task:
-        task = self.tasks[entry.task_id]
-        task.tag = entry.tag  # its place, with any load bills, should it come back to the queue
-        return task
-
-    def _recall_misplaced(self, now: float) -> None:
-        """RECALL a waiting job that an idle node could run now, or that more urgent work should overtake."""
-        idle = None
-        for node in self.nodes.prefetched():
-            task = self.tasks.get(node.next_id or "")
-            if task is None or not task.prefetched or node.recalling == task.task_id:
-                continue
-            if idle is None:
-                idle = self.nodes.available()
-            urgent = self.queue.peek_for(node.models, node.loaded, now) if len(self.queue) else None
-            if node.draining or (urgent is not None and urgent.priority < task.priority) or \
-                    any(task.mode in other.models.get(task.model, ()) for other in idle):
-                log.info("recalling task %s from node %s", task.task_id, node.node_id,
-                         extra=ids(task.task_id, node.node_id))
-                node.recalling = task.task_id
-                self._to_node(node, w.Recall(task.task_id))
-
-    def _start(self, task: Task, node: Node, resumed: bool = False, prefetch: bool = False) -> None:
-        """Run `task` on `node`; `resumed`: the node already runs it (no JOB, same attempt); `prefetch`:
-        it waits on the node behind the running job until the node says it started."""
-        task.state, task.node, task.node_id = w.RUNNING, node.identity, node.node_id
-        task.prefetched = prefetch
-        task.started = None if prefetch else self.clock()
-        task.attempts += 0 if resumed else 1
-        task.step, task.total = 0, task.params.num_inference_steps
-        if prefetch:
-            node.next_id = task.task_id
-        else:
-            node.state, node.task_id = BUSY, task.task_id
-        log.info("task %s %s on node %s (attempt %d)", task.task_id,
-                 "resumed" if resumed else "sent to wait" if prefetch else "started", node.node_id, task.attempts,
-                 extra=ids(task.task_id, node.node_id, key_ref(task.owner)))
-        self.table.update(task)
-        if resumed:
-            self._publish(task, "running")
-        else:
-            self._to_node(node, task.job(), task.inputs, partial(self._job_undelivered, task, node),
-                          partial(self._job_sent, task, node))
-
-    def _job_sent(self, task: Task, node: Node) -> None:
-        """The JOB left (after its commit): a task that runs at once has now started for the world."""
-        if task.state == w.RUNNING and task.node == node.identity and not task.prefetched:
-            self._began(task)
-
-    def _began(self, task: Task) -> None:
-        self._publish(task, "running")
-        self.webhooks.started(task, task.started)
-        self.metrics.started(task)
-
-    def _node_began(self, task: Task, node: Node) -> None:
-        """The node started a job that waited behind its previous one."""
-        task.prefetched, task.started = False, self.clock()
-        if node.recalling == task.task_id:
-            node.recalling = None  # too late to recall: it runs
-        self.table.update(task)
-        self._began(task)
 
     def _job_undelivered(self, task: Task, node: Node, exc: zmq.ZMQError) -> None:
         log.warning("cannot send task %s to node %s: %s", task.task_id, node.node_id, exc,

@@ -224,3 +224,45 @@ def test_after_a_broker_restart_a_waiting_job_is_held_for_its_node_and_given_bac
         if b is not None:
             b.close()
         client.close()
+
+
+def test_priority_order_holds_across_nodes_while_jobs_wait_on_them(broker_factory, ctx) -> None:
+    bt = broker_factory(liveness=100)  # the fake nodes do not heartbeat during the waits below
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    a, b = FakeNode(ctx, bt.backend, "a").ready(prefetch=1), FakeNode(ctx, bt.backend, "b").ready(prefetch=1)
+    try:
+        order_holds(bt, client, a, b)
+    finally:
+        for sock in (a, b, client):
+            sock.close()
+
+
+def order_holds(bt: BrokerThread, client: BrokerClient, a: FakeNode, b: FakeNode) -> None:
+    wait_until(lambda: len(bt.broker.nodes) == 2, 5)
+    first, second = submit(client, spec(priority=0)), submit(client, spec(priority=0))
+    running = {a.recv_job().header.task_id, b.recv_job().header.task_id}
+    assert running == {first, second}
+    urgent = submit(client, spec(priority=0))
+    holder, other = (a, b) if a.recv_job(timeout=0.5) is not None else (b, a)
+    assert bt.broker.tasks[urgent].node == f"fake-{holder.name}".encode()
+    later = submit(client, spec(priority=3))
+    # Whichever node frees first would start its own waiting job: the less urgent one does not wait on the other.
+    assert other.recv_job(timeout=0.5) is None
+    other_running = next(t for t in running if bt.broker.tasks[t].node != bt.broker.tasks[urgent].node)
+    other.finish(other_running)
+    recall = recv_command(holder, w.RECALL)
+    assert recall is not None and recall.header.task_id == urgent  # the idle node waits for the urgent job
+    assert other.recv_job(timeout=0.3) is None, "the idle node took the less urgent task first"
+    holder.error(urgent, e.RECALLED)
+    assert other.recv_job().header.task_id == urgent
+    assert view(client, later).status == w.QUEUED
+
+
+def test_the_running_jobs_report_starts_the_waiting_one_even_before_its_progress(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    a.finish(one)  # the worker took two before one's image was encoded and sent
+    wait_until(lambda: view(client, two).status == w.RUNNING, 5, what="two to count as started")
+    assert view(client, two).started_at is not None
+    a.started(two)  # its late step-0 PROGRESS changes nothing
+    a.finish(two)
+    wait_until(lambda: view(client, two).status == w.COMPLETED, 5)

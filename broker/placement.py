@@ -1,0 +1,152 @@
+"""Placing tasks on nodes: dispatch, prefetch and recall. A mixin of `broker.server.Broker`.
+
+The decision of which idle node starts which task is `broker.dispatch.plan` (no sockets);
+this part applies it and keeps the priority order when jobs wait on nodes (prefetch):
+
+- Idle nodes are served first; what is left may wait on a busy node behind its running job.
+- A waiting job that has not started is still in line. An idle node that would otherwise
+  get something less urgent (or nothing) recalls it, and waits for it; more urgent work for
+  its node recalls it too. A job less urgent than one that waits elsewhere does not go to
+  wait on a node, since whichever node frees first would start it out of order. Tasks
+  therefore start in priority order, as without prefetch; what a recall costs is one round
+  trip of an idle node.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import TYPE_CHECKING
+
+from broker.dispatch import plan
+from broker.nodes import BUSY, Node
+from broker.queue import Entry
+from broker.tasks import Task
+from genserve import wire as w
+from genserve.logs import ids, key_ref
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+log = logging.getLogger(__name__)
+
+
+def _serves(node: Node, task: Task) -> bool:
+    return task.mode in node.models.get(task.model, ())
+
+
+class Placement:
+    """Dispatch, prefetch and recall."""
+
+    def _dispatch(self: Broker) -> None:
+        """Start what the dispatch plan pairs on idle nodes, then fill the waiting places of busy ones."""
+        now, cost = self.clock(), self.config.load_cost
+        idle = self.nodes.available()
+        waiting = self._waiting_jobs()
+        if waiting and idle:
+            idle = self._reclaim(idle, waiting, now)
+        for node, entry in plan(self.queue, idle, now, load_cost=cost):
+            self._start(self._placed(entry), node)
+        if len(self.queue):
+            roomy = [node for node in self.nodes.prefetchable() if self._may_wait_on(node, waiting, now)]
+            for node, entry in plan(self.queue, roomy, now, load_cost=cost):
+                self._start(self._placed(entry), node, prefetch=True)
+        if waiting:
+            self._recall_overtaken(now)
+
+    def _placed(self: Broker, entry: Entry) -> Task:
+        task = self.tasks[entry.task_id]
+        task.tag = entry.tag  # its place, with any load bills, should it come back to the queue
+        return task
+
+    def _waiting_jobs(self: Broker) -> list[Task]:
+        """Jobs waiting on nodes that have not started, most urgent first."""
+        out = [self.tasks[node.next_id] for node in self.nodes.prefetched()
+               if node.next_id in self.tasks and self.tasks[node.next_id].prefetched]
+        return sorted(out, key=lambda t: (t.priority, t.tag if t.tag is not None else 0.0, t.seq))
+
+    def _reclaim(self: Broker, idle: list[Node], waiting: list[Task], now: float) -> list[Node]:
+        """Idle nodes that may take queued work now.
+
+        An idle node that would get something less urgent than a job waiting unstarted on another
+        node (or nothing) recalls that job and waits for it; once every such job is being
+        recalled, further idle nodes wait too rather than start less urgent work before it.
+        """
+        free, wanted = [], set()
+        for node in idle:
+            best = self.queue.peek_for(node.models, node.loaded, now) if len(self.queue) else None
+            passed = [t for t in waiting if _serves(node, t) and (best is None or t.priority < best.priority)]
+            task = next((t for t in passed if t.task_id not in wanted), None)
+            if task is not None:
+                wanted.add(task.task_id)  # it starts where it is if the recall comes too late
+                self._recall(task, "an idle node can run it")
+            elif not passed or best is None:
+                free.append(node)
+        return free
+
+    def _may_wait_on(self: Broker, node: Node, waiting: list[Task], now: float) -> bool:
+        """Whether the task this node would get next may wait on it: nothing more urgent waits elsewhere."""
+        best = self.queue.peek_for(node.models, node.loaded, now)
+        return best is not None and not any(t.priority < best.priority and _serves(node, t) for t in waiting)
+
+    def _recall_overtaken(self: Broker, now: float) -> None:
+        """Recall waiting jobs of draining nodes, and those that more urgent queued work for their node passes."""
+        for node in self.nodes.prefetched():
+            task = self.tasks.get(node.next_id or "")
+            if task is None or not task.prefetched or node.recalling == task.task_id:
+                continue
+            best = self.queue.peek_for(node.models, node.loaded, now) if len(self.queue) else None
+            if node.draining:
+                self._recall(task, "its node is draining")
+            elif best is not None and best.priority < task.priority:
+                self._recall(task, "more urgent work arrived")
+
+    def _recall(self: Broker, task: Task, why: str) -> None:
+        node = self.nodes.get(task.node or b"")
+        if node is None or node.next_id != task.task_id or node.recalling == task.task_id:
+            return
+        log.info("recalling task %s from node %s: %s", task.task_id, node.node_id, why,
+                 extra=ids(task.task_id, node.node_id))
+        node.recalling = task.task_id
+        self._to_node(node, w.Recall(task.task_id))
+
+    def _start(self: Broker, task: Task, node: Node, resumed: bool = False, prefetch: bool = False) -> None:
+        """Run `task` on `node`; `resumed`: the node already runs it (no JOB, same attempt); `prefetch`:
+        it waits on the node behind the running job until the node says it started."""
+        task.state, task.node, task.node_id = w.RUNNING, node.identity, node.node_id
+        task.prefetched = prefetch
+        task.started = None if prefetch else self.clock()
+        task.attempts += 0 if resumed else 1
+        task.step, task.total = 0, task.params.num_inference_steps
+        if prefetch:
+            node.next_id = task.task_id
+        else:
+            node.state, node.task_id = BUSY, task.task_id
+        log.info("task %s %s on node %s (attempt %d)", task.task_id,
+                 "resumed" if resumed else "sent to wait" if prefetch else "started", node.node_id, task.attempts,
+                 extra=ids(task.task_id, node.node_id, key_ref(task.owner)))
+        self.table.update(task)
+        if resumed:
+            self._publish(task, "running")
+        else:
+            self._to_node(node, task.job(), task.inputs, partial(self._job_undelivered, task, node),
+                          partial(self._job_sent, task, node))
+
+    def _job_sent(self: Broker, task: Task, node: Node) -> None:
+        """The JOB left (after its commit): a task that runs at once has now started for the world."""
+        if task.state == w.RUNNING and task.node == node.identity and not task.prefetched:
+            self._began(task)
+
+    def _began(self: Broker, task: Task) -> None:
+        self._publish(task, "running")
+        self.webhooks.started(task, task.started)
+        self.metrics.started(task)
+
+    def _node_began(self: Broker, task: Task, node: Node) -> None:
+        """The node started a job that waited behind its previous one."""
+        task.prefetched, task.started = False, self.clock()
+        self.table.update(task)
+        self._began(task)
+        if node.recalling == task.task_id:
+            node.recalling = None  # too late: it runs here, and an idle node waiting for it takes other work
+            self._dispatch()
