@@ -84,7 +84,7 @@ class FrontSide:
         if h.idempotency_key and self._replay(identity, h, idem_hash):
             return
         self._check_servable(spec.model_id, spec.mode)
-        if len(self.queue) >= self.config.max_queued:
+        if len(self.queue) + len(self.nodes.prefetched()) >= self.config.max_queued:  # jobs waiting on nodes wait too
             raise RequestError(e.QUEUE_FULL, f"queue is full ({self.config.max_queued} tasks waiting)")
         if h.owner and self.table.unfinished_for(h.owner) >= self.config.max_queued_per_owner:
             raise RequestError(e.QUEUE_FULL, f"this key already has {self.config.max_queued_per_owner} tasks waiting")

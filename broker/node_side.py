@@ -171,12 +171,18 @@ class NodeSide:
 
     def _on_error(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Error = msg.header
-        prefetched = h.task_id == node.next_id
-        task = self._release(node, h.task_id, h.loaded) or self._held_report(node, h.task_id)
-        if h.code == e.NODE_BUSY and prefetched:
-            node.prefetch_refused = True  # it still unwinds something: no more waiting jobs until it reports
-        elif h.code == e.NODE_BUSY:
-            node.state, node.task_id = BUSY, None  # busy with work we do not know of: idle when it says so
+        if h.code == e.NODE_BUSY and h.task_id == node.task_id:
+            # A job to run now was refused: busy with work we do not know of, idle when it says so.
+            # A job sent to wait behind it keeps its place (it has not started, and may still run there).
+            node.task_id = None
+            task = self._owned(node, h.task_id)
+        else:
+            prefetched = h.task_id == node.next_id
+            task = self._release(node, h.task_id, h.loaded) or self._held_report(node, h.task_id)
+            if h.code == e.NODE_BUSY and prefetched:
+                node.prefetch_refused = True  # it still unwinds something: no more waiting jobs until it reports
+            elif h.code == e.NODE_BUSY:
+                node.state, node.task_id = BUSY, None  # busy with work we do not know of: idle when it says so
         if task is not None and h.code in (e.NODE_BUSY, e.RECALLED):
             task.attempts -= 1  # it never started
             self._requeue(task, "its node could not take it" if h.code == e.NODE_BUSY else "recalled unstarted")
@@ -210,7 +216,7 @@ class NodeSide:
         node = self.nodes.remove(identity)
         if node is not None:
             log.info("node %s disconnected", node.node_id)
-            if node.task_id:
+            if node.task_id or node.next_id:
                 self._requeue_node_task(node, "node disconnected")
 
     def _release(self: Broker, node: Node, task_id: str, loaded: list[str] | None = None) -> Task | None:
@@ -228,6 +234,10 @@ class NodeSide:
                 # The node's worker takes its waiting job as soon as a pipeline call ends, before
                 # that job's report goes out: it has started (its step-0 PROGRESS may come later).
                 self._node_began(promoted, node)
+        return self._owned(node, task_id)
+
+    def _owned(self: Broker, node: Node, task_id: str) -> Task | None:
+        """The task, if this node legitimately runs or holds it; a late report of anything else is logged."""
         task = self.tasks.get(task_id)
         if task is not None and task.final:
             return None

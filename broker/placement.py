@@ -51,7 +51,7 @@ class Placement:
             roomy = [node for node in self.nodes.prefetchable() if self._may_wait_on(node, waiting, now)]
             for node, entry in plan(self.queue, roomy, now, load_cost=cost):
                 self._start(self._placed(entry), node, prefetch=True)
-        if waiting:
+        if waiting or self.nodes.prefetched():
             self._recall_overtaken(now)
 
     def _placed(self: Broker, entry: Entry) -> Task:
@@ -90,7 +90,9 @@ class Placement:
         return best is not None and not any(t.priority < best.priority and _serves(node, t) for t in waiting)
 
     def _recall_overtaken(self: Broker, now: float) -> None:
-        """Recall waiting jobs of draining nodes, and those that more urgent queued work for their node passes."""
+        """Recall waiting jobs of draining nodes, and those that more urgent work for their node passes:
+        queued, or waiting unstarted on another node (whichever node frees first starts its own)."""
+        waiting = self._waiting_jobs()
         for node in self.nodes.prefetched():
             task = self.tasks.get(node.next_id or "")
             if task is None or not task.prefetched or node.recalling == task.task_id:
@@ -100,6 +102,8 @@ class Placement:
                 self._recall(task, "its node is draining")
             elif best is not None and best.priority < task.priority:
                 self._recall(task, "more urgent work arrived")
+            elif any(t.priority < task.priority and t.node != node.identity and _serves(node, t) for t in waiting):
+                self._recall(task, "more urgent work waits on another node")
 
     def _recall(self: Broker, task: Task, why: str) -> None:
         node = self.nodes.get(task.node or b"")

@@ -221,7 +221,8 @@ class Broker(FrontSide, NodeSide, Placement):
                     extra=ids(task.task_id, node.node_id))
         if task.state == w.RUNNING and task.node == node.identity:
             self.nodes.remove(node.identity)
-            task.attempts -= 1  # it never reached the node
+            if not task.prefetched:  # (a waiting job is given its attempt back by the re-queue)
+                task.attempts -= 1  # it never reached the node
             self._requeue_node_task(node, "node unreachable")
 
     def _requeue_node_task(self, node: Node, why: str) -> None:
@@ -320,7 +321,7 @@ class Broker(FrontSide, NodeSide, Placement):
         for node in self.nodes.expired(now, self.config.node_timeout):
             log.warning("node %s expired after %.1fs of silence", node.node_id, now - node.last_seen)
             self.nodes.remove(node.identity)
-            if node.task_id:
+            if node.task_id or node.next_id:
                 self._requeue_node_task(node, "node expired")
         for node in self.nodes:
             if now - node.last_sent >= self.config.heartbeat_interval:

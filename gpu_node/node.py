@@ -146,8 +146,9 @@ class Node:
         self._last_sent = time.monotonic()
 
     def stop(self) -> None:
-        """Ask the node to leave (thread-safe); the running step finishes first."""
+        """Ask the node to leave (thread-safe); the running step finishes first, no other job starts."""
         self._stop.set()
+        self.slot.close()
 
     def run(self) -> None:
         """Serve until stop(): register, then relay between broker and worker."""
@@ -169,7 +170,11 @@ class Node:
             now = time.monotonic()
             if now - self._last_recv > interval * self.config.liveness:
                 log.warning("broker silent for %.1fs; reconnecting in %.1fs", now - self._last_recv, backoff)
-                running = self.slot.running
+                # Waiting jobs go back too: the broker may place them elsewhere once it has expired us.
+                held = self.slot.give_back()
+                for task_id in held.recalled:
+                    self._keep(task_id, w.encode(w.Error(task_id, e.RECALLED, "given back: the broker fell silent")))
+                running = held.running
                 if running is not None and running not in self._abandoned:
                     # The broker has expired us by now and may give the task to another node:
                     # stop at the next step so that it never runs twice at once.
@@ -316,15 +321,16 @@ class Node:
 
     def _work(self) -> None:
         push = self._push_socket()
+        taken: tuple[str, w.Message] | None = None
         try:
-            while not self._stop.is_set():
-                taken = self.slot.take(0.1)
+            while taken is not None or not self._stop.is_set():  # a job already taken is run (or given up)
+                taken = taken or self.slot.take(0.1)
                 if taken is None:
                     continue
                 task_id, msg = taken
                 self._step, self._cancel_step = 0, None
                 outcome = self._run_job(msg.header, msg.blobs, push)
-                self.slot.finished(task_id)  # the next job may start now, while this one is encoded
+                taken = self.slot.finished(task_id)  # the next job starts now, while this one is encoded
                 if callable(outcome):
                     self._encodes.put((task_id, outcome))
                 else:

@@ -31,6 +31,7 @@ class JobSlot:
         self._running: str | None = None
         self._waiting: deque[tuple[str, Any]] = deque()
         self._finishing: set[str] = set()
+        self._closed = False  # the node is stopping: nothing more starts
 
     @property
     def running(self) -> str | None:
@@ -51,27 +52,37 @@ class JobSlot:
     def offer(self, task_id: str, job: Any) -> bool:
         """Queue a job for the worker; False when the node already holds as many as it takes."""
         with self._cond:
-            if (self._running is not None) + len(self._waiting) > self.prefetch:
+            if self._closed or (self._running is not None) + len(self._waiting) > self.prefetch:
                 return False
             self._waiting.append((task_id, job))
             self._cond.notify()
             return True
 
     def take(self, timeout: float) -> tuple[str, Any] | None:
-        """Worker: the next job, now running; None if none came within `timeout` seconds."""
+        """Worker: the next job, now running; None if none came within `timeout` seconds, or stopping."""
         with self._cond:
-            if not self._waiting and not self._cond.wait_for(lambda: bool(self._waiting), timeout):
-                return None
-            task_id, job = self._waiting.popleft()
-            self._running = task_id
-            return task_id, job
+            self._cond.wait_for(lambda: self._waiting or self._closed, timeout)
+            return None if self._closed or not self._waiting else self._start_next()
 
-    def finished(self, task_id: str) -> None:
-        """Worker: the running job left the pipeline; its report is being made."""
+    def _start_next(self) -> tuple[str, Any]:
+        task_id, job = self._waiting.popleft()
+        self._running = task_id
+        return task_id, job
+
+    def finished(self, task_id: str) -> tuple[str, Any] | None:
+        """Worker: the running job left the pipeline (its report is being made); the waiting job, if any,
+        runs now. Both in one step, so no report of this job can reach the broker before the next starts."""
         with self._cond:
             if self._running == task_id:
                 self._running = None
             self._finishing.add(task_id)
+            return None if self._closed or not self._waiting else self._start_next()
+
+    def close(self) -> None:
+        """The node is stopping: no job starts or is accepted any more (waiting ones are given back)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def reported(self, task_id: str) -> None:
         """Socket thread: the job's RESULT or ERROR has reached it (and is kept until acknowledged)."""

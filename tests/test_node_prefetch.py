@@ -90,3 +90,59 @@ def test_a_waiting_job_is_cancelled_or_given_back_on_stop_without_reaching_the_p
         client.close()
         node.stop()
         thread.join(timeout=30)
+
+
+def test_a_node_whose_broker_falls_silent_gives_back_its_waiting_job_at_once(ctx) -> None:
+    import zmq
+
+    import gpu_node.generate  # noqa: F401  (imported now, so that the worker runs the job at once)
+    from gpu_node.config import NodeConfig
+    from gpu_node.errors import Cancelled
+    from gpu_node.node import Capabilities, Node
+
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    ran: list[str] = []
+
+    def runner(job: Any, _on_step: Any, should_stop: Any) -> Any:
+        ran.append(job.task_id)
+        while not should_stop():  # runs until the node gives it up
+            threading.Event().wait(0.01)
+        raise Cancelled(job.task_id)
+
+    caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
+    # It re-registers one heartbeat interval after it gives up: time enough to start a waiting job.
+    config = NodeConfig(broker=f"tcp://127.0.0.1:{port}", node_id="quiet", heartbeat_interval=0.5, liveness=2,
+                        reconnect_max=0.5, prefetch=1)
+    node = Node(config, runner, lambda _full: caps, context=ctx)
+    thread = threading.Thread(target=node.run, daemon=True)
+    thread.start()
+    seen: list[w.Message] = []
+
+    def next_message(command: bytes) -> tuple[bytes, w.Message]:
+        while router.poll(10_000):
+            identity, msg = w.split_routed(router.recv_multipart())
+            seen.append(msg)
+            if msg.command == command:
+                return identity, msg
+        raise AssertionError(f"no {w.COMMAND_NAMES[command]} from the node")
+
+    try:
+        identity, _ = next_message(w.READY)
+        for task_id in ("one", "two"):
+            router.send_multipart(w.routed(identity, w.Job(task_id, "flux1-dev", "text2img", SMALL)))
+        wait_until(lambda: node.slot.running == "one" and node.slot.waiting() == ["two"], 10, 0.01)
+        # From here the broker says nothing: the node gives up both jobs and re-registers.
+        _, ready = next_message(w.READY)
+        assert "two" in ready.header.reports and ready.header.busy_task is None
+        reports = {}
+        while set(reports) != {"one", "two"}:
+            _, msg = next_message(w.ERROR)
+            reports[msg.header.task_id] = msg.header.code
+        assert reports == {"one": "abandoned", "two": "recalled"}
+        assert ran == ["one"], "the waiting job started after the broker fell silent"
+    finally:
+        node.stop()
+        thread.join(timeout=10)
+        router.close(linger=0)

@@ -266,3 +266,80 @@ def test_the_running_jobs_report_starts_the_waiting_one_even_before_its_progress
     a.started(two)  # its late step-0 PROGRESS changes nothing
     a.finish(two)
     wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
+
+
+def test_a_node_that_dies_while_its_running_job_unwinds_a_cancel_gives_back_its_waiting_job(
+        broker_factory, ctx) -> None:
+    bt = broker_factory()
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    a = FakeNode(ctx, bt.backend, "a").ready(prefetch=1)
+    b = None
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        one, two = submit(client, spec()), submit(client, spec())
+        assert [a.recv_job().header.task_id, a.recv_job().header.task_id] == [one, two]
+        client.request(w.CancelTask(0, one))
+        assert recv_command(a, w.CANCEL).header.task_id == one
+        a.close()  # dies before it reports the cancelled job
+        b = FakeNode(ctx, bt.backend, "b").ready()
+        got = None
+        until = time.monotonic() + 10
+        while got is None and time.monotonic() < until:
+            b.heartbeat()
+            got = b.recv_job(timeout=0.1)
+        assert got is not None and got.header.task_id == two, "the waiting job was stranded on the dead node"
+        assert bt.broker.nodes.find("a") is None and view(client, two).attempts == 1
+    finally:
+        for sock in (a, b, client):
+            if sock is not None:
+                sock.close()
+
+
+def test_a_refused_running_job_leaves_the_waiting_one_in_place_unstarted(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    a.error(one, e.NODE_BUSY)  # busy with something the broker did not know of
+    wait_until(lambda: view(client, one).status == w.QUEUED, 5)
+    assert view(client, one).attempts == 0
+    waiting = view(client, two)
+    assert (waiting.status, waiting.started_at) == (w.QUEUED, None)  # no false start
+    assert a.recv_job(timeout=0.3) is None  # nothing more until it says what it does
+    a.started(two)
+    wait_until(lambda: view(client, two).status == w.RUNNING, 5)
+    a.finish(two)
+    wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
+
+
+def test_a_job_placed_behind_a_more_urgent_waiting_one_elsewhere_is_recalled(broker_factory, ctx) -> None:
+    bt = broker_factory(liveness=100)
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    a, b = FakeNode(ctx, bt.backend, "a").ready(prefetch=1), FakeNode(ctx, bt.backend, "b").ready(prefetch=1)
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 2, 5)
+        submit(client, spec()), submit(client, spec())
+        assert a.recv_job() is not None and b.recv_job() is not None  # both busy
+        low = submit(client, spec(priority=5))
+        holder, other = (a, b) if a.recv_job(timeout=0.5) is not None else (b, a)
+        urgent = submit(client, spec(priority=0))
+        assert other.recv_job().header.task_id == urgent  # urgent waits on the other node, placed after low
+        recall = recv_command(holder, w.RECALL)
+        assert recall is not None and recall.header.task_id == low, "low could start before urgent"
+        holder.error(low, e.RECALLED)
+        assert holder.recv_job(timeout=0.3) is None  # low may not wait again while urgent waits
+        assert (view(client, low).status, view(client, low).attempts) == (w.QUEUED, 0)
+    finally:
+        for sock in (a, b, client):
+            sock.close()
+
+
+def test_a_waiting_job_that_cannot_be_delivered_keeps_its_attempt_count(parts) -> None:
+    bt, client, node = parts
+    a = node("a").ready(prefetch=1)
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    one = submit(client, spec())
+    assert a.recv_job().header.task_id == one
+    a.close()
+    time.sleep(0.2)  # the broker's socket sees the peer go; the JOB below cannot be routed
+    two = submit(client, spec())
+    wait_until(lambda: bt.broker.nodes.find("a") is None, 5, what="the node to be dropped")
+    assert (view(client, two).status, view(client, two).attempts) == (w.QUEUED, 0)
+    assert view(client, one).attempts == 1

@@ -24,9 +24,9 @@ def test_with_prefetch_one_job_waits_behind_the_running_one_and_runs_next_in_ord
     assert slot.take(0) == ("a", 1)
     assert not slot.offer("c", 3)  # a running and b waiting: full
     assert slot.waiting() == ["b"] and not slot.idle
-    slot.finished("a")  # a is encoded now: the slot takes c while b runs
-    assert slot.take(0) == ("b", 2) and slot.offer("c", 3)
-    assert slot.waiting() == ["c"] and slot.running == "b"
+    assert slot.finished("a") == ("b", 2)  # b starts in the same step as a leaves the pipeline
+    assert slot.running == "b" and slot.offer("c", 3)  # a is being encoded: room for c behind b
+    assert slot.waiting() == ["c"]
 
 
 def test_take_waits_for_an_offer_from_another_thread() -> None:
@@ -55,7 +55,7 @@ def test_give_back_returns_waiting_jobs_and_names_running_and_finishing_at_one_i
     slot = JobSlot(prefetch=1)
     slot.offer("a", 1)
     slot.take(0)
-    slot.finished("a")  # encoding
+    assert slot.finished("a") is None  # encoding; nothing waited
     slot.offer("b", 2)
     slot.take(0)
     slot.offer("c", 3)
@@ -64,3 +64,14 @@ def test_give_back_returns_waiting_jobs_and_names_running_and_finishing_at_one_i
     assert slot.give_back() == Holding(running="b", finishing=(), recalled=())
     slot.finished("b")
     assert slot.idle and slot.running is None
+
+
+def test_a_closed_slot_starts_and_accepts_nothing_more() -> None:
+    slot = JobSlot(prefetch=1)
+    slot.offer("a", 1)
+    slot.offer("b", 2)
+    slot.take(0)
+    slot.close()
+    assert slot.finished("a") is None and slot.running is None  # b does not start: it is given back
+    assert slot.take(0) is None and not slot.offer("c", 3)
+    assert slot.give_back().recalled == ("b",)
