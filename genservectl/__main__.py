@@ -94,9 +94,9 @@ def _print_nodes(info: w.InfoBody) -> None:
     if not nodes:
         click.echo("no nodes registered")
         return
-    rows = [("NODE", "HOST", "DEVICE", "STATE", "TASK", "LOADED", "MEM FREE", "HEARTBEAT")]
+    rows = [("NODE", "HOST", "DEVICE", "STATE", "TASK", "NEXT", "LOADED", "MEM FREE", "HEARTBEAT")]
     for n in nodes:
-        rows.append((n["node_id"], n["host"], n["device"], n["state"], n["task_id"] or "-",
+        rows.append((n["node_id"], n["host"], n["device"], n["state"], n["task_id"] or "-", n["next_task_id"] or "-",
                      ",".join(n["loaded"]) or "-", f"{n['memory_free'] / 2**30:.1f}G",
                      f"{n['last_heartbeat_age_s']:.1f}s ago"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]

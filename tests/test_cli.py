@@ -9,9 +9,12 @@ from pathlib import Path
 import zmq
 from click.testing import CliRunner
 
+from genserve import wire as w
+from genserve.spec import TaskSpec
 from genservectl.__main__ import cli
+from http_front.broker_client import BrokerClient
 from tests.conftest import free_port, wait_until
-from tests.fakes import FakeNode
+from tests.fakes import FakeNode, params
 
 
 def digest(folder: Path) -> str:
@@ -39,17 +42,24 @@ def test_build_tiny_is_deterministic_per_seed_and_loadable(tmp_path: Path) -> No
 def test_status_and_nodes_against_a_broker(broker_factory) -> None:
     bt = broker_factory()
     ctx = zmq.Context()
-    node = FakeNode(ctx, bt.backend, "gpu-7", loaded=["flux1-dev"]).ready()
+    node = FakeNode(ctx, bt.backend, "gpu-7", loaded=["flux1-dev"]).ready(prefetch=1)
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
     try:
         wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        running, waiting = (client.request(w.Submit(0, TaskSpec("flux1-dev", "text2img", 0, params()), "k"))
+                            .header.task_id for _ in range(2))
+        assert node.recv_job() is not None and node.recv_job() is not None
         runner = CliRunner()
         table = runner.invoke(cli, ["status", "--broker", bt.frontend])
         assert table.exit_code == 0, table.output
         assert "gpu-7" in table.output and "flux1-dev" in table.output
+        assert "NEXT" in table.output and running in table.output and waiting in table.output
         as_json = runner.invoke(cli, ["nodes", "--json", "--broker", bt.frontend])
         nodes = json.loads(as_json.output)
         assert nodes[0]["node_id"] == "gpu-7" and nodes[0]["loaded"] == ["flux1-dev"]
+        assert (nodes[0]["task_id"], nodes[0]["next_task_id"]) == (running, waiting)
     finally:
+        client.close()
         node.close()
         ctx.term()
 
