@@ -134,7 +134,7 @@ class NodeSide:
     def _on_progress(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.ProgressReport = msg.header
         task = self.tasks.get(h.task_id)
-        if task is not None and task.node == identity and task.state == w.RUNNING:
+        if task is not None and task.node == identity and task.state == w.RUNNING and not task.stale(h.run):
             if task.prefetched:
                 self._node_began(task, node)
             task.step, task.total = h.step, h.total
@@ -142,7 +142,9 @@ class NodeSide:
 
     def _on_result(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Result = msg.header
-        task = self._release(node, h.task_id, h.loaded)
+        current = self.tasks.get(h.task_id)
+        # A result kept from an earlier assignment is adopted below, but frees no slot of the current one.
+        task = None if current is not None and current.stale(h.run) else self._release(node, h.task_id, h.loaded)
         if task is not None and h.lora_sets is not None:
             node.lora_sets = dict(h.lora_sets)  # a late or re-sent report may describe older slots
         if task is None:
@@ -171,6 +173,12 @@ class NodeSide:
 
     def _on_error(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Error = msg.header
+        current = self.tasks.get(h.task_id)
+        if current is not None and current.stale(h.run):
+            log.info("discarding a report on an earlier assignment of task %s from %s", h.task_id, node.node_id,
+                     extra=ids(h.task_id, node.node_id))
+            self._to_node(node, w.ResultAck(h.task_id))
+            return
         if h.code == e.NODE_BUSY and h.task_id == node.task_id:
             # A job to run now was refused: busy with work we do not know of, idle when it says so.
             # A job sent to wait behind it keeps its place (it has not started, and may still run there).

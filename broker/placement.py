@@ -15,6 +15,7 @@ this part applies it and keeps the priority order when jobs wait on nodes (prefe
 from __future__ import annotations
 
 import logging
+import uuid
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,8 @@ class Placement:
         task.prefetched = prefetch
         task.started = None if prefetch else self.clock()
         task.attempts += 0 if resumed else 1
+        if not resumed:
+            task.run = uuid.uuid4().hex[:16]
         task.step, task.total = 0, task.params.num_inference_steps
         if prefetch:
             node.next_id = task.task_id

@@ -57,6 +57,7 @@ class Task:
     # Sent to a node as the job after its running one, not started there yet: journaled as running on
     # that node (a restart holds it for the node), shown as queued (first in line).
     prefetched: bool = False
+    run: str = ""  # names its current assignment to a node (not journaled: "" after a restart)
     watchers: set[bytes] = field(default_factory=set)
 
     @property
@@ -69,9 +70,13 @@ class Task:
         """The state clients see: a prefetched task that has not started is still queued."""
         return QUEUED if self.prefetched and self.state == RUNNING else self.state
 
+    def stale(self, run: str) -> bool:
+        """Whether a node's report names another assignment of this task than its current one."""
+        return bool(run and self.run and run != self.run)
+
     def job(self) -> Job:
         """The JOB a node receives for this task."""
-        return Job(self.task_id, self.model, self.mode, self.params, self.image_names, self.attempts)
+        return Job(self.task_id, self.model, self.mode, self.params, self.image_names, self.attempts, self.run)
 
     def view(self, position: int | None = None) -> TaskView:
         """The task as STATUS, FETCH, CANCEL_TASK and DONE report it."""

@@ -303,6 +303,7 @@ class ProgressReport(_Header):
     task_id: str
     step: int
     total: int
+    run: str = ""  # the JOB's run it reports on ("" from an older node)
 
 
 class Result(_Header):
@@ -310,6 +311,7 @@ class Result(_Header):
 
     task_id: str
     meta: ResultMeta
+    run: str = ""  # the JOB's run this image comes from ("" from an older node)
     loaded: list[str] | None = None
     lora_sets: dict[str, str] | None = None  # model -> LoRA set resident in its slots (genserve.spec.lora_set_key)
 
@@ -320,6 +322,7 @@ class Error(_Header):
     task_id: str
     code: str
     message: str
+    run: str = ""  # the JOB's run it reports on ("" from an older node)
     loaded: list[str] | None = None
 
 
@@ -338,6 +341,9 @@ class Job(_Header):
     params: GenerationParams
     images: list[str] = []
     attempt: int = 1
+    # Names this assignment of the task; the node stamps it on every report, so that a report kept
+    # from an earlier assignment (a re-sent RECALLED, say) is never taken for one about this one.
+    run: str = ""
 
 
 class Cancel(_Header):

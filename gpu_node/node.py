@@ -80,6 +80,7 @@ class Node:
         # Final reports (RESULT/ERROR frames) the broker has not acknowledged yet: re-sent after
         # every registration, so work finished while the broker was away is never redone.
         self._unacked: OrderedDict[str, list[bytes]] = OrderedDict()
+        self._runs: dict[str, str] = {}  # task id -> the run of the JOB that assigned it (socket thread only)
         self.slot = JobSlot(config.prefetch)
         self._encodes: queue.Queue[tuple[str, Encode] | None] = queue.Queue()
         self.busy_seconds = 0.0  # inside the runner, written by the worker thread only
@@ -118,7 +119,7 @@ class Node:
         self._registered_at = time.monotonic()
         held = self.slot.give_back()  # a waiting job is given back: the broker may have placed it elsewhere
         for task_id in held.recalled:
-            self._keep(task_id, w.encode(w.Error(task_id, e.RECALLED, "given back at registration")))
+            self._keep(task_id, w.encode(self._stamped(w.Error(task_id, e.RECALLED, "given back at registration"))))
         running = held.running
         keeps = running if running not in self._abandoned else None
         reports = [*self._unacked, *held.finishing]
@@ -173,7 +174,8 @@ class Node:
                 # Waiting jobs go back too: the broker may place them elsewhere once it has expired us.
                 held = self.slot.give_back()
                 for task_id in held.recalled:
-                    self._keep(task_id, w.encode(w.Error(task_id, e.RECALLED, "given back: the broker fell silent")))
+                    self._keep(task_id, w.encode(self._stamped(
+                        w.Error(task_id, e.RECALLED, "given back: the broker fell silent"))))
                 running = held.running
                 if running is not None and running not in self._abandoned:
                     # The broker has expired us by now and may give the task to another node:
@@ -221,7 +223,7 @@ class Node:
             elif msg.command == w.CANCEL:
                 self._on_cancel(msg.header)
             elif msg.command == w.RECALL and self.slot.recall(msg.header.task_id):
-                self._report(w.Error(msg.header.task_id, e.RECALLED, "recalled before it started"))
+                self._report(self._stamped(w.Error(msg.header.task_id, e.RECALLED, "recalled before it started")))
             elif msg.command == w.DISCONNECT:
                 # After a broker restart every message we sent meanwhile earns one of these:
                 # register once, not once per message.
@@ -236,7 +238,7 @@ class Node:
         self._cancelled.add(h.task_id)
         if self.slot.recall(h.task_id):
             self._cancelled.discard(h.task_id)
-            self._report(w.Error(h.task_id, e.CANCELLED, "cancelled before it started"))
+            self._report(self._stamped(w.Error(h.task_id, e.CANCELLED, "cancelled before it started")))
         elif h.task_id == self.slot.running:  # not waiting, so no later take can start it: this is final
             self._cancel_step = self._step
             log.info("cancel %s (%s) at step %d", h.task_id, h.reason, self._step, extra=ids(h.task_id, self.node_id))
@@ -244,11 +246,27 @@ class Node:
             self._cancelled.discard(h.task_id)  # finished, or never here: nothing to stop
 
     def _on_job(self, msg: w.Message) -> None:
-        task_id = msg.header.task_id
-        if self._stop.is_set():
-            self._send(w.Error(task_id, e.NODE_BUSY, "node is stopping"))
-        elif not self.slot.offer(task_id, msg):
-            self._send(w.Error(task_id, e.NODE_BUSY, "node is busy"))
+        h: w.Job = msg.header
+        kept = self._unacked.get(h.task_id)
+        if kept is not None and kept[1] == w.RESULT:
+            # Already made, its report not acknowledged: the image, for this assignment, and no second run.
+            report = w.decode(kept)
+            self._report(msgspec.structs.replace(report.header, run=h.run), report.blobs)
+        elif self.slot.holds(h.task_id):
+            self._runs[h.task_id] = h.run  # held already (a JOB sent again): it reports as this assignment
+        elif self._stop.is_set():
+            self._send(w.Error(h.task_id, e.NODE_BUSY, "node is stopping", run=h.run))
+        elif not self.slot.offer(h.task_id, msg):
+            self._send(w.Error(h.task_id, e.NODE_BUSY, "node is busy", run=h.run))
+        else:
+            self._unacked.pop(h.task_id, None)  # a kept ERROR of an earlier assignment: this one supersedes it
+            self._runs[h.task_id] = h.run
+
+    def _stamped(self, header: Any) -> Any:
+        """A report on a task, naming the assignment it is about (the last JOB's run); final ones end it."""
+        final = isinstance(header, (w.Result, w.Error))
+        run = self._runs.pop(header.task_id, "") if final else self._runs.get(header.task_id, "")
+        return msgspec.structs.replace(header, run=run)
 
     def _report(self, header: w.Result | w.Error, blobs: list[bytes] | tuple = ()) -> None:
         """Send a final report, kept until the broker acknowledges it."""
@@ -270,10 +288,11 @@ class Node:
                 # The job may have loaded a model or LoRAs: tell the broker now, not at the next heartbeat.
                 live = self.capabilities(False)
                 sets = {"lora_sets": live.lora_sets} if isinstance(msg.header, w.Result) else {}
-                self._report(msgspec.structs.replace(msg.header, loaded=live.loaded, **sets), msg.blobs)
+                self._report(self._stamped(msgspec.structs.replace(msg.header, loaded=live.loaded, **sets)),
+                             msg.blobs)
                 self.slot.reported(task_id)  # after _keep: a READY lists it either way
             else:
-                self._send_frames(frames)
+                self._send(self._stamped(msg.header))
 
     def _keep(self, task_id: str, frames: list[bytes]) -> None:
         self._unacked[task_id] = frames
@@ -289,7 +308,7 @@ class Node:
         if self.dealer is not None:
             self._send(self._heartbeat(leaving=True))  # no new JOB, please
         for task_id in self.slot.give_back().recalled:
-            self._report(w.Error(task_id, e.RECALLED, "node is stopping"))
+            self._report(self._stamped(w.Error(task_id, e.RECALLED, "node is stopping")))
         if self.slot.running is not None:
             log.info("stopping: task %s will be re-queued after its current step", self.slot.running,
                      extra=ids(self.slot.running, self.node_id))

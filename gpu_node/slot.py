@@ -49,6 +49,12 @@ class JobSlot:
         with self._cond:
             return [task_id for task_id, _ in self._waiting]
 
+    def holds(self, task_id: str) -> bool:
+        """Whether the job is waiting, running or finishing here."""
+        with self._cond:
+            return task_id == self._running or task_id in self._finishing or any(
+                waiting == task_id for waiting, _ in self._waiting)
+
     def offer(self, task_id: str, job: Any) -> bool:
         """Queue a job for the worker; False when the node already holds as many as it takes."""
         with self._cond:

@@ -72,17 +72,17 @@ class FakeNode:
         """Tell the broker we are alive (idle unless told otherwise)."""
         self.send(w.Heartbeat(loaded=self.loaded, idle=idle, **extra))
 
-    def started(self, task_id: str, total: int = 4) -> None:
+    def started(self, task_id: str, total: int = 4, run: str = "") -> None:
         """Say a job has started (PROGRESS step 0), as a node does when it takes a waiting job."""
-        self.send(w.ProgressReport(task_id, 0, total))
+        self.send(w.ProgressReport(task_id, 0, total, run=run))
 
-    def error(self, task_id: str, code: str, message: str = "") -> None:
-        """Report a job that ended without an image."""
-        self.send(w.Error(task_id, code, message or code))
+    def error(self, task_id: str, code: str, message: str = "", run: str = "") -> None:
+        """Report a job that ended without an image (`run`: the JOB's, as a node stamps it)."""
+        self.send(w.Error(task_id, code, message or code, run=run))
 
-    def finish(self, task_id: str, png: bytes | None = None) -> None:
+    def finish(self, task_id: str, png: bytes | None = None, run: str = "") -> None:
         """Report a successful result."""
-        self.send(w.Result(task_id, META), [png or png_bytes()])
+        self.send(w.Result(task_id, META, run=run), [png or png_bytes()])
 
     def close(self) -> None:
         """Close the socket (linger 0)."""

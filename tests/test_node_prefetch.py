@@ -146,3 +146,67 @@ def test_a_node_whose_broker_falls_silent_gives_back_its_waiting_job_at_once(ctx
         node.stop()
         thread.join(timeout=10)
         router.close(linger=0)
+
+
+def test_a_job_sent_again_is_not_run_twice_and_reports_as_its_latest_assignment(ctx) -> None:
+    import zmq
+
+    import gpu_node.generate  # noqa: F401  (imported now, so that the worker runs the job at once)
+    from gpu_node.config import NodeConfig
+    from gpu_node.errors import Cancelled
+    from gpu_node.node import Capabilities, Node
+    from tests.fakes import META, png_bytes
+
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    release = threading.Event()
+    ran: list[str] = []
+
+    def runner(job: Any, _on_step: Any, should_stop: Any) -> Any:
+        ran.append(job.task_id)
+        while not release.wait(0.01):
+            if should_stop():
+                raise Cancelled(job.task_id)
+        return lambda: (png_bytes(), META)
+
+    caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
+    node = Node(NodeConfig(broker=f"tcp://127.0.0.1:{port}", node_id="again", heartbeat_interval=0.2, liveness=50,
+                           prefetch=1), runner, lambda _full: caps, context=ctx)
+    thread = threading.Thread(target=node.run, daemon=True)
+    thread.start()
+
+    def next_report() -> w.Message:
+        while router.poll(10_000):
+            msg = w.split_routed(router.recv_multipart())[1]
+            if msg.command in (w.RESULT, w.ERROR):
+                return msg
+        raise AssertionError("no report from the node")
+
+    try:
+        assert router.poll(10_000)
+        identity = router.recv_multipart()[0]
+
+        def job(task_id: str, run: str) -> None:
+            router.send_multipart(w.routed(identity, w.Job(task_id, "flux1-dev", "text2img", SMALL, run=run)))
+
+        job("one", "run-1")
+        job("two", "run-2")
+        wait_until(lambda: node.slot.running == "one" and node.slot.waiting() == ["two"], 10, 0.01)
+        job("one", "run-3")  # sent again while it runs: no NODE_BUSY, no second run
+        job("two", "run-4")  # and while it waits
+        release.set()
+        reports = {}
+        for _ in range(2):
+            msg = next_report()
+            reports[msg.header.task_id] = (w.COMMAND_NAMES[msg.command], msg.header.run)
+        assert reports == {"one": ("RESULT", "run-3"), "two": ("RESULT", "run-4")}
+        router.send_multipart(w.routed(identity, w.ResultAck("two")))  # one's acknowledgement is lost
+        job("one", "run-5")  # so it is sent again: the node answers with the image it kept, and runs nothing
+        msg = next_report()
+        assert (msg.command, msg.header.task_id, msg.header.run) == (w.RESULT, "one", "run-5") and msg.blobs
+        assert ran == ["one", "two"], "a job sent again ran again"
+    finally:
+        node.stop()
+        thread.join(timeout=10)
+        router.close(linger=0)

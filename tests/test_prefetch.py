@@ -343,3 +343,29 @@ def test_a_waiting_job_that_cannot_be_delivered_keeps_its_attempt_count(parts) -
     wait_until(lambda: bt.broker.nodes.find("a") is None, 5, what="the node to be dropped")
     assert (view(client, two).status, view(client, two).attempts) == (w.QUEUED, 0)
     assert view(client, one).attempts == 1
+
+
+def test_a_report_kept_from_an_earlier_assignment_is_not_taken_for_the_current_one(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    a.error(two, e.RECALLED, run=bt.broker.tasks[two].run)  # as at a re-registration: two goes back in line
+    again = a.recv_job()
+    assert again.header.task_id == two and again.header.run != ""
+    old_run = "0" * 16
+    a.error(two, e.RECALLED, run=old_run)  # the same report re-sent later: about the earlier assignment
+    a.error(two, e.ABANDONED, run=old_run)
+    assert a.recv_job(timeout=0.3) is None, "a stale report put the task back in line"
+    assert bt.broker.tasks[two].node is not None and bt.broker.tasks[two].attempts == 1
+    a.finish(one, run=bt.broker.tasks[one].run)
+    a.finish(two, run=again.header.run)
+    wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
+
+
+def test_a_result_from_an_earlier_assignment_completes_the_task_and_stops_the_current_one(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    current = bt.broker.tasks[two].run
+    a.finish(two, run="f" * 16)  # an image made under an earlier assignment: finished work is kept
+    wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
+    cancel = recv_command(a, w.CANCEL)
+    assert cancel is not None and cancel.header.task_id == two  # the waiting copy is dropped
+    assert bt.broker.tasks[two].run == current
+    assert view(client, one).status == w.RUNNING  # the running job keeps its slot
