@@ -147,14 +147,18 @@ class NodeSide:
         task = None if current is not None and current.stale(h.run) else self._release(node, h.task_id, h.loaded)
         if task is not None and h.lora_sets is not None:
             node.lora_sets = dict(h.lora_sets)  # a late or re-sent report may describe older slots
-        if task is None:
+        adopted = task is None
+        if adopted:
             # A report kept by a node across a broker restart or a reconnect: finished work is
             # never thrown away while its task is still waiting or running elsewhere.
             task = self._adoptable(h.task_id)
         result = msg.blobs[0] if msg.blobs else b""
         expected = task.params if task is not None else h.meta
         wrong = check_image(result, h.meta.format, expected.width, expected.height)
-        if task is not None and wrong:
+        if task is not None and wrong and adopted:
+            log.warning("node %s sent an invalid late result for task %s (%s): discarded", node.node_id, h.task_id,
+                        wrong, extra=ids(h.task_id, node.node_id))  # the task may be healthy elsewhere
+        elif task is not None and wrong:
             log.warning("node %s returned %s for task %s: failing it", node.node_id, wrong, h.task_id,
                         extra=ids(h.task_id, node.node_id, key_ref(task.owner)))
             self._fail(task, w.FAILED, e.GENERATION, f"the node returned an invalid result: {wrong}")
@@ -168,7 +172,7 @@ class NodeSide:
             self.table.finish(task, result)
             node.jobs_done += 1
             self._notify(task, [result])
-        self._to_node(node, w.ResultAck(h.task_id))
+        self._to_node(node, w.ResultAck(h.task_id, h.run))
         self._dispatch()
 
     def _on_error(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
@@ -177,7 +181,7 @@ class NodeSide:
         if current is not None and current.stale(h.run):
             log.info("discarding a report on an earlier assignment of task %s from %s", h.task_id, node.node_id,
                      extra=ids(h.task_id, node.node_id))
-            self._to_node(node, w.ResultAck(h.task_id))
+            self._to_node(node, w.ResultAck(h.task_id, h.run))
             return
         if h.code == e.NODE_BUSY and h.task_id == node.task_id:
             # A job to run now was refused: busy with work we do not know of, idle when it says so.
@@ -202,7 +206,7 @@ class NodeSide:
             self._requeue(task, "its node stopped it without failing it")
         elif task is not None:
             self._fail(task, w.FAILED, h.code, h.message)
-        self._to_node(node, w.ResultAck(h.task_id))
+        self._to_node(node, w.ResultAck(h.task_id, h.run))
         self._dispatch()
 
     def _held_report(self: Broker, node: Node, task_id: str) -> Task | None:

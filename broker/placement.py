@@ -122,8 +122,9 @@ class Placement:
         task.prefetched = prefetch
         task.started = None if prefetch else self.clock()
         task.attempts += 0 if resumed else 1
-        if not resumed:
-            task.run = uuid.uuid4().hex[:16]
+        # A resumed task keeps the run of the node's own JOB, which this broker may not know: any report of
+        # that node on it is taken (the node identity still guards it).
+        task.run = "" if resumed else uuid.uuid4().hex[:16]
         task.step, task.total = 0, task.params.num_inference_steps
         if prefetch:
             node.next_id = task.task_id

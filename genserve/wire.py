@@ -360,9 +360,10 @@ class Recall(_Header):
 
 
 class ResultAck(_Header):
-    """The broker has stored the node's report for this task."""
+    """The broker has stored the node's report for this task (about run `run`; "": whichever it keeps)."""
 
     task_id: str
+    run: str = ""
 
 
 HEADERS: dict[bytes, type[Any]] = {

@@ -219,7 +219,7 @@ class Node:
             if msg.command == w.JOB:
                 self._on_job(msg)
             elif msg.command == w.RESULT_ACK:
-                self._unacked.pop(msg.header.task_id, None)
+                self._acknowledged(msg.header)
             elif msg.command == w.CANCEL:
                 self._on_cancel(msg.header)
             elif msg.command == w.RECALL and self.slot.recall(msg.header.task_id):
@@ -254,6 +254,7 @@ class Node:
             self._report(msgspec.structs.replace(report.header, run=h.run), report.blobs)
         elif self.slot.holds(h.task_id):
             self._runs[h.task_id] = h.run  # held already (a JOB sent again): it reports as this assignment
+            self._abandoned.discard(h.task_id)  # the broker wants it here after all
         elif self._stop.is_set():
             self._send(w.Error(h.task_id, e.NODE_BUSY, "node is stopping", run=h.run))
         elif not self.slot.offer(h.task_id, msg):
@@ -261,6 +262,12 @@ class Node:
         else:
             self._unacked.pop(h.task_id, None)  # a kept ERROR of an earlier assignment: this one supersedes it
             self._runs[h.task_id] = h.run
+
+    def _acknowledged(self, ack: w.ResultAck) -> None:
+        """Forget a kept report the broker has stored; an ack of an earlier assignment's report keeps a later one."""
+        kept = self._unacked.get(ack.task_id)
+        if kept is not None and (not ack.run or w.decode(kept).header.run in ("", ack.run)):
+            del self._unacked[ack.task_id]
 
     def _stamped(self, header: Any) -> Any:
         """A report on a task, naming the assignment it is about (the last JOB's run); final ones end it."""
@@ -428,7 +435,9 @@ class Node:
 
         try:
             if should_stop():  # cancelled or given up while it waited: not one step
-                raise Cancelled(task_id)
+                code = e.CANCELLED if task_id in self._cancelled else e.RECALLED  # unstarted: no attempt spent
+                log.info("task %s given up before its first step (%s)", task_id, code, extra=tagged)
+                return w.encode(w.Error(task_id, code, "stopped before its first step"))
             started = time.perf_counter()
             try:
                 return self.runner(job, on_step, should_stop)

@@ -122,3 +122,20 @@ def test_ready_claims_a_running_job_and_lists_kept_reports_and_an_abandoned_job(
             node.dealer.close(linger=0)
         node._reports.close(linger=0)
         router.close(linger=0)
+
+
+def test_an_acknowledgement_of_an_earlier_assignment_keeps_the_later_report(ctx) -> None:
+    caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
+    node = Node(NodeConfig(broker="tcp://127.0.0.1:1", device="cpu", node_id="unit"),
+                runner=lambda *_: lambda: (b"", None), capabilities=lambda _full: caps, context=ctx)
+    try:
+        node._unacked["t"] = w.encode(w.Result("t", META, run="run-2"), [b"png"])
+        node._acknowledged(w.ResultAck("t", "run-1"))  # the ack of a stale report about run-1
+        assert "t" in node._unacked
+        node._acknowledged(w.ResultAck("t", "run-2"))
+        assert "t" not in node._unacked
+        node._unacked["t"] = w.encode(w.Result("t", META, run="run-3"), [b"png"])
+        node._acknowledged(w.ResultAck("t"))  # an older broker names no run
+        assert "t" not in node._unacked
+    finally:
+        node._reports.close(linger=0)

@@ -369,3 +369,41 @@ def test_a_result_from_an_earlier_assignment_completes_the_task_and_stops_the_cu
     assert cancel is not None and cancel.header.task_id == two  # the waiting copy is dropped
     assert bt.broker.tasks[two].run == current
     assert view(client, one).status == w.RUNNING  # the running job keeps its slot
+
+
+def test_a_late_invalid_image_from_an_earlier_assignment_does_not_fail_the_task(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    a.finish(two, png=b"not an image", run="e" * 16)
+    a.finish(one, run=bt.broker.tasks[one].run)  # (one message later: the bad one was handled)
+    wait_until(lambda: view(client, one).status == w.COMPLETED, 5)
+    assert view(client, two).status == w.RUNNING  # promoted behind one, and not failed
+    a.finish(two, run=bt.broker.tasks[two].run)
+    wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
+
+
+def test_a_task_its_node_claims_after_being_expired_takes_that_nodes_reports(broker_factory, ctx) -> None:
+    bt = broker_factory(liveness=100)  # no expiry during the test: a's reports alone decide
+    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
+    a = FakeNode(ctx, bt.backend, "a").ready()
+    b = None
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        task_id = submit(client, spec())
+        first_run = a.recv_job().header.run
+        a.send(w.Disconnect("as if expired"))  # the broker drops a, which goes on running the task
+        wait_until(lambda: bt.broker.nodes.find("a") is None, 5, what="a to be dropped")
+        b = FakeNode(ctx, bt.backend, "b").ready()
+        second = b.recv_job()
+        assert second.header.task_id == task_id and second.header.run != first_run
+        b.error(task_id, e.NODE_BUSY, run=second.header.run)  # back in line, run of b's JOB
+        b.heartbeat(idle=False)
+        wait_until(lambda: bt.broker.tasks[task_id].state == w.QUEUED, 5)
+        a.ready(busy_task=task_id)  # a wakes up, still running it: it keeps it
+        wait_until(lambda: bt.broker.tasks[task_id].node == b"fake-a", 5, what="a to resume it")
+        a.error(task_id, e.ABANDONED, run=first_run)  # stamped with a's own JOB's run
+        again = a.recv_job()  # taken: back in line, and a (idle now) gets it again
+        assert again is not None and again.header.task_id == task_id and again.header.run not in (first_run, "")
+    finally:
+        for sock in (a, b, client):
+            if sock is not None:
+                sock.close()
