@@ -348,19 +348,25 @@ class Node:
     def _work(self) -> None:
         push = self._push_socket()
         taken: tuple[str, w.Message] | None = None
+        waited = False  # the job in `taken` waited behind the previous one
         try:
             while taken is not None or not self._stop.is_set():  # a job already taken is run (or given up)
-                taken = taken or self.slot.take(0.1)
                 if taken is None:
-                    continue
+                    taken, waited = self.slot.take(0.1), False
+                    if taken is None:
+                        continue
                 task_id, msg = taken
                 self._step, self._cancel_step = 0, None
-                outcome = self._run_job(msg.header, msg.blobs, push)
+                outcome = self._run_job(msg.header, msg.blobs, push, waited)
                 taken = self.slot.finished(task_id)  # the next job starts now, while this one is encoded
-                if callable(outcome):
-                    self._encodes.put((task_id, outcome))
-                else:
+                waited = taken is not None
+                if not callable(outcome):
                     self._hand_back(push, task_id, outcome)
+                elif taken is not None:
+                    self._encodes.put((task_id, outcome))  # encoded on the encoder thread while the next runs
+                else:
+                    # Nothing waits: encoding here saves a thread hop on the way to an idle broker's client.
+                    self._hand_back(push, task_id, self._encoded(task_id, outcome))
         finally:
             self._encodes.put(None)  # the encoder finishes what is queued, then ends
             push.close(linger=0)
@@ -404,8 +410,11 @@ class Node:
         log.info("task %s done in %.3fs (seed %s)", task_id, meta.generation_time, meta.seed, extra=tagged)
         return w.encode(w.Result(task_id, meta), [data])
 
-    def _run_job(self, h: w.Job, blobs: list[bytes], push: zmq.Socket) -> Encode | list[bytes]:
-        """Run one JOB's pipeline on the worker thread; returns its encoder, or the ERROR frames."""
+    def _run_job(self, h: w.Job, blobs: list[bytes], push: zmq.Socket, waited: bool = False) -> Encode | list[bytes]:
+        """Run one JOB's pipeline on the worker thread; returns its encoder, or the ERROR frames.
+
+        `waited`: it waited behind the previous job, so the broker learns from a step-0 PROGRESS that it started.
+        """
         from gpu_node.errors import Cancelled, JobError
         from gpu_node.generate import Job
 
@@ -414,7 +423,8 @@ class Node:
         tagged = ids(task_id, self.node_id)
         log.info("task %s: %s %s %dx%d, %d steps (attempt %d)", task_id, h.model_id, h.mode, h.params.width,
                  h.params.height, h.params.num_inference_steps, h.attempt, extra=tagged)
-        self._hand_back(push, task_id, w.encode(w.ProgressReport(task_id, 0, h.params.num_inference_steps)))
+        if waited:
+            self._hand_back(push, task_id, w.encode(w.ProgressReport(task_id, 0, h.params.num_inference_steps)))
         last_progress = time.monotonic()
 
         def on_step(step: int, total: int) -> None:
