@@ -163,6 +163,8 @@ class NodeSide:
                         extra=ids(h.task_id, node.node_id, key_ref(task.owner)))
             self._fail(task, w.FAILED, e.GENERATION, f"the node returned an invalid result: {wrong}")
         elif task is not None:
+            if task.prefetched and task.node == identity:
+                self._node_began(task, node)  # it ran while the broker still counted it as waiting
             self._detach(task)
             task.node_id = node.node_id  # an adopted result: the node that made the image
             task.state = w.COMPLETED

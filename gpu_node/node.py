@@ -257,7 +257,9 @@ class Node:
             self._abandoned.discard(h.task_id)  # the broker wants it here after all
         elif self._stop.is_set():
             self._send(w.Error(h.task_id, e.NODE_BUSY, "node is stopping", run=h.run))
-        elif not self.slot.offer(h.task_id, msg):
+        # A job offered while the node holds another may be one the broker sent to wait behind it:
+        # the worker then says when it starts (step-0 PROGRESS).
+        elif not self.slot.offer(h.task_id, (msg, self.slot.busy)):
             self._send(w.Error(h.task_id, e.NODE_BUSY, "node is busy", run=h.run))
         else:
             self._unacked.pop(h.task_id, None)  # a kept ERROR of an earlier assignment: this one supersedes it
@@ -347,19 +349,16 @@ class Node:
 
     def _work(self) -> None:
         push = self._push_socket()
-        taken: tuple[str, w.Message] | None = None
-        waited = False  # the job in `taken` waited behind the previous one
+        taken: tuple[str, tuple[w.Message, bool]] | None = None
         try:
             while taken is not None or not self._stop.is_set():  # a job already taken is run (or given up)
+                taken = taken or self.slot.take(0.1)
                 if taken is None:
-                    taken, waited = self.slot.take(0.1), False
-                    if taken is None:
-                        continue
-                task_id, msg = taken
+                    continue
+                task_id, (msg, behind) = taken
                 self._step, self._cancel_step = 0, None
-                outcome = self._run_job(msg.header, msg.blobs, push, waited)
+                outcome = self._run_job(msg.header, msg.blobs, push, behind)
                 taken = self.slot.finished(task_id)  # the next job starts now, while this one is encoded
-                waited = taken is not None
                 if not callable(outcome):
                     self._hand_back(push, task_id, outcome)
                 elif taken is not None:
@@ -410,10 +409,11 @@ class Node:
         log.info("task %s done in %.3fs (seed %s)", task_id, meta.generation_time, meta.seed, extra=tagged)
         return w.encode(w.Result(task_id, meta), [data])
 
-    def _run_job(self, h: w.Job, blobs: list[bytes], push: zmq.Socket, waited: bool = False) -> Encode | list[bytes]:
+    def _run_job(self, h: w.Job, blobs: list[bytes], push: zmq.Socket, behind: bool = False) -> Encode | list[bytes]:
         """Run one JOB's pipeline on the worker thread; returns its encoder, or the ERROR frames.
 
-        `waited`: it waited behind the previous job, so the broker learns from a step-0 PROGRESS that it started.
+        `behind`: it came while the node held another job, so the broker may count it as waiting behind
+        that one and learns from a step-0 PROGRESS that it started.
         """
         from gpu_node.errors import Cancelled, JobError
         from gpu_node.generate import Job
@@ -423,7 +423,7 @@ class Node:
         tagged = ids(task_id, self.node_id)
         log.info("task %s: %s %s %dx%d, %d steps (attempt %d)", task_id, h.model_id, h.mode, h.params.width,
                  h.params.height, h.params.num_inference_steps, h.attempt, extra=tagged)
-        if waited:
+        if behind:
             self._hand_back(push, task_id, w.encode(w.ProgressReport(task_id, 0, h.params.num_inference_steps)))
         last_progress = time.monotonic()
 

@@ -39,6 +39,12 @@ class JobSlot:
         return self._running
 
     @property
+    def busy(self) -> bool:
+        """Something runs, waits or is still being encoded and reported."""
+        with self._cond:
+            return self._running is not None or bool(self._waiting) or bool(self._finishing)
+
+    @property
     def idle(self) -> bool:
         """Nothing running and nothing waiting (finishing jobs do not count)."""
         with self._cond:

@@ -210,3 +210,58 @@ def test_a_job_sent_again_is_not_run_twice_and_reports_as_its_latest_assignment(
         node.stop()
         thread.join(timeout=10)
         router.close(linger=0)
+
+
+def test_a_job_that_comes_while_the_last_image_is_encoded_says_when_it_starts(ctx) -> None:
+    import zmq
+
+    import gpu_node.generate  # noqa: F401  (imported now, so that the worker runs the job at once)
+    from gpu_node.config import NodeConfig
+    from gpu_node.node import Capabilities, Node
+    from tests.fakes import META, png_bytes
+
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    encoding = threading.Event()
+    go_on = threading.Event()
+
+    def runner(job: Any, _on_step: Any, _should_stop: Any) -> Any:
+        def encode() -> Any:
+            if job.task_id == "first":
+                encoding.set()
+                go_on.wait(10)
+            return png_bytes(), META
+        return encode
+
+    caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
+    node = Node(NodeConfig(broker=f"tcp://127.0.0.1:{port}", node_id="order", heartbeat_interval=0.2, liveness=50,
+                           prefetch=1), runner, lambda _full: caps, context=ctx)
+    thread = threading.Thread(target=node.run, daemon=True)
+    thread.start()
+    messages: list[tuple[str, str, int | None]] = []
+
+    def read_until(command: bytes, task_id: str) -> None:
+        while router.poll(10_000):
+            msg = w.split_routed(router.recv_multipart())[1]
+            if msg.command in (w.PROGRESS, w.RESULT):
+                messages.append((w.COMMAND_NAMES[msg.command], msg.header.task_id, getattr(msg.header, "step", None)))
+                if msg.command == command and msg.header.task_id == task_id:
+                    return
+        raise AssertionError(f"no {w.COMMAND_NAMES[command]} for {task_id}")
+
+    try:
+        assert router.poll(10_000)
+        identity = router.recv_multipart()[0]
+        router.send_multipart(w.routed(identity, w.Job("first", "flux1-dev", "text2img", SMALL, run="r1")))
+        assert encoding.wait(10)  # nothing waited behind it: the worker encodes it itself
+        router.send_multipart(w.routed(identity, w.Job("second", "flux1-dev", "text2img", SMALL, run="r2")))
+        wait_until(lambda: node.slot.waiting() == ["second"], 10, 0.01)
+        go_on.set()
+        read_until(w.RESULT, "second")
+        assert ("PROGRESS", "first", 0) not in messages  # it came to an idle node: no start notice
+        assert messages.index(("PROGRESS", "second", 0)) < messages.index(("RESULT", "second", None))
+    finally:
+        node.stop()
+        thread.join(timeout=10)
+        router.close(linger=0)

@@ -407,3 +407,13 @@ def test_a_task_its_node_claims_after_being_expired_takes_that_nodes_reports(bro
         for sock in (a, b, client):
             if sock is not None:
                 sock.close()
+
+
+def test_a_waiting_jobs_result_before_its_predecessors_counts_it_as_started(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    a.finish(two, run=bt.broker.tasks[two].run)  # one's image is still being encoded: two overtook it
+    wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
+    assert view(client, two).started_at is not None
+    three = submit(client, spec())
+    assert a.recv_job().header.task_id == three  # one still runs for the broker: three waits behind it
+    assert view(client, one).status == w.RUNNING
