@@ -82,7 +82,8 @@ def test_a_job_finished_while_the_broker_was_down_is_reported_to_the_next_one_no
 
         wait_until(completed, 30, 0.0, "the node's kept result to be adopted")
         assert caplog.text.count(done) == 1 and bt2.broker.tasks[task_id].attempts == 1
-        assert bt2.broker.journal.result(task_id)  # the image itself came across
+        # The image itself came across (written by the broker thread just after the state changed).
+        wait_until(lambda: bt2.broker.journal.result(task_id), 5, 0.02, "the adopted image in the journal")
     finally:
         if idle is not None:
             idle.close()
