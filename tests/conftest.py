@@ -304,10 +304,7 @@ def cluster(processes: Processes, tiny_models: Path, tmp_path: Path) -> Cluster:
     return Cluster(processes, tiny_models, tmp_path / "broker")
 
 
-@pytest.fixture
-def parts(broker_factory, ctx):
-    """A broker, a client, and a list that closes fake nodes at teardown."""
-    bt = broker_factory()
+def _parts(bt: BrokerThread, ctx: zmq.Context) -> Iterator[Any]:
     client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
     nodes: list[FakeNode] = []
 
@@ -320,3 +317,15 @@ def parts(broker_factory, ctx):
     for n in nodes:
         n.close()
     client.close()
+
+
+@pytest.fixture
+def parts(broker_factory, ctx):
+    """A broker, a client, and a factory of fake nodes closed at teardown."""
+    yield from _parts(broker_factory(), ctx)
+
+
+@pytest.fixture
+def patient_parts(broker_factory, ctx):
+    """As `parts`, with a broker that expires no node during a test (its fake nodes need not heartbeat)."""
+    yield from _parts(broker_factory(liveness=100), ctx)

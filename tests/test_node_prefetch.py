@@ -92,17 +92,48 @@ def test_a_waiting_job_is_cancelled_or_given_back_on_stop_without_reaching_the_p
         thread.join(timeout=30)
 
 
+class RouterNode:
+    """A real Node (threads, slot, sockets) with a fake runner, registered to a bare ROUTER the test drives."""
+
+    def __init__(self, ctx: Any, runner: Callable[..., Any], **config: Any) -> None:
+        import zmq
+
+        import gpu_node.generate  # noqa: F401  (imported now, so that the worker runs a job at once)
+        from gpu_node.config import NodeConfig
+        from gpu_node.node import Capabilities, Node
+
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
+        self.node = Node(NodeConfig(broker=f"tcp://127.0.0.1:{port}", prefetch=1, **config), runner,
+                         lambda _full: caps, context=ctx)
+        self.thread = threading.Thread(target=self.node.run, daemon=True)
+        self.thread.start()
+        self.identity = self.next(w.READY)[0]
+
+    def next(self, *commands: bytes) -> tuple[bytes, w.Message]:
+        """The node's next message of one of these commands (others skipped)."""
+        while self.router.poll(10_000):
+            identity, msg = w.split_routed(self.router.recv_multipart())
+            if msg.command in commands:
+                return identity, msg
+        raise AssertionError(f"no {[w.COMMAND_NAMES[c] for c in commands]} from the node")
+
+    def job(self, task_id: str, run: str = "") -> None:
+        """Send it a JOB."""
+        self.router.send_multipart(w.routed(self.identity, w.Job(task_id, "flux1-dev", "text2img", SMALL, run=run)))
+
+    def close(self) -> None:
+        """Stop the node (joined with a timeout) and close the router."""
+        self.node.stop()
+        self.thread.join(timeout=10)
+        self.router.close(linger=0)
+
+
 def test_a_node_whose_broker_falls_silent_gives_back_its_waiting_job_at_once(ctx) -> None:
-    import zmq
-
-    import gpu_node.generate  # noqa: F401  (imported now, so that the worker runs the job at once)
-    from gpu_node.config import NodeConfig
     from gpu_node.errors import Cancelled
-    from gpu_node.node import Capabilities, Node
 
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
     ran: list[str] = []
 
     def runner(job: Any, _on_step: Any, should_stop: Any) -> Any:
@@ -111,55 +142,29 @@ def test_a_node_whose_broker_falls_silent_gives_back_its_waiting_job_at_once(ctx
             threading.Event().wait(0.01)
         raise Cancelled(job.task_id)
 
-    caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
     # It re-registers one heartbeat interval after it gives up: time enough to start a waiting job.
-    config = NodeConfig(broker=f"tcp://127.0.0.1:{port}", node_id="quiet", heartbeat_interval=0.5, liveness=2,
-                        reconnect_max=0.5, prefetch=1)
-    node = Node(config, runner, lambda _full: caps, context=ctx)
-    thread = threading.Thread(target=node.run, daemon=True)
-    thread.start()
-    seen: list[w.Message] = []
-
-    def next_message(command: bytes) -> tuple[bytes, w.Message]:
-        while router.poll(10_000):
-            identity, msg = w.split_routed(router.recv_multipart())
-            seen.append(msg)
-            if msg.command == command:
-                return identity, msg
-        raise AssertionError(f"no {w.COMMAND_NAMES[command]} from the node")
-
+    r = RouterNode(ctx, runner, node_id="quiet", heartbeat_interval=0.5, liveness=2, reconnect_max=0.5)
     try:
-        identity, _ = next_message(w.READY)
-        for task_id in ("one", "two"):
-            router.send_multipart(w.routed(identity, w.Job(task_id, "flux1-dev", "text2img", SMALL)))
-        wait_until(lambda: node.slot.running == "one" and node.slot.waiting() == ["two"], 10, 0.01)
+        r.job("one")
+        r.job("two")
+        wait_until(lambda: r.node.slot.running == "one" and r.node.slot.waiting() == ["two"], 10, 0.01)
         # From here the broker says nothing: the node gives up both jobs and re-registers.
-        _, ready = next_message(w.READY)
+        ready = r.next(w.READY)[1]
         assert "two" in ready.header.reports and ready.header.busy_task is None
         reports = {}
         while set(reports) != {"one", "two"}:
-            _, msg = next_message(w.ERROR)
+            msg = r.next(w.ERROR)[1]
             reports[msg.header.task_id] = msg.header.code
         assert reports == {"one": "abandoned", "two": "recalled"}
         assert ran == ["one"], "the waiting job started after the broker fell silent"
     finally:
-        node.stop()
-        thread.join(timeout=10)
-        router.close(linger=0)
+        r.close()
 
 
 def test_a_job_sent_again_is_not_run_twice_and_reports_as_its_latest_assignment(ctx) -> None:
-    import zmq
-
-    import gpu_node.generate  # noqa: F401  (imported now, so that the worker runs the job at once)
-    from gpu_node.config import NodeConfig
     from gpu_node.errors import Cancelled
-    from gpu_node.node import Capabilities, Node
     from tests.fakes import META, png_bytes
 
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
     release = threading.Event()
     ran: list[str] = []
 
@@ -170,59 +175,31 @@ def test_a_job_sent_again_is_not_run_twice_and_reports_as_its_latest_assignment(
                 raise Cancelled(job.task_id)
         return lambda: (png_bytes(), META)
 
-    caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
-    node = Node(NodeConfig(broker=f"tcp://127.0.0.1:{port}", node_id="again", heartbeat_interval=0.2, liveness=50,
-                           prefetch=1), runner, lambda _full: caps, context=ctx)
-    thread = threading.Thread(target=node.run, daemon=True)
-    thread.start()
-
-    def next_report() -> w.Message:
-        while router.poll(10_000):
-            msg = w.split_routed(router.recv_multipart())[1]
-            if msg.command in (w.RESULT, w.ERROR):
-                return msg
-        raise AssertionError("no report from the node")
-
+    r = RouterNode(ctx, runner, node_id="again", heartbeat_interval=0.2, liveness=50)
     try:
-        assert router.poll(10_000)
-        identity = router.recv_multipart()[0]
-
-        def job(task_id: str, run: str) -> None:
-            router.send_multipart(w.routed(identity, w.Job(task_id, "flux1-dev", "text2img", SMALL, run=run)))
-
-        job("one", "run-1")
-        job("two", "run-2")
-        wait_until(lambda: node.slot.running == "one" and node.slot.waiting() == ["two"], 10, 0.01)
-        job("one", "run-3")  # sent again while it runs: no NODE_BUSY, no second run
-        job("two", "run-4")  # and while it waits
+        r.job("one", "run-1")
+        r.job("two", "run-2")
+        wait_until(lambda: r.node.slot.running == "one" and r.node.slot.waiting() == ["two"], 10, 0.01)
+        r.job("one", "run-3")  # sent again while it runs: no NODE_BUSY, no second run
+        r.job("two", "run-4")  # and while it waits
         release.set()
         reports = {}
         for _ in range(2):
-            msg = next_report()
+            msg = r.next(w.RESULT, w.ERROR)[1]
             reports[msg.header.task_id] = (w.COMMAND_NAMES[msg.command], msg.header.run)
         assert reports == {"one": ("RESULT", "run-3"), "two": ("RESULT", "run-4")}
-        router.send_multipart(w.routed(identity, w.ResultAck("two")))  # one's acknowledgement is lost
-        job("one", "run-5")  # so it is sent again: the node answers with the image it kept, and runs nothing
-        msg = next_report()
+        r.router.send_multipart(w.routed(r.identity, w.ResultAck("two")))  # one's acknowledgement is lost
+        r.job("one", "run-5")  # so it is sent again: the node answers with the image it kept, and runs nothing
+        msg = r.next(w.RESULT, w.ERROR)[1]
         assert (msg.command, msg.header.task_id, msg.header.run) == (w.RESULT, "one", "run-5") and msg.blobs
         assert ran == ["one", "two"], "a job sent again ran again"
     finally:
-        node.stop()
-        thread.join(timeout=10)
-        router.close(linger=0)
+        r.close()
 
 
 def test_a_job_that_comes_while_the_last_image_is_encoded_says_when_it_starts(ctx) -> None:
-    import zmq
-
-    import gpu_node.generate  # noqa: F401  (imported now, so that the worker runs the job at once)
-    from gpu_node.config import NodeConfig
-    from gpu_node.node import Capabilities, Node
     from tests.fakes import META, png_bytes
 
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
     encoding = threading.Event()
     go_on = threading.Event()
 
@@ -234,34 +211,18 @@ def test_a_job_that_comes_while_the_last_image_is_encoded_says_when_it_starts(ct
             return png_bytes(), META
         return encode
 
-    caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
-    node = Node(NodeConfig(broker=f"tcp://127.0.0.1:{port}", node_id="order", heartbeat_interval=0.2, liveness=50,
-                           prefetch=1), runner, lambda _full: caps, context=ctx)
-    thread = threading.Thread(target=node.run, daemon=True)
-    thread.start()
+    r = RouterNode(ctx, runner, node_id="order", heartbeat_interval=0.2, liveness=50)
     messages: list[tuple[str, str, int | None]] = []
-
-    def read_until(command: bytes, task_id: str) -> None:
-        while router.poll(10_000):
-            msg = w.split_routed(router.recv_multipart())[1]
-            if msg.command in (w.PROGRESS, w.RESULT):
-                messages.append((w.COMMAND_NAMES[msg.command], msg.header.task_id, getattr(msg.header, "step", None)))
-                if msg.command == command and msg.header.task_id == task_id:
-                    return
-        raise AssertionError(f"no {w.COMMAND_NAMES[command]} for {task_id}")
-
     try:
-        assert router.poll(10_000)
-        identity = router.recv_multipart()[0]
-        router.send_multipart(w.routed(identity, w.Job("first", "flux1-dev", "text2img", SMALL, run="r1")))
+        r.job("first", "r1")
         assert encoding.wait(10)  # nothing waited behind it: the worker encodes it itself
-        router.send_multipart(w.routed(identity, w.Job("second", "flux1-dev", "text2img", SMALL, run="r2")))
-        wait_until(lambda: node.slot.waiting() == ["second"], 10, 0.01)
+        r.job("second", "r2")
+        wait_until(lambda: r.node.slot.waiting() == ["second"], 10, 0.01)
         go_on.set()
-        read_until(w.RESULT, "second")
+        while ("RESULT", "second", None) not in messages:
+            msg = r.next(w.PROGRESS, w.RESULT)[1]
+            messages.append((w.COMMAND_NAMES[msg.command], msg.header.task_id, getattr(msg.header, "step", None)))
         assert ("PROGRESS", "first", 0) not in messages  # it came to an idle node: no start notice
         assert messages.index(("PROGRESS", "second", 0)) < messages.index(("RESULT", "second", None))
     finally:
-        node.stop()
-        thread.join(timeout=10)
-        router.close(linger=0)
+        r.close()

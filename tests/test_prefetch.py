@@ -226,15 +226,9 @@ def test_after_a_broker_restart_a_waiting_job_is_held_for_its_node_and_given_bac
         client.close()
 
 
-def test_priority_order_holds_across_nodes_while_jobs_wait_on_them(broker_factory, ctx) -> None:
-    bt = broker_factory(liveness=100)  # the fake nodes do not heartbeat during the waits below
-    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
-    a, b = FakeNode(ctx, bt.backend, "a").ready(prefetch=1), FakeNode(ctx, bt.backend, "b").ready(prefetch=1)
-    try:
-        order_holds(bt, client, a, b)
-    finally:
-        for sock in (a, b, client):
-            sock.close()
+def test_priority_order_holds_across_nodes_while_jobs_wait_on_them(patient_parts) -> None:
+    bt, client, node = patient_parts
+    order_holds(bt, client, node("a").ready(prefetch=1), node("b").ready(prefetch=1))
 
 
 def order_holds(bt: BrokerThread, client: BrokerClient, a: FakeNode, b: FakeNode) -> None:
@@ -309,26 +303,21 @@ def test_a_refused_running_job_leaves_the_waiting_one_in_place_unstarted(parts) 
     wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
 
 
-def test_a_job_placed_behind_a_more_urgent_waiting_one_elsewhere_is_recalled(broker_factory, ctx) -> None:
-    bt = broker_factory(liveness=100)
-    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
-    a, b = FakeNode(ctx, bt.backend, "a").ready(prefetch=1), FakeNode(ctx, bt.backend, "b").ready(prefetch=1)
-    try:
-        wait_until(lambda: len(bt.broker.nodes) == 2, 5)
-        submit(client, spec()), submit(client, spec())
-        assert a.recv_job() is not None and b.recv_job() is not None  # both busy
-        low = submit(client, spec(priority=5))
-        holder, other = (a, b) if a.recv_job(timeout=0.5) is not None else (b, a)
-        urgent = submit(client, spec(priority=0))
-        assert other.recv_job().header.task_id == urgent  # urgent waits on the other node, placed after low
-        recall = recv_command(holder, w.RECALL)
-        assert recall is not None and recall.header.task_id == low, "low could start before urgent"
-        holder.error(low, e.RECALLED)
-        assert holder.recv_job(timeout=0.3) is None  # low may not wait again while urgent waits
-        assert (view(client, low).status, view(client, low).attempts) == (w.QUEUED, 0)
-    finally:
-        for sock in (a, b, client):
-            sock.close()
+def test_a_job_placed_behind_a_more_urgent_waiting_one_elsewhere_is_recalled(patient_parts) -> None:
+    bt, client, node = patient_parts
+    a, b = node("a").ready(prefetch=1), node("b").ready(prefetch=1)
+    wait_until(lambda: len(bt.broker.nodes) == 2, 5)
+    submit(client, spec()), submit(client, spec())
+    assert a.recv_job() is not None and b.recv_job() is not None  # both busy
+    low = submit(client, spec(priority=5))
+    holder, other = (a, b) if a.recv_job(timeout=0.5) is not None else (b, a)
+    urgent = submit(client, spec(priority=0))
+    assert other.recv_job().header.task_id == urgent  # urgent waits on the other node, placed after low
+    recall = recv_command(holder, w.RECALL)
+    assert recall is not None and recall.header.task_id == low, "low could start before urgent"
+    holder.error(low, e.RECALLED)
+    assert holder.recv_job(timeout=0.3) is None  # low may not wait again while urgent waits
+    assert (view(client, low).status, view(client, low).attempts) == (w.QUEUED, 0)
 
 
 def test_a_waiting_job_that_cannot_be_delivered_keeps_its_attempt_count(parts) -> None:
@@ -381,32 +370,25 @@ def test_a_late_invalid_image_from_an_earlier_assignment_does_not_fail_the_task(
     wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
 
 
-def test_a_task_its_node_claims_after_being_expired_takes_that_nodes_reports(broker_factory, ctx) -> None:
-    bt = broker_factory(liveness=100)  # no expiry during the test: a's reports alone decide
-    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
-    a = FakeNode(ctx, bt.backend, "a").ready()
-    b = None
-    try:
-        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-        task_id = submit(client, spec())
-        first_run = a.recv_job().header.run
-        a.send(w.Disconnect("as if expired"))  # the broker drops a, which goes on running the task
-        wait_until(lambda: bt.broker.nodes.find("a") is None, 5, what="a to be dropped")
-        b = FakeNode(ctx, bt.backend, "b").ready()
-        second = b.recv_job()
-        assert second.header.task_id == task_id and second.header.run != first_run
-        b.error(task_id, e.NODE_BUSY, run=second.header.run)  # back in line, run of b's JOB
-        b.heartbeat(idle=False)
-        wait_until(lambda: bt.broker.tasks[task_id].state == w.QUEUED, 5)
-        a.ready(busy_task=task_id)  # a wakes up, still running it: it keeps it
-        wait_until(lambda: bt.broker.tasks[task_id].node == b"fake-a", 5, what="a to resume it")
-        a.error(task_id, e.ABANDONED, run=first_run)  # stamped with a's own JOB's run
-        again = a.recv_job()  # taken: back in line, and a (idle now) gets it again
-        assert again is not None and again.header.task_id == task_id and again.header.run not in (first_run, "")
-    finally:
-        for sock in (a, b, client):
-            if sock is not None:
-                sock.close()
+def test_a_task_its_node_claims_after_being_expired_takes_that_nodes_reports(patient_parts) -> None:
+    bt, client, node = patient_parts  # no expiry during the test: a's reports alone decide
+    a = node("a").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    task_id = submit(client, spec())
+    first_run = a.recv_job().header.run
+    a.send(w.Disconnect("as if expired"))  # the broker drops a, which goes on running the task
+    wait_until(lambda: bt.broker.nodes.find("a") is None, 5, what="a to be dropped")
+    b = node("b").ready()
+    second = b.recv_job()
+    assert second.header.task_id == task_id and second.header.run != first_run
+    b.error(task_id, e.NODE_BUSY, run=second.header.run)  # back in line, run of b's JOB
+    b.heartbeat(idle=False)
+    wait_until(lambda: bt.broker.tasks[task_id].state == w.QUEUED, 5)
+    a.ready(busy_task=task_id)  # a wakes up, still running it: it keeps it
+    wait_until(lambda: bt.broker.tasks[task_id].node == b"fake-a", 5, what="a to resume it")
+    a.error(task_id, e.ABANDONED, run=first_run)  # stamped with a's own JOB's run
+    again = a.recv_job()  # taken: back in line, and a (idle now) gets it again
+    assert again is not None and again.header.task_id == task_id and again.header.run not in (first_run, "")
 
 
 def test_a_waiting_jobs_result_before_its_predecessors_counts_it_as_started(parts) -> None:
