@@ -262,31 +262,19 @@ def test_the_running_jobs_report_starts_the_waiting_one_even_before_its_progress
     wait_until(lambda: view(client, two).status == w.COMPLETED, 5)
 
 
-def test_a_node_that_dies_while_its_running_job_unwinds_a_cancel_gives_back_its_waiting_job(
-        broker_factory, ctx) -> None:
-    bt = broker_factory()
-    client = BrokerClient(bt.frontend, timeout=2.0, context=ctx).start()
-    a = FakeNode(ctx, bt.backend, "a").ready(prefetch=1)
-    b = None
-    try:
-        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-        one, two = submit(client, spec()), submit(client, spec())
-        assert [a.recv_job().header.task_id, a.recv_job().header.task_id] == [one, two]
-        client.request(w.CancelTask(0, one))
-        assert recv_command(a, w.CANCEL).header.task_id == one
-        a.close()  # dies before it reports the cancelled job
-        b = FakeNode(ctx, bt.backend, "b").ready()
-        got = None
-        until = time.monotonic() + 10
-        while got is None and time.monotonic() < until:
-            b.heartbeat()
-            got = b.recv_job(timeout=0.1)
-        assert got is not None and got.header.task_id == two, "the waiting job was stranded on the dead node"
-        assert bt.broker.nodes.find("a") is None and view(client, two).attempts == 1
-    finally:
-        for sock in (a, b, client):
-            if sock is not None:
-                sock.close()
+def test_a_node_that_dies_while_its_running_job_unwinds_a_cancel_gives_back_its_waiting_job(parts) -> None:
+    bt, client, a, one, two = busy_with_one_waiting(parts)
+    client.request(w.CancelTask(0, one))
+    assert recv_command(a, w.CANCEL).header.task_id == one
+    a.close()  # dies before it reports the cancelled job
+    b = parts[2]("b").ready()
+    got = None
+    until = time.monotonic() + 10
+    while got is None and time.monotonic() < until:
+        b.heartbeat()
+        got = b.recv_job(timeout=0.1)
+    assert got is not None and got.header.task_id == two, "the waiting job was stranded on the dead node"
+    assert bt.broker.nodes.find("a") is None and view(client, two).attempts == 1
 
 
 def test_a_refused_running_job_leaves_the_waiting_one_in_place_unstarted(parts) -> None:
