@@ -35,7 +35,7 @@ def running_node(backend: str, tiny_models: Path, node_id: str, liveness: int) -
 
 def test_a_node_that_loses_the_broker_abandons_its_job_within_a_step(
         broker_factory, tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="gpu_node.node")
+    caplog.set_level(logging.INFO, logger="gpu_node")
     bt = broker_factory()
     node, thread = running_node(bt.backend, tiny_models, "fenced", liveness=3)
     client = BrokerClient(bt.frontend, context=bt.context).start()
@@ -56,7 +56,7 @@ def test_a_node_that_loses_the_broker_abandons_its_job_within_a_step(
 
 def test_a_job_finished_while_the_broker_was_down_is_reported_to_the_next_one_not_run_again(
         broker_factory, ctx, tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="gpu_node.node")
+    caplog.set_level(logging.INFO, logger="gpu_node")
     bt = broker_factory()
     # The node must not give up on the broker before it finishes the job: liveness far beyond it.
     node, thread = running_node(bt.backend, tiny_models, "steady", liveness=1000)

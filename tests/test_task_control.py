@@ -53,7 +53,7 @@ def running_with_progress(stack: Stack, task_id: str) -> dict:
 
 
 def test_cancel_stops_a_running_job_within_one_step_and_the_node_moves_on(ctl, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="gpu_node.node")
+    caplog.set_level(logging.INFO, logger="gpu_node")
     task_id = submit(ctl, "alice", LONG)
     body = running_with_progress(ctl, task_id)
     assert body["progress"]["total"] == 100
@@ -67,7 +67,7 @@ def test_cancel_stops_a_running_job_within_one_step_and_the_node_moves_on(ctl, c
 
 
 def test_cancelling_a_queued_task_removes_it_from_the_queue(ctl, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="gpu_node.node")
+    caplog.set_level(logging.INFO, logger="gpu_node")
     blocker = submit(ctl, "alice", LONG)
     running_with_progress(ctl, blocker)
     waiting = submit(ctl, "bob", QUICK)
@@ -106,7 +106,7 @@ def test_queue_caps_answer_429_instead_of_growing(ctl) -> None:
 
 def test_timeout_fails_the_task_and_stops_the_node_within_one_step(tmp_path: Path, tiny_models: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="gpu_node.node")
+    caplog.set_level(logging.INFO, logger="gpu_node")
     stack = make_stack(tmp_path, tiny_models, task_timeout=1.0)
     try:
         started = stack.http.simulate_post("/generate", json={**LONG, "async": False}, headers=as_("alice"))

@@ -1,0 +1,158 @@
+"""The node's worker and encoder threads: a mixin of `gpu_node.node.Node`.
+
+The worker thread takes jobs from the node's `JobSlot` and runs their pipeline calls one at a
+time; the encoder thread turns finished images into RESULT frames while the next call runs.
+Each reports to the socket thread over its own inproc PUSH socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from typing import TYPE_CHECKING, Callable
+
+import zmq
+
+from genserve import errors as e
+from genserve import wire as w
+from genserve.logs import ids
+
+if TYPE_CHECKING:
+    from gpu_node.node import Node
+
+log = logging.getLogger(__name__)
+
+PUSH_SEND_TIMEOUT_MS = 1000  # a send to a thread that has gone must not hang the process
+Encode = Callable[[], "tuple[bytes, w.ResultMeta]"]  # turns a finished pipeline call into the result's bytes
+
+
+class WorkerSide:
+    """Worker and encoder threads of a node."""
+
+    def _push_socket(self: Node) -> zmq.Socket:
+        push = self.context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDTIMEO, PUSH_SEND_TIMEOUT_MS)
+        push.connect(self._endpoint)
+        return push
+
+    def _work(self: Node) -> None:
+        push = self._push_socket()
+        taken: tuple[str, tuple[w.Message, bool]] | None = None
+        try:
+            while taken is not None or not self._stop.is_set():  # a job already taken is run (or given up)
+                taken = taken or self.slot.take(0.1)
+                if taken is None:
+                    continue
+                task_id, (msg, behind) = taken
+                self._step, self._cancel_step = 0, None
+                outcome = self._run_job(msg.header, msg.blobs, push, behind)
+                taken = self.slot.finished(task_id)  # the next job starts now, while this one is encoded
+                if not callable(outcome):
+                    self._hand_back(push, task_id, outcome)
+                elif taken is not None:
+                    self._encodes.put((task_id, outcome))  # encoded on the encoder thread while the next runs
+                else:
+                    # Nothing waits: encoding here saves a thread hop on the way to an idle broker's client.
+                    self._hand_back(push, task_id, self._encoded(task_id, outcome))
+        finally:
+            self._encodes.put(None)  # the encoder finishes what is queued, then ends
+            push.close(linger=0)
+
+    def _hand_back(self: Node, push: zmq.Socket, task_id: str, frames: list[bytes]) -> None:
+        try:
+            push.send_multipart(frames, copy=False)
+        except zmq.Again:
+            log.warning("could not hand the report of task %s back; the broker re-queues it", task_id,
+                        extra=ids(task_id, self.node_id))
+
+    def _encode_results(self: Node) -> None:
+        push = self._push_socket()
+        try:
+            while True:
+                try:
+                    item = self._encodes.get(timeout=0.1)
+                except queue.Empty:
+                    if not self._worker.is_alive():
+                        return
+                    continue
+                if item is None:
+                    return
+                task_id, encode = item
+                self._hand_back(push, task_id, self._encoded(task_id, encode))
+        finally:
+            push.close(linger=0)
+
+    def _encoded(self: Node, task_id: str, encode: Encode) -> list[bytes]:
+        """The RESULT (or ERROR) frames of a finished pipeline call, encoded on the encoder thread."""
+        from gpu_node.errors import JobError
+
+        tagged = ids(task_id, self.node_id)
+        try:
+            data, meta = encode()
+        except JobError as exc:
+            return w.encode(w.Error(task_id, exc.code, str(exc)))
+        except Exception as exc:  # a failed encode fails this job only
+            log.exception("task %s failed while encoding", task_id, extra=tagged)
+            return w.encode(w.Error(task_id, e.GENERATION, f"{type(exc).__name__}: {exc}"))
+        log.info("task %s done in %.3fs (seed %s)", task_id, meta.generation_time, meta.seed, extra=tagged)
+        return w.encode(w.Result(task_id, meta), [data])
+
+    def _run_job(self: Node, h: w.Job, blobs: list[bytes], push: zmq.Socket,
+                 behind: bool = False) -> Encode | list[bytes]:
+        """Run one JOB's pipeline on the worker thread; returns its encoder, or the ERROR frames.
+
+        `behind`: it came while the node held another job, so the broker may count it as waiting behind
+        that one and learns from a step-0 PROGRESS that it started.
+        """
+        from gpu_node.errors import Cancelled, JobError
+        from gpu_node.generate import Job
+
+        task_id = h.task_id
+        job = Job(task_id, h.model_id, h.mode, h.params, dict(zip(h.images, blobs)))
+        tagged = ids(task_id, self.node_id)
+        log.info("task %s: %s %s %dx%d, %d steps (attempt %d)", task_id, h.model_id, h.mode, h.params.width,
+                 h.params.height, h.params.num_inference_steps, h.attempt, extra=tagged)
+        if behind:
+            self._hand_back(push, task_id, w.encode(w.ProgressReport(task_id, 0, h.params.num_inference_steps)))
+        last_progress = time.monotonic()
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal last_progress
+            self._step = step
+            # Rate-limited: on a loaded CPU or a fast GPU, a message per step
+            # wakes two other threads per step and slows the denoising loop.
+            now = time.monotonic()
+            if now - last_progress >= self.config.progress_interval:
+                last_progress = now
+                try:
+                    push.send_multipart(w.encode(w.ProgressReport(task_id, step, total)), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # progress is advisory; the next one will do
+
+        def should_stop() -> bool:
+            return task_id in self._cancelled or task_id in self._abandoned or self._stop.is_set()
+
+        try:
+            if should_stop():  # cancelled or given up while it waited: not one step
+                code = e.CANCELLED if task_id in self._cancelled else e.RECALLED  # unstarted: no attempt spent
+                log.info("task %s given up before its first step (%s)", task_id, code, extra=tagged)
+                return w.encode(w.Error(task_id, code, "stopped before its first step"))
+            started = time.perf_counter()
+            try:
+                return self.runner(job, on_step, should_stop)
+            finally:
+                self.busy_seconds += time.perf_counter() - started
+                self.jobs += 1
+        except Cancelled:
+            at = self._cancel_step if self._cancel_step is not None else self._step
+            log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self._step, at, extra=tagged)
+            # Only the broker's own CANCEL ends a task; stopping or losing the broker re-queues it.
+            code = e.CANCELLED if task_id in self._cancelled else e.ABANDONED
+            return w.encode(w.Error(task_id, code, f"stopped at step {self._step}"))
+        except JobError as exc:
+            return w.encode(w.Error(task_id, exc.code, str(exc)))
+        except Exception as exc:  # any failure fails this job only; the node keeps serving
+            log.exception("task %s failed", task_id, extra=tagged)
+            return w.encode(w.Error(task_id, e.GENERATION, f"{type(exc).__name__}: {exc}"))
