@@ -89,9 +89,7 @@ class NodeSide:
             if task_id in claims or (old.identity == identity and (waiting or h.busy_task is None)):
                 kept.append(task)
             else:
-                if task.prefetched:
-                    task.attempts -= 1  # it never started there
-                self._requeue(task, "node re-registered")
+                self._requeue(task, "node re-registered", refund=task.prefetched)  # a waiting job never started
         old.task_id = old.next_id = None
         return kept
 
@@ -198,14 +196,13 @@ class NodeSide:
             elif h.code == e.NODE_BUSY:
                 node.state, node.task_id = BUSY, None  # busy with work we do not know of: idle when it says so
         if task is not None and h.code in (e.NODE_BUSY, e.RECALLED):
-            task.attempts -= 1  # it never started
-            self._requeue(task, "its node could not take it" if h.code == e.NODE_BUSY else "recalled unstarted")
+            why = "its node could not take it" if h.code == e.NODE_BUSY else "recalled unstarted"
+            self._requeue(task, why, refund=True)  # it never started
         elif task is not None and h.code in (e.ABANDONED, e.CANCELLED):
             # CANCELLED for a task that is not final: the broker cancelled it, then died before
-            # journaling why. Stopped, not failed: it runs again.
-            if node.leaving:
-                task.attempts -= 1  # an operator stopped the node: that is not the task's failure
-            self._requeue(task, "its node stopped it without failing it")
+            # journaling why. Stopped, not failed: it runs again. An operator stopping the node is
+            # not the task's failure either.
+            self._requeue(task, "its node stopped it without failing it", refund=node.leaving)
         elif task is not None:
             self._fail(task, w.FAILED, h.code, h.message)
         self._to_node(node, w.ResultAck(h.task_id, h.run))

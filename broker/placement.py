@@ -48,11 +48,13 @@ class Placement:
             idle = self._reclaim(idle, waiting, now)
         for node, entry in plan(self.queue, idle, now, load_cost=cost):
             self._start(self._placed(entry), node)
+        placed = False
         if len(self.queue):
             roomy = [node for node in self.nodes.prefetchable() if self._may_wait_on(node, waiting, now)]
             for node, entry in plan(self.queue, roomy, now, load_cost=cost):
                 self._start(self._placed(entry), node, prefetch=True)
-        if waiting or self.nodes.prefetched():
+                placed = True
+        if waiting or placed:  # only an unstarted waiting job can be overtaken
             self._recall_overtaken(now)
 
     def _placed(self: Broker, entry: Entry) -> Task:

@@ -221,23 +221,25 @@ class Broker(FrontSide, NodeSide, Placement):
                     extra=ids(task.task_id, node.node_id))
         if task.state == w.RUNNING and task.node == node.identity:
             self.nodes.remove(node.identity)
-            if not task.prefetched:  # (a waiting job is given its attempt back by the re-queue)
-                task.attempts -= 1  # it never reached the node
-            self._requeue_node_task(node, "node unreachable")
+            self._requeue_node_task(node, "node unreachable", undelivered=task.task_id)
 
-    def _requeue_node_task(self, node: Node, why: str) -> None:
+    def _requeue_node_task(self, node: Node, why: str, undelivered: str | None = None) -> None:
         """Put back the tasks a lost or re-registering node was running or holding."""
         running, waiting = node.task_id, node.next_id
         node.task_id = node.next_id = None
         for task_id in (running, waiting):
             task = self.tasks.get(task_id or "")
             if task is not None and not task.final:
-                if task.prefetched:
-                    task.attempts -= 1  # it never started there
-                self._requeue(task, why)
+                # A job that never reached the node, or waited there unstarted, spends no attempt.
+                self._requeue(task, why, refund=task.prefetched or task_id == undelivered)
 
-    def _requeue(self, task: Task, why: str) -> None:
-        """Back to the queue at its original priority and place, or failed after max_retries."""
+    def _requeue(self, task: Task, why: str, refund: bool = False) -> None:
+        """Back to the queue at its original priority and place, or failed after max_retries.
+
+        `refund`: the attempt is given back (the task never started, or an operator stopped its node).
+        """
+        if refund:
+            task.attempts -= 1
         task.node = task.node_id = None
         if task.attempts > self.config.max_retries:
             self._fail(task, w.FAILED, e.NODE_LOST,
