@@ -31,7 +31,7 @@ from genserve import wire as w
 from genserve.curve import setup_client
 from genserve.logs import ids
 from gpu_node.config import NodeConfig
-from gpu_node.slot import JobSlot
+from gpu_node.slot import Holding, JobSlot
 from gpu_node.worker import Encode, WorkerSide
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,7 @@ class Node(WorkerSide):
 
     def _register(self) -> None:
         self._registered_at = time.monotonic()
-        held = self.slot.give_back()  # a waiting job is given back: the broker may have placed it elsewhere
-        for task_id in held.recalled:
-            self._keep(task_id, w.encode(self._stamped(w.Error(task_id, e.RECALLED, "given back at registration"))))
+        held = self._give_back("given back at registration")  # the broker may have placed it elsewhere
         running = held.running
         keeps = running if running not in self._abandoned else None
         reports = [*self._unacked, *held.finishing]
@@ -131,6 +129,13 @@ class Node(WorkerSide):
         for task_id, frames in self._unacked.items():
             log.info("re-sending the unacknowledged report of task %s", task_id, extra=ids(task_id, self.node_id))
             self._send_frames(frames)
+
+    def _give_back(self, why: str) -> Holding:
+        """Give back every waiting job (a RECALLED report each, kept until acknowledged); what runs and finishes."""
+        held = self.slot.give_back()
+        for task_id in held.recalled:
+            self._keep(task_id, w.encode(self._stamped(w.Error(task_id, e.RECALLED, why))))
+        return held
 
     def _send(self, header: Any, blobs: list[bytes] | tuple = ()) -> None:
         self._send_frames(w.encode(header, blobs))
@@ -169,11 +174,7 @@ class Node(WorkerSide):
             if now - self._last_recv > interval * self.config.liveness:
                 log.warning("broker silent for %.1fs; reconnecting in %.1fs", now - self._last_recv, backoff)
                 # Waiting jobs go back too: the broker may place them elsewhere once it has expired us.
-                held = self.slot.give_back()
-                for task_id in held.recalled:
-                    self._keep(task_id, w.encode(self._stamped(
-                        w.Error(task_id, e.RECALLED, "given back: the broker fell silent"))))
-                running = held.running
+                running = self._give_back("given back: the broker fell silent").running
                 if running is not None and running not in self._abandoned:
                     # The broker has expired us by now and may give the task to another node:
                     # stop at the next step so that it never runs twice at once.
@@ -313,8 +314,8 @@ class Node(WorkerSide):
         deadline = time.monotonic() + self.config.shutdown_grace
         if self.dealer is not None:
             self._send(self._heartbeat(leaving=True))  # no new JOB, please
-        for task_id in self.slot.give_back().recalled:
-            self._report(self._stamped(w.Error(task_id, e.RECALLED, "node is stopping")))
+        for task_id in self._give_back("node is stopping").recalled:
+            self._send_frames(self._unacked[task_id])
         if self.slot.running is not None:
             log.info("stopping: task %s will be re-queued after its current step", self.slot.running,
                      extra=ids(self.slot.running, self.node_id))
