@@ -387,3 +387,15 @@ def test_a_waiting_jobs_result_before_its_predecessors_counts_it_as_started(part
     three = submit(client, spec())
     assert a.recv_job().header.task_id == three  # one still runs for the broker: three waits behind it
     assert view(client, one).status == w.RUNNING
+
+
+def test_a_node_asking_for_a_larger_credit_gets_one_waiting_job_and_a_bad_one_is_refused(parts) -> None:
+    bt, client, node = parts
+    greedy = node("greedy").ready(prefetch=8)  # the most a READY may ask; the broker sends one at most
+    for bad in (-1, 9, 10**9):
+        node(f"bad{bad}").ready(prefetch=bad)  # not a valid READY: never registered
+    wait_until(lambda: len(bt.broker.nodes) >= 1, 5)
+    ids = [submit(client, spec()) for _ in range(4)]
+    assert [greedy.recv_job().header.task_id for _ in range(2)] == ids[:2]
+    assert greedy.recv_job(timeout=0.3) is None
+    assert [n.node_id for n in bt.broker.nodes] == ["greedy"]
