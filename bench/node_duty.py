@@ -138,6 +138,18 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def measure(models: Path, args: argparse.Namespace) -> dict[int, list[Round]]:
+    """Rounds of prefetch 0 and 1, alternating which goes first."""
+    rounds: dict[int, list[Round]] = {0: [], 1: []}
+    for i in range(args.rounds):
+        for prefetch in ((0, 1) if i % 2 == 0 else (1, 0)):
+            rounds[prefetch].append(run_round(models, prefetch, args))
+            r = rounds[prefetch][-1]
+            print(f"prefetch {prefetch}: median gap {statistics.median(r.gaps) * 1e3:.2f} ms, busy {r.busy:.1%},"
+                  f" {r.images_per_s:.2f} images/s", file=sys.stderr)
+    return rounds
+
+
 def main() -> None:
     """Interleaved rounds of prefetch 0 and 1; print (and optionally append) the section."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -154,15 +166,10 @@ def main() -> None:
     from gpu_node.tiny import build_all
 
     logging.basicConfig(level=logging.WARNING)
-    models = Path(tempfile.mkdtemp(prefix="genserve-duty-models-"))
-    build_all(models, seed=0)
-    rounds: dict[int, list[Round]] = {0: [], 1: []}
-    for i in range(args.rounds):
-        for prefetch in ((0, 1) if i % 2 == 0 else (1, 0)):
-            rounds[prefetch].append(run_round(models, prefetch, args))
-            r = rounds[prefetch][-1]
-            print(f"prefetch {prefetch}: median gap {statistics.median(r.gaps) * 1e3:.2f} ms, busy {r.busy:.1%},"
-                  f" {r.images_per_s:.2f} images/s", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="genserve-duty-models-") as tmp:
+        models = Path(tmp)
+        build_all(models, seed=0)
+        rounds = measure(models, args)
     lines = [
         f"## Node duty cycle with a backlog (issue 12, point 3, {date.today()})",
         "",
