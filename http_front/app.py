@@ -5,6 +5,8 @@ from __future__ import annotations
 import secrets
 
 import falcon
+import msgspec
+from falcon.media import JSONHandler
 
 from http_front import errors
 from http_front.auth import AuthMiddleware
@@ -67,6 +69,9 @@ def create_app(broker: BrokerClient, keys: KeyStore, config: FrontConfig | None 
     app = falcon.App(middleware=[MetricsMiddleware(metrics), HeaderLimit(config.max_header_bytes),
                                  AuthMiddleware(keys, limiter, failures, config.default_key_remote,
                                                 signer=signer, metrics=metrics)])
+    # msgspec writes the same JSON (UTF-8, keys in order; NaN as null, where json writes invalid
+    # JSON) several times faster than json.dumps; request bodies are still parsed by json.loads.
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = JSONHandler(dumps=msgspec.json.encode)
     errors.install(app)
     app.add_route("/", Root(services))
     app.add_route("/health", Health(services))

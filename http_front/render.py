@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import secrets
 from typing import Any
 
@@ -92,12 +91,12 @@ def send_task(resp: falcon.Response, task: TaskView, png: bytes | None, principa
     JSON encoder from scanning and re-encoding it (base64 never needs JSON escaping).
     """
     body = render_task(task, png, principal, image_url, events_url)
-    text = json.dumps(body, ensure_ascii=False)
+    text = msgspec.json.encode(body)
     resp.content_type = falcon.MEDIA_JSON
     if body.get("image") != IMAGE_PLACEHOLDER:
-        resp.data = text.encode("utf-8")
+        resp.data = text
         return
     encoded = base64.b64encode(png)
     mime = OUTPUT_FORMATS.get(task.meta.format if task.meta else "png", "image/png").encode()
-    head, middle, tail = text.encode("utf-8").split(b'"' + IMAGE_PLACEHOLDER.encode() + b'"', 2)
+    head, middle, tail = text.split(b'"' + IMAGE_PLACEHOLDER.encode() + b'"', 2)
     resp.data = b"".join([head, b'"data:', mime, b';base64,', encoded, b'"', middle, b'"', encoded, b'"', tail])

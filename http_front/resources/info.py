@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
-import falcon
+from typing import Any, Callable
 
+import falcon
+import msgspec
+
+from genserve import wire as w
 from genserve.catalog import CONTROL_TYPES, DEFAULT_MODE, MODEL_IDS, default_model
 from http_front.auth import SUPER
 from http_front.broker_client import BrokerUnavailable
 from http_front.services import Services, builtins
 
 READ = {"GET": ("readonly",)}
+
+
+class PerSnapshot:
+    """A JSON body rendered from one INFO snapshot, reused for as long as that snapshot is served.
+
+    The front serves one snapshot for up to a second, so at load most calls reuse the bytes
+    instead of building and encoding the same body again.
+    """
+
+    def __init__(self, render: Callable[[w.InfoBody], dict[str, Any]]) -> None:
+        self.render = render
+        self._last: tuple[w.InfoBody, bytes] | None = None
+
+    def __call__(self, info: w.InfoBody) -> bytes:
+        """The body for `info` (thread-safe: a race renders twice, both right)."""
+        last = self._last
+        if last is None or last[0] is not info:
+            last = self._last = (info, msgspec.json.encode(self.render(info)))
+        return last[1]
 
 
 class Root:
@@ -36,6 +59,7 @@ class Health:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self._body = PerSnapshot(self.render)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """200 healthy / 503 unhealthy with the reason."""
@@ -46,12 +70,16 @@ class Health:
             resp.media = {"status": "unhealthy", "broker": "unreachable", "nodes": 0,
                           "reason": "the broker does not answer"}
             return
-        nodes = len(info.nodes)
-        healthy = nodes > 0
-        resp.status = 200 if healthy else 503
-        resp.media = {"status": "healthy" if healthy else "unhealthy", "broker": "ok", "nodes": nodes,
-                      "queue_length": info.queue.length,
-                      "reason": None if healthy else "no GPU node is registered"}
+        resp.status = 200 if info.nodes else 503
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._body(info)
+
+    @staticmethod
+    def render(info: w.InfoBody) -> dict[str, Any]:
+        """The body for a snapshot the broker answered."""
+        healthy = len(info.nodes) > 0
+        return {"status": "healthy" if healthy else "unhealthy", "broker": "ok", "nodes": len(info.nodes),
+                "queue_length": info.queue.length, "reason": None if healthy else "no GPU node is registered"}
 
 
 class Status:
@@ -80,15 +108,22 @@ class Models:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self._body = PerSnapshot(self.render)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Served models and where they are loaded."""
-        served = self.services.info().models
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._body(self.services.info())
+
+    @staticmethod
+    def render(info: w.InfoBody) -> dict[str, Any]:
+        """The body for a snapshot."""
+        served = info.models
         models = [{"model_id": m, "modes": served[m].modes, "controlnet_type": CONTROL_TYPES.get(m),
                    "nodes": served[m].nodes, "loaded_on": served[m].loaded_on,
                    "loaded": bool(served[m].loaded_on)} for m in MODEL_IDS if m in served]
-        resp.media = {"success": True, "models": models, "total": len(models),
-                      "known_model_ids": list(MODEL_IDS), "default_model": default_model(DEFAULT_MODE)}
+        return {"success": True, "models": models, "total": len(models),
+                "known_model_ids": list(MODEL_IDS), "default_model": default_model(DEFAULT_MODE)}
 
 
 class Loras:

@@ -1,0 +1,42 @@
+"""Unit: /health and /models bodies are rendered once per INFO snapshot, and change with it."""
+
+from __future__ import annotations
+
+import json
+
+from genserve import wire as w
+from genserve.views import NodeView, QueueView, ServedModel
+from http_front.resources.info import Health, Models, PerSnapshot
+
+
+def snapshot(nodes: int) -> w.InfoBody:
+    """An INFO body with `nodes` idle nodes serving flux1-dev and three queued tasks."""
+    ids = [f"n{i}" for i in range(nodes)]
+    views = [NodeView(node_id=n, device="cpu", host="h", pid=1, state="idle", draining=False, task_id=None,
+                      models={"flux1-dev": ["text2img"]}, loaded=[], loras=[], memory_total=0, memory_free=0,
+                      last_heartbeat_age_s=0.0, jobs_done=0) for n in ids]
+    models = {"flux1-dev": ServedModel(modes=["text2img"], nodes=ids, loaded_on=[])} if nodes else {}
+    return w.InfoBody(nodes=views, models=models, queue=QueueView(length=3, by_model={}), tasks={}, time=0.0)
+
+
+def test_one_render_per_snapshot_and_a_new_one_when_it_changes() -> None:
+    calls = []
+
+    def render(info: w.InfoBody) -> dict:
+        calls.append(info)
+        return {"nodes": len(info.nodes)}
+
+    cache = PerSnapshot(render)
+    first, second = snapshot(1), snapshot(2)
+    assert cache(first) is cache(first) and len(calls) == 1
+    assert json.loads(cache(second)) == {"nodes": 2} and len(calls) == 2
+    assert json.loads(cache(first)) == {"nodes": 1}  # an older snapshot again: rendered again, never stale
+
+
+def test_health_and_models_bodies_follow_the_snapshot() -> None:
+    assert Health.render(snapshot(0)) == {"status": "unhealthy", "broker": "ok", "nodes": 0, "queue_length": 3,
+                                          "reason": "no GPU node is registered"}
+    assert Health.render(snapshot(2))["status"] == "healthy"
+    assert Models.render(snapshot(0))["total"] == 0
+    served = Models.render(snapshot(1))["models"]
+    assert [m["model_id"] for m in served] == ["flux1-dev"] and served[0]["nodes"] == ["n0"]
