@@ -1,4 +1,4 @@
-"""Unit: /health and /models bodies are rendered once per INFO snapshot, and change with it."""
+"""Unit: /health and /models bodies are rendered once per INFO snapshot; answers are compact UTF-8 JSON."""
 
 from __future__ import annotations
 
@@ -40,3 +40,19 @@ def test_health_and_models_bodies_follow_the_snapshot() -> None:
     assert Models.render(snapshot(0))["total"] == 0
     served = Models.render(snapshot(1))["models"]
     assert [m["model_id"] for m in served] == ["flux1-dev"] and served[0]["nodes"] == ["n0"]
+
+
+def test_answers_are_compact_utf8_json_and_never_nan() -> None:
+    import falcon
+    from falcon import testing
+
+    from http_front.app import create_app
+    from http_front.auth import MISSING_KEY
+    from http_front.keys import KeyStore
+
+    app = create_app(None, KeyStore.from_env([], None))  # no broker: nothing is opened
+    r = testing.TestClient(app).simulate_get("/health")  # no key: 401 with a Chinese detail
+    assert r.status_code == 401 and r.json == {"detail": MISSING_KEY}
+    assert MISSING_KEY.encode() in r.content and b"\\u" not in r.content and b'{"detail":"' in r.content
+    handler = app.resp_options.media_handlers[falcon.MEDIA_JSON]
+    assert handler.serialize({"x": float("nan"), "y": float("inf")}, falcon.MEDIA_JSON) == b'{"x":null,"y":null}'
