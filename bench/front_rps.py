@@ -9,7 +9,7 @@ front's thread count, answering the same paths with a constant JSON body of simi
 For /health, /models and /task/{id} (a completed task), wrk runs against each server in
 turn, interleaved over several rounds; a round's figure counts 2xx answers only. The bare
 app answers each path with the very bytes the front answered it with (fetched once before
-measuring: the /task body carries the image twice in base64, about 35 KB for the tiny 64x64
+measuring: the /task body carries the image twice in base64, about 26 KB for the tiny 64x64
 one), so the ratio is the front's own cost, not a difference in what is sent. Reports the
 median requests/s of each, the ratio of the medians and the median of the per-round ratios
 (issue 12's target: 70 % of the bare app).
@@ -87,13 +87,13 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-rps-"))
-    models = args.models
-    if models is None:
-        models = work / "models"
-        subprocess.run([sys.executable, "-m", "gpu_node.tiny", str(models)], check=True, cwd=ROOT)
     procs = Processes(work)
     bare = None
     try:
+        models = args.models
+        if models is None:
+            models = work / "models"
+            subprocess.run([sys.executable, "-m", "gpu_node.tiny", str(models)], check=True, cwd=ROOT)
         cluster = Cluster(procs, models, work / "broker", key=KEY, node_env={"OMP_NUM_THREADS": "1"},
                           front_env={"API_KEY_1": f"{KEY}:bench:all", "LOG_LEVEL": "WARNING",
                                      "GENSERVE_RATE_LIMIT": "100000000", "GENSERVE_THREADS": str(args.threads)})
@@ -120,7 +120,7 @@ def main() -> None:
                     refused += bad if name == "front" else 0
     finally:
         if bare is not None:
-            bare.terminate()
+            bare.kill()
             bare.wait(10)
         procs.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -18,7 +18,6 @@ by the thread that serves it.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -28,6 +27,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from genserve import wire as w
 from http_front.broker_client import BrokerClient, BrokerError, BrokerUnavailable
+from http_front.jsonout import dumps
 from http_front.slots import KeyedSlots
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def event_data(kind: str, view: w.TaskView) -> dict[str, Any]:
 def sse(kind: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
     """One event in the text/event-stream format (JSON never contains a raw newline)."""
     head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    return f"{head}event: {kind}\ndata: ".encode() + dumps(data) + b"\n\n"
 
 
 class EventWriter:

@@ -11,6 +11,7 @@ import msgspec
 
 from genserve.catalog import OUTPUT_FORMATS
 from genserve.wire import CANCELLED, COMPLETED, FAILED, TaskView
+from http_front.jsonout import dumps
 from http_front.keys import Principal
 
 # Replaced by the base64 bytes when the body is written; random per process so that
@@ -91,7 +92,7 @@ def send_task(resp: falcon.Response, task: TaskView, png: bytes | None, principa
     JSON encoder from scanning and re-encoding it (base64 never needs JSON escaping).
     """
     body = render_task(task, png, principal, image_url, events_url)
-    text = msgspec.json.encode(body)
+    text = dumps(body)
     resp.content_type = falcon.MEDIA_JSON
     if body.get("image") != IMAGE_PLACEHOLDER:
         resp.data = text

@@ -269,6 +269,7 @@ def test_plain_form_numbers_still_work(front: Front) -> None:
     ('{"name": "x", "permissions": []}', "permissions"),
     ('{"name": "x", "permissions": " , "}', "permissions"),
     ('{"name": "\\ud800", "permissions": "readonly"}', ""),
+    ('{"\\ud800": {}}', ""),  # a bad field name, refused before any error message echoes it
     ('{"name": "a\\u0000b", "permissions": "readonly"}', "name"),
     ('{"name": "a\\nb", "permissions": "readonly"}', "name"),
     ('{"name": "a\\u001b[31mb", "permissions": "readonly"}', "name"),

@@ -56,3 +56,10 @@ def test_answers_are_compact_utf8_json_and_never_nan() -> None:
     assert MISSING_KEY.encode() in r.content and b"\\u" not in r.content and b'{"detail":"' in r.content
     handler = app.resp_options.media_handlers[falcon.MEDIA_JSON]
     assert handler.serialize({"x": float("nan"), "y": float("inf")}, falcon.MEDIA_JSON) == b'{"x":null,"y":null}'
+
+
+def test_a_lone_surrogate_that_reaches_an_answer_goes_out_replaced_not_as_a_500() -> None:
+    from http_front.jsonout import dumps
+
+    out = dumps({"detail": "x\ud800y", "\udfff": ["\ud83d", 1.5, float("nan")]})
+    assert json.loads(out) == {"detail": "x\ufffdy", "\ufffd": ["\ufffd", 1.5, None]}

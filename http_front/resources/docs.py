@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from typing import Any
 
 import falcon
+
+from http_front.jsonout import dumps
 
 _STYLE = """
 body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:70em;padding:1em 2em;color:#222}
@@ -132,7 +133,7 @@ class OpenApiDocument:
 
     def set_document(self, document: dict[str, Any]) -> None:
         """Serve `document` from now on (create_app calls this once every route is added)."""
-        self._body = json.dumps(document, ensure_ascii=False).encode("utf-8")
+        self._body = dumps(document)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """The document as JSON."""

@@ -30,16 +30,23 @@ def form_fields(req: falcon.Request) -> dict[str, str]:
             raise ApiError(400, "malformed request", "the body is nested too deeply") from None
         if not isinstance(media, dict):
             raise ApiError(422, "validation error", "the body must be an object of fields")
+        for name in media:  # before _field_text can echo a name in its error
+            _unicode(str(name))
         fields = {str(k): _field_text(str(k), v) for k, v in media.items()}
     else:
         raise ApiError(415, "unsupported media type", "send form fields (multipart or urlencoded) or JSON")
     for name, value in fields.items():
-        try:
-            (name + value).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(422, "validation error", "fields must be valid Unicode text (lone surrogate)",
-                           field="body") from None
+        _unicode(name + value)
     return fields
+
+
+def _unicode(text: str) -> None:
+    """A 422 for text that is not valid Unicode (a lone surrogate, which JSON escapes can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, "validation error", "fields must be valid Unicode text (lone surrogate)",
+                       field="body") from None
 
 
 def _field_text(name: str, value: Any) -> str:
