@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import falcon
-import msgspec
 
 from genserve import wire as w
 from genserve.catalog import CONTROL_TYPES, DEFAULT_MODE, MODEL_IDS, default_model
 from http_front.auth import SUPER
 from http_front.broker_client import BrokerUnavailable
+from http_front.jsonout import dumps
 from http_front.services import Services, builtins
 
 READ = {"GET": ("readonly",)}
@@ -31,7 +31,7 @@ class PerSnapshot:
         """The body for `info` (thread-safe: a race renders twice, both right)."""
         last = self._last
         if last is None or last[0] is not info:
-            last = self._last = (info, msgspec.json.encode(self.render(info)))
+            last = self._last = (info, dumps(self.render(info)))
         return last[1]
 
 
