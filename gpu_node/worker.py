@@ -85,7 +85,7 @@ class WorkerSide:
             push.close(linger=0)
 
     def _encoded(self: Node, task_id: str, encode: Encode) -> list[bytes]:
-        """The RESULT (or ERROR) frames of a finished pipeline call, encoded on the encoder thread."""
+        """The RESULT (or ERROR) frames of a finished pipeline call (encoder thread; worker when nothing waits)."""
         from gpu_node.errors import JobError
 
         tagged = ids(task_id, self.node_id)

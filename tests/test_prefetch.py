@@ -34,13 +34,19 @@ def recv_command(node: FakeNode, command: bytes, timeout: float = 2.0) -> w.Mess
     return None
 
 
-def busy_with_one_waiting(parts: Any, **kw: Any) -> tuple[BrokerThread, BrokerClient, FakeNode, str, str]:
-    """Node "a" (prefetch 1) runs task one; task two waits on it."""
+def busy_node(parts: Any, **kw: Any) -> tuple[BrokerThread, BrokerClient, Any, FakeNode, str]:
+    """Node "a" (prefetch 1), the only one, runs task one; also returns the node factory."""
     bt, client, node = parts
     a = node("a").ready(prefetch=1)
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
     one = submit(client, spec(**kw))
     assert a.recv_job().header.task_id == one
+    return bt, client, node, a, one
+
+
+def busy_with_one_waiting(parts: Any, **kw: Any) -> tuple[BrokerThread, BrokerClient, FakeNode, str, str]:
+    """Node "a" (prefetch 1) runs task one; task two waits on it."""
+    bt, client, _, a, one = busy_node(parts, **kw)
     two = submit(client, spec(**kw))
     assert a.recv_job().header.task_id == two, "the second job did not wait on the busy node"
     return bt, client, a, one, two
@@ -74,11 +80,7 @@ def test_a_node_without_prefetch_gets_one_job_at_a_time(parts) -> None:
 
 
 def test_an_idle_node_gets_work_before_a_busy_node_takes_a_second_job(parts) -> None:
-    bt, client, node = parts
-    a = node("a").ready(prefetch=1)
-    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-    one = submit(client, spec())
-    assert a.recv_job().header.task_id == one
+    bt, client, node, a, _ = busy_node(parts)
     b = node("b").ready(prefetch=1)
     wait_until(lambda: len(bt.broker.nodes) == 2, 5)
     two = submit(client, spec())
@@ -309,11 +311,7 @@ def test_a_job_placed_behind_a_more_urgent_waiting_one_elsewhere_is_recalled(pat
 
 
 def test_a_waiting_job_that_cannot_be_delivered_keeps_its_attempt_count(parts) -> None:
-    bt, client, node = parts
-    a = node("a").ready(prefetch=1)
-    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
-    one = submit(client, spec())
-    assert a.recv_job().header.task_id == one
+    bt, client, _, a, one = busy_node(parts)
     a.close()
     time.sleep(0.2)  # the broker's socket sees the peer go; the JOB below cannot be routed
     two = submit(client, spec())
