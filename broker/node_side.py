@@ -48,18 +48,24 @@ class NodeSide:
         h: w.Ready = msg.header
         busy = h.busy_task
         old = self.nodes.get(identity) or self._same_process(identity, h)
-        kept = self._kept(old, identity, h) if old is not None else []
+        kept, riders = self._kept(old, identity, h) if old is not None else ([], [])
         if old is not None and old.identity != identity:
             self.nodes.remove(old.identity)
         node = self.nodes.register(identity, h, self.clock())
         self._release_held(node, h)
-        task = None if kept else self.table.claim(busy) if busy else None
+        task = None if kept or riders else self.table.claim(busy) if busy else None
+        node.riders = {one.task_id for one in riders}
+        for one in riders:
+            one.node = identity
+            self.table.update(one)
         if kept:
             node.state, node.task_id = BUSY, kept[0].task_id
             node.next_id = kept[1].task_id if len(kept) > 1 else None
             for one in kept:
                 one.node = identity
                 self.table.update(one)
+        elif riders:
+            node.state, node.task_id = BUSY, None  # its call's lead is gone: busy until it reports idle
             started = next((one for one in kept if one.task_id == busy and one.prefetched), None)
             if started is not None:
                 self._node_began(started, node)  # it took the waiting job while it was away
@@ -74,24 +80,31 @@ class NodeSide:
         log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
         self._dispatch()
 
-    def _kept(self: Broker, old: Node, identity: bytes, h: w.Ready) -> list[Task]:
-        """Of what the node's previous entry ran or held, the tasks it keeps; the others go back in line.
+    def _kept(self: Broker, old: Node, identity: bytes, h: w.Ready) -> tuple[list[Task], list[Task]]:
+        """Of what the node's previous entry ran or held, the tasks it keeps (running and waiting JOBs,
+        then riders); the others go back in line.
 
         It keeps a task it runs or will report on; on the same connection also one whose JOB is
         still on the way (sent after this READY left, and that connection keeps order).
         """
         claims = {h.busy_task, *(h.reports or ())}
         kept: list[Task] = []
-        for task_id, waiting in ((old.task_id, False), (old.next_id, True)):
+        riders: list[Task] = []
+        held = [(old.task_id, False, kept), (old.next_id, True, kept)]
+        for rider in sorted(old.riders):
+            task = self.tasks.get(rider)
+            held.append((rider, task is not None and task.prefetched, riders))
+        for task_id, waiting, into in held:
             task = self.tasks.get(task_id or "")
             if task is None or task.final:
                 continue
             if task_id in claims or (old.identity == identity and (waiting or h.busy_task is None)):
-                kept.append(task)
+                into.append(task)
             else:
                 self._requeue(task, "node re-registered", refund=task.prefetched)  # a waiting job never started
         old.task_id = old.next_id = None
-        return kept
+        old.riders = set()
+        return kept, riders
 
     def _release_held(self: Broker, node: Node, h: w.Ready) -> None:
         """Tasks held since a restart for this node go back in line if it neither runs nor reports them."""
@@ -183,7 +196,9 @@ class NodeSide:
                      extra=ids(h.task_id, node.node_id))
             self._to_node(node, w.ResultAck(h.task_id, h.run))
             return
-        if h.code == e.NODE_BUSY and h.task_id == node.task_id:
+        if h.task_id in node.riders:
+            task = self._release(node, h.task_id, h.loaded)  # the node's place follows its lead, not a rider
+        elif h.code == e.NODE_BUSY and h.task_id == node.task_id:
             # A job to run now was refused: busy with work we do not know of, idle when it says so.
             # A job sent to wait behind it keeps its place (it has not started, and may still run there).
             node.task_id = None
@@ -227,23 +242,26 @@ class NodeSide:
         node = self.nodes.remove(identity)
         if node is not None:
             log.info("node %s disconnected", node.node_id)
-            if node.task_id or node.next_id:
+            if node.task_id or node.next_id or node.riders:
                 self._requeue_node_task(node, "node disconnected")
 
     def _release(self: Broker, node: Node, task_id: str, loaded: list[str] | None = None) -> Task | None:
         """Free the node's slot for this task; return the task only if this node legitimately owns it."""
         if loaded is not None:
             node.loaded = list(loaded)
-        if node.next_id == task_id:
+        if task_id in node.riders:
+            node.riders.discard(task_id)  # its call's lead holds the node's place
+        elif node.next_id == task_id:
             node.next_id = None  # a waiting job came back (recalled, refused or cancelled)
             node.recalling = None
         elif node.task_id == task_id or (node.state == BUSY and node.task_id is None):
             node.free_running()  # also ends a cancelled task's unwinding; a waiting job runs now
             node.prefetch_refused = False
             promoted = self.tasks.get(node.task_id or "")
-            if promoted is not None and promoted.prefetched:
+            if promoted is not None:
                 # The node's worker takes its waiting job as soon as a pipeline call ends, before
                 # that job's report goes out: it has started (its step-0 PROGRESS may come later).
+                # (Its riders too, even if it was itself cancelled while it waited.)
                 self._node_began(promoted, node)
         return self._owned(node, task_id)
 

@@ -29,6 +29,9 @@ class Node:
     task_id: str | None = None  # the job it runs (or will report on); None while BUSY: unwinding a cancel
     next_id: str | None = None  # a job waiting on the node behind task_id (prefetch)
     prefetch: int = 0  # jobs it takes beyond the running one (0 or 1 here)
+    batch: int = 1  # most tasks it runs in one pipeline call
+    batch_pixels: int = 0  # only images up to this many pixels batch on it; 0: any
+    riders: set[str] = field(default_factory=set)  # tasks riding in its running or waiting JOB
     recalling: str | None = None  # next_id, once a RECALL for it has gone out
     prefetch_refused: bool = False  # it answered a prefetched JOB with NODE_BUSY: none until its next report
     draining: bool = False
@@ -96,7 +99,7 @@ class NodeRegistry:
             models={m: list(modes) for m, modes in info.models.items()},
             memory_total=info.memory_total, memory_free=info.memory_free, loaded=list(info.loaded),
             loras=list(info.loras), host=info.host, pid=info.pid, last_seen=now, last_sent=now,
-            prefetch=min(info.prefetch, 1),
+            prefetch=min(info.prefetch, 1), batch=info.batch, batch_pixels=info.batch_pixels,
         )
         old = self._nodes.get(identity)
         if old is not None:

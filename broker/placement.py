@@ -25,6 +25,7 @@ from broker.queue import Entry
 from broker.tasks import Task
 from genserve import wire as w
 from genserve.logs import ids, key_ref
+from genserve.spec import batch_key
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -47,15 +48,35 @@ class Placement:
         if waiting and idle:
             idle = self._reclaim(idle, waiting, now)
         for node, entry in plan(self.queue, idle, now, load_cost=cost):
-            self._start(self._placed(entry), node)
+            self._start(self._placed(entry), node, riders=self._riders(node, entry))
         placed = False
         if len(self.queue):
             roomy = [node for node in self.nodes.prefetchable() if self._may_wait_on(node, waiting, now)]
             for node, entry in plan(self.queue, roomy, now, load_cost=cost):
-                self._start(self._placed(entry), node, prefetch=True)
+                self._start(self._placed(entry), node, prefetch=True, riders=self._riders(node, entry))
                 placed = True
         if waiting or placed:  # only an unstarted waiting job can be overtaken
             self._recall_overtaken(now)
+
+    def _riders(self: Broker, node: Node, lead: Entry) -> list[Task]:
+        """Queued tasks that share the lead's pipeline call on a node that batches (taken out of the queue):
+        the same batch key (genserve.spec.batch_key) and priority, next in the queue's order."""
+        task = self.tasks[lead.task_id]
+        if node.batch <= 1 or 0 < node.batch_pixels < task.params.width * task.params.height:
+            return []
+        key = batch_key(task.model, task.mode, task.params, bool(task.image_names))
+        if key is None:
+            return []
+        riders = []
+        for entry in self.queue.companions(lead, limit=64):
+            other = self.tasks[entry.task_id]
+            if other.mode in node.models.get(other.model, ()) and \
+                    batch_key(other.model, other.mode, other.params, bool(other.image_names)) == key:
+                self.queue.take(entry.task_id)
+                riders.append(self._placed(entry))
+                if len(riders) + 1 >= node.batch:
+                    break
+        return riders
 
     def _placed(self: Broker, entry: Entry) -> Task:
         task = self.tasks[entry.task_id]
@@ -117,35 +138,46 @@ class Placement:
         node.recalling = task.task_id
         self._to_node(node, w.Recall(task.task_id))
 
-    def _start(self: Broker, task: Task, node: Node, resumed: bool = False, prefetch: bool = False) -> None:
+    def _start(self: Broker, task: Task, node: Node, resumed: bool = False, prefetch: bool = False,
+               riders: list[Task] | tuple = ()) -> None:
         """Run `task` on `node`; `resumed`: the node already runs it (no JOB, same attempt); `prefetch`:
-        it waits on the node behind the running job until the node says it started."""
-        task.state, task.node, task.node_id = w.RUNNING, node.identity, node.node_id
-        task.prefetched = prefetch
-        task.started = None if prefetch else self.clock()
-        task.attempts += 0 if resumed else 1
-        # A resumed task keeps the run of the node's own JOB, which this broker may not know: any report of
-        # that node on it is taken (the node identity still guards it).
-        task.run = "" if resumed else uuid.uuid4().hex[:16]
-        task.step, task.total = 0, task.params.num_inference_steps
+        it waits on the node behind the running job until the node says it started; `riders`: taken from
+        the queue to share its pipeline call (each reports on its own)."""
+        for one in (task, *riders):
+            one.state, one.node, one.node_id = w.RUNNING, node.identity, node.node_id
+            one.prefetched = prefetch
+            one.started = None if prefetch else self.clock()
+            one.attempts += 0 if resumed else 1
+            # A resumed task keeps the run of the node's own JOB, which this broker may not know: any report of
+            # that node on it is taken (the node identity still guards it).
+            one.run = "" if resumed else uuid.uuid4().hex[:16]
+            one.step, one.total = 0, one.params.num_inference_steps
+            one.riders = []
+        task.riders = [one.task_id for one in riders]
+        node.riders.update(task.riders)
         if prefetch:
             node.next_id = task.task_id
         else:
             node.state, node.task_id = BUSY, task.task_id
-        log.info("task %s %s on node %s (attempt %d)", task.task_id,
+        log.info("task %s %s on node %s (attempt %d)%s", task.task_id,
                  "resumed" if resumed else "sent to wait" if prefetch else "started", node.node_id, task.attempts,
+                 f" with riders {', '.join(task.riders)}" if riders else "",
                  extra=ids(task.task_id, node.node_id, key_ref(task.owner)))
-        self.table.update(task)
+        for one in (task, *riders):
+            self.table.update(one)
         if resumed:
             self._publish(task, "running")
         else:
-            self._to_node(node, task.job(), task.inputs, partial(self._job_undelivered, task, node),
+            job = task.job()
+            job.riders = [one.rider() for one in riders]
+            self._to_node(node, job, task.inputs, partial(self._job_undelivered, task, node),
                           partial(self._job_sent, task, node))
 
     def _job_sent(self: Broker, task: Task, node: Node) -> None:
-        """The JOB left (after its commit): a task that runs at once has now started for the world."""
-        if task.state == w.RUNNING and task.node == node.identity and not task.prefetched:
-            self._began(task)
+        """The JOB left (after its commit): the tasks that run at once have now started for the world."""
+        for one in (task, *(self.tasks.get(r) for r in task.riders)):
+            if one is not None and one.state == w.RUNNING and one.node == node.identity and not one.prefetched:
+                self._began(one)
 
     def _began(self: Broker, task: Task) -> None:
         self._publish(task, "running")
@@ -153,10 +185,12 @@ class Placement:
         self.metrics.started(task)
 
     def _node_began(self: Broker, task: Task, node: Node) -> None:
-        """The node started a job that waited behind its previous one."""
-        task.prefetched, task.started = False, self.clock()
-        self.table.update(task)
-        self._began(task)
+        """The node started a job that waited behind its previous one (its riders with it)."""
+        for one in (task, *(self.tasks.get(r) for r in task.riders)):
+            if one is not None and one.prefetched and one.state == w.RUNNING and one.node == node.identity:
+                one.prefetched, one.started = False, self.clock()
+                self.table.update(one)
+                self._began(one)
         if node.recalling == task.task_id:
             node.recalling = None  # too late: it runs here, and an idle node waiting for it takes other work
             self._dispatch()

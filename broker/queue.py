@@ -237,6 +237,23 @@ class TaskQueue:
             warm = [h for h in warm if h.tag - best.tag <= self.affinity_slack]
         return min(warm) if warm else best
 
+    def companions(self, lead: Entry, limit: int, scan: int = 256) -> list[Entry]:
+        """Up to `limit` queued tasks of the lead's model and priority, in queue order, that may share its
+        pipeline call: only among the first `scan` of the model's heap and, with an affinity slack, at most
+        that much later in virtual time than the first task queued at that priority, so that a rider passes
+        other keys' tasks no further than model affinity lets a warm task pass a cold one."""
+        order = self._order.get(lead.priority)
+        if not order:
+            return []
+        bound = order[0][0] + self.affinity_slack if self.affinity_slack is not None else math.inf
+        out = []
+        for entry in heapq.nsmallest(scan, self._heaps.get(lead.model, [])):
+            if len(out) >= limit or entry.priority > lead.priority or entry.tag > bound:
+                break
+            if self._live.get(entry.task_id) is entry and entry.priority == lead.priority:
+                out.append(entry)
+        return out
+
     def position(self, task_id: str) -> int | None:
         """0-based number of queued tasks ahead of `task_id` in global priority order."""
         own = self._live.get(task_id)

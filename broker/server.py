@@ -221,17 +221,18 @@ class Broker(FrontSide, NodeSide, Placement):
                     extra=ids(task.task_id, node.node_id))
         if task.state == w.RUNNING and task.node == node.identity:
             self.nodes.remove(node.identity)
-            self._requeue_node_task(node, "node unreachable", undelivered=task.task_id)
+            self._requeue_node_task(node, "node unreachable", undelivered={task.task_id, *task.riders})
 
-    def _requeue_node_task(self, node: Node, why: str, undelivered: str | None = None) -> None:
-        """Put back the tasks a lost or re-registering node was running or holding."""
-        running, waiting = node.task_id, node.next_id
+    def _requeue_node_task(self, node: Node, why: str, undelivered: set[str] | frozenset = frozenset()) -> None:
+        """Put back the tasks a lost or re-registering node was running, holding or carrying as riders."""
+        held = [node.task_id, node.next_id, *sorted(node.riders)]
         node.task_id = node.next_id = None
-        for task_id in (running, waiting):
+        node.riders = set()
+        for task_id in held:
             task = self.tasks.get(task_id or "")
             if task is not None and not task.final:
                 # A job that never reached the node, or waited there unstarted, spends no attempt.
-                self._requeue(task, why, refund=task.prefetched or task_id == undelivered)
+                self._requeue(task, why, refund=task.prefetched or task_id in undelivered)
 
     def _requeue(self, task: Task, why: str, refund: bool = False) -> None:
         """Back to the queue at its original priority and place, or failed after max_retries.
@@ -255,12 +256,17 @@ class Broker(FrontSide, NodeSide, Placement):
         self.table.withdraw(task.task_id)
         if task.state == w.RUNNING and task.node is not None:
             node = self.nodes.get(task.node)
-            if node is not None and task.task_id in (node.task_id, node.next_id):
+            if node is not None and task.task_id in node.riders:
+                # It stops alone (its call runs on for the others); its report comes when the call ends.
+                self._to_node(node, w.Cancel(task.task_id, reason))
+                node.riders.discard(task.task_id)
+            elif node is not None and task.task_id in (node.task_id, node.next_id):
                 self._to_node(node, w.Cancel(task.task_id, reason))
                 if node.task_id == task.task_id:
                     node.task_id = None  # the node keeps BUSY until it reports, so nothing overlaps
-                else:
+                elif not node.riders.intersection(task.riders):
                     node.next_id = None  # a waiting job is dropped at once (or stops if it just started)
+                # else its riders may have started in its call: its place stays taken until the node reports
         task.prefetched = False
 
     def _fail(self, task: Task, state: str, code: str, message: str) -> None:
@@ -323,7 +329,7 @@ class Broker(FrontSide, NodeSide, Placement):
         for node in self.nodes.expired(now, self.config.node_timeout):
             log.warning("node %s expired after %.1fs of silence", node.node_id, now - node.last_seen)
             self.nodes.remove(node.identity)
-            if node.task_id or node.next_id:
+            if node.task_id or node.next_id or node.riders:
                 self._requeue_node_task(node, "node expired")
         for node in self.nodes:
             if now - node.last_sent >= self.config.heartbeat_interval:

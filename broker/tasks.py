@@ -12,7 +12,7 @@ from broker.queue import TaskQueue
 from genserve.errors import EXPIRED
 from genserve.logs import ids
 from genserve.spec import GenerationParams, WebhookSpec, lora_set_key
-from genserve.wire import FINAL_STATES, QUEUED, RUNNING, Job, Progress, ResultMeta, TaskView
+from genserve.wire import FINAL_STATES, QUEUED, RUNNING, Job, Progress, ResultMeta, Rider, TaskView
 
 if TYPE_CHECKING:
     from broker.journal import Journal
@@ -58,6 +58,7 @@ class Task:
     # that node (a restart holds it for the node), shown as queued (first in line).
     prefetched: bool = False
     run: str = ""  # names its current assignment to a node (not journaled: "" after a restart)
+    riders: list[str] = field(default_factory=list)  # tasks sent in this task's JOB, to share its call
     watchers: set[bytes] = field(default_factory=set)
 
     @property
@@ -77,6 +78,10 @@ class Task:
     def job(self) -> Job:
         """The JOB a node receives for this task."""
         return Job(self.task_id, self.model, self.mode, self.params, self.image_names, self.attempts, self.run)
+
+    def rider(self) -> Rider:
+        """This task as it rides in another task's JOB."""
+        return Rider(self.task_id, self.params, self.attempts, self.run)
 
     def view(self, position: int | None = None) -> TaskView:
         """The task as STATUS, FETCH, CANCEL_TASK and DONE report it."""

@@ -57,3 +57,16 @@ class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     priority: int
     params: GenerationParams
     webhook: WebhookSpec | None = None
+
+
+def batch_key(model_id: str, mode: str, params: GenerationParams, has_images: bool) -> str | None:
+    """Jobs with equal keys may share one pipeline call (only prompt, seed and output encoding differ).
+
+    None: the job always runs alone (only text2img without input images batches). Broker and node
+    compare the same key, so the broker never groups what the node would refuse.
+    """
+    if mode != "text2img" or has_images:
+        return None
+    p = params
+    return msgspec.json.encode([model_id, p.width, p.height, p.num_inference_steps, p.cfg, p.speed,
+                                lora_set_key(p.loras)]).decode()

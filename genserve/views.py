@@ -40,6 +40,7 @@ class ResultMeta(msgspec.Struct, omit_defaults=True):
     speed: str | None = None  # what ran: "fast" (step cache on) or "quality"
     lora_load: str | None = None  # "hotswap" (packed into resident slots) or "reload"
     lora_seconds: float | None = None  # time spent putting the LoRAs on the model
+    batch: int | None = None  # images made in the same pipeline call, when more than one
 
 
 class TaskView(msgspec.Struct, omit_defaults=True):

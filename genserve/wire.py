@@ -26,6 +26,7 @@ from genserve.views import (  # noqa: F401  (re-exported: the views are part of 
     TaskView,
 )
 
+MAX_BATCH = 16  # most tasks a node may run in one pipeline call
 VERSION = b"GS2"  # GS1 carried free-form msgpack maps
 
 # Node -> broker
@@ -282,6 +283,9 @@ class Ready(_Header):
     # Jobs it takes beyond the running one (a credit of 1 + prefetch): the next job waits on the node
     # while the previous image is encoded and sent. 0: one job at a time, as older nodes.
     prefetch: Annotated[int, msgspec.Meta(ge=0, le=8)] = 0
+    # Most tasks it runs in one pipeline call (genserve.spec.batch_key); 1: each job alone.
+    batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH)] = 1
+    batch_pixels: Annotated[int, msgspec.Meta(ge=0)] = 0  # only images up to this many pixels batch; 0: any
 
 
 class Heartbeat(_Header):
@@ -332,8 +336,18 @@ class Disconnect(_Header):
     reason: str = ""
 
 
+class Rider(msgspec.Struct, omit_defaults=True):
+    """A task that runs in its lead JOB's pipeline call: the lead's model, mode and batch key, its own
+    prompt, seed and output encoding. It reports like any task (its own RESULT or ERROR, stamped `run`)."""
+
+    task_id: str
+    params: GenerationParams
+    attempt: int = 1
+    run: str = ""
+
+
 class Job(_Header):
-    """Run one task; `images` names the blob frames in order."""
+    """Run one task, with any `riders` in the same pipeline call; `images` names the blob frames in order."""
 
     task_id: str
     model_id: str
@@ -344,6 +358,7 @@ class Job(_Header):
     # Names this assignment of the task; the node stamps it on every report, so that a report kept
     # from an earlier assignment (a re-sent RECALLED, say) is never taken for one about this one.
     run: str = ""
+    riders: list[Rider] = []
 
 
 class Cancel(_Header):

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 from genserve import logs
+from genserve.wire import MAX_BATCH
 from gpu_node.catalog import resolve_model_paths, servable_modes
 from gpu_node.config import CACHES, QUANTIZE, NodeConfig, SpeedError, SpeedOptions
 
@@ -62,6 +63,13 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     ap.add_argument("--prefetch", type=int, choices=(0, 1), default=int(env.get("GENSERVE_PREFETCH", d.prefetch)),
                     help="1: take the next job while one runs, so it starts while the last image is encoded;"
                          " 0: one job at a time (env GENSERVE_PREFETCH)")
+    ap.add_argument("--batch", type=int, default=int(env.get("GENSERVE_BATCH", d.batch)),
+                    help="most text2img tasks with equal model, size, steps, cfg, speed and LoRAs run in one"
+                         " pipeline call; 1: each alone (env GENSERVE_BATCH)")
+    ap.add_argument("--batch-max-pixels", type=int,
+                    default=int(env.get("GENSERVE_BATCH_MAX_PIXELS", d.batch_pixels)),
+                    help="only images of at most this many pixels run batched; 0: any size"
+                         " (env GENSERVE_BATCH_MAX_PIXELS)")
     ap.add_argument("--png-level", type=int, default=int(env.get("GENSERVE_PNG_LEVEL", d.png_compress_level)),
                     help="zlib level for result PNGs, 0-9 (env GENSERVE_PNG_LEVEL)")
     ap.add_argument("--max-sequence-length", type=int,
@@ -93,6 +101,10 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     if a.log_format not in logs.FORMATS:  # argparse checks choices on the command line only
         ap.error(f"GENSERVE_LOG_FORMAT must be one of {list(logs.FORMATS)}")
     logs.setup(a.log_level, a.log_format, "node")
+    if not 1 <= a.batch <= MAX_BATCH:
+        ap.error(f"--batch must be in 1..{MAX_BATCH}")
+    if a.batch_max_pixels < 0:
+        ap.error("--batch-max-pixels must be >= 0")
     try:
         speed = SpeedOptions(compile=a.compile, compile_backend=a.compile_backend, quantize=a.quantize,
                              cache=a.cache, cache_threshold=a.cache_threshold, lora_rank=a.lora_slots_rank,
@@ -108,6 +120,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         broker=a.broker, device=device, model_paths=paths,
         lora_dir=Path(a.lora_dir) if a.lora_dir else None, node_id=a.node_id,
         heartbeat_interval=a.heartbeat, liveness=a.liveness, shutdown_grace=a.shutdown_grace, prefetch=a.prefetch,
+        batch=a.batch, batch_pixels=a.batch_max_pixels,
         preload=tuple(m.strip() for m in a.preload.split(",") if m.strip()),
         memory_budget=int(a.memory_budget_gb * (1 << 30)), png_compress_level=a.png_level,
         lora_cache_bytes=int(a.lora_cache_gb * (1 << 30)),
@@ -164,7 +177,7 @@ def build(config: NodeConfig):
     if config.speed.compile and config.speed.warmup:
         seconds = generator.warm([m for m in config.preload if m in cache.loaded], config.speed.warmup)
         log.info("warm-up at %s took %.1f s", config.speed.warmup, seconds)
-    return Node(config, generator.render, capabilities), generator
+    return Node(config, generator.render, capabilities, batch_runner=generator.render_batch), generator
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from genserve.catalog import CONTROL_TYPES, MODEL_MODES, REQUIRED_IMAGES
-from genserve.spec import GenerationParams
+from genserve.spec import GenerationParams, batch_key
 from genserve.wire import ResultMeta
 from gpu_node.errors import Cancelled, JobError
 from gpu_node.loras import LoraLibrary, LoraUse
@@ -98,13 +98,9 @@ class Generator:
         return self.render_batch([job], on_step, should_stop)[0]
 
     @staticmethod
-    def batch_key(job: Job) -> tuple | None:
-        """Jobs with equal keys may share one pipeline call (only prompts and seeds differ); None: never."""
-        p = job.params
-        if job.mode != "text2img" or job.images:
-            return None
-        return (job.model_id, p.width, p.height, p.num_inference_steps, p.cfg, p.speed,
-                tuple((lora.name, lora.weight) for lora in p.loras))
+    def batch_key(job: Job) -> str | None:
+        """Jobs with equal keys may share one pipeline call (genserve.spec.batch_key); None: never."""
+        return batch_key(job.model_id, job.mode, job.params, bool(job.images))
 
     def run_batch(self, jobs: list[Job], on_step: Callable[[int, int], None],
                   should_stop: Callable[[], bool]) -> list[tuple[bytes, ResultMeta]]:
@@ -145,11 +141,11 @@ class Generator:
                         transformer._reset_stateful_cache()
         finally:
             self.lora_sets = self.cache.lora_sets()  # loads, evictions and LoRA changes of this job
-        return [partial(self._encode, job, a, image, kwargs, fast, lora, started)
+        return [partial(self._encode, job, a, image, kwargs, fast, lora, started, len(jobs))
                 for job, a, image in zip(jobs, every, images)]
 
     def _encode(self, job: Job, args: dict[str, Any], image: Image.Image, kwargs: dict[str, Any], fast: bool,
-                lora: LoraUse, started: float) -> tuple[bytes, ResultMeta]:
+                lora: LoraUse, started: float, batch: int = 1) -> tuple[bytes, ResultMeta]:
         p = job.params
         data = encode_image(image, p.output_format, p.output_quality, self.png_level)
         loaded = lora.path != "none"
@@ -157,7 +153,7 @@ class Generator:
                           height=image.height, seed=args["seed"], steps=args["steps"], device=self.cache.device,
                           cfg=kwargs.get("guidance_scale"), format=p.output_format,
                           speed="fast" if fast else "quality", lora_load=lora.path if loaded else None,
-                          lora_seconds=round(lora.seconds, 4) if loaded else None)
+                          lora_seconds=round(lora.seconds, 4) if loaded else None, batch=batch if batch > 1 else None)
         return data, meta
 
     def warm(self, model_ids: list[str], sizes: tuple[tuple[int, int], ...]) -> float:

@@ -12,6 +12,7 @@ socket owned by one thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -61,13 +62,18 @@ class Node(WorkerSide):
     """Socket side of a node; `runner(job, on_step, should_stop)` runs the pipeline and returns
     a callable that encodes its image (run on the encoder thread).
 
-    `capabilities(full)` describes the node; `full` also rescans the LoRA folder.
+    `capabilities(full)` describes the node; `full` also rescans the LoRA folder. With
+    `batch_runner(jobs, on_step, should_stop)` (one encoder per job) and `config.batch` > 1 the
+    node offers to run a JOB's riders in the same pipeline call.
     """
 
     def __init__(self, config: NodeConfig, runner: Callable[..., Encode],
-                 capabilities: Callable[[bool], Capabilities], context: zmq.Context | None = None) -> None:
+                 capabilities: Callable[[bool], Capabilities], context: zmq.Context | None = None,
+                 batch_runner: Callable[..., list[Encode]] | None = None) -> None:
         self.config = config
         self.runner = runner
+        self.batch_runner = batch_runner
+        self.batch = config.batch if batch_runner is not None else 1
         self.capabilities = capabilities
         self.context = context or zmq.Context.instance()
         self.node_id = config.node_id or f"{socket.gethostname()}-{config.device}-{os.getpid()}"
@@ -78,6 +84,9 @@ class Node(WorkerSide):
         # every registration, so work finished while the broker was away is never redone.
         self._unacked: OrderedDict[str, list[bytes]] = OrderedDict()
         self._runs: dict[str, str] = {}  # task id -> the run of the JOB that assigned it (socket thread only)
+        # Riders of the JOBs held here (socket thread only): lead -> its riders, rider -> its lead.
+        self._groups: dict[str, tuple[str, ...]] = {}
+        self._rider_of: dict[str, str] = {}
         self.slot = JobSlot(config.prefetch)
         self._encodes: queue.Queue[tuple[str, Encode] | None] = queue.Queue()
         self.busy_seconds = 0.0  # inside the runner, written by the worker thread only
@@ -120,12 +129,15 @@ class Node(WorkerSide):
         reports = [*self._unacked, *held.finishing]
         if running is not None and keeps is None:
             reports.append(running)  # abandoned: its RESULT or ERROR comes when the worker stops
+        if running is not None:
+            # Its riders report one by one, whether the call ends or stops.
+            reports.extend(r for r in self._groups.get(running, ()) if r not in reports)
         caps = self.capabilities(True)
         self._send(w.Ready(node_id=self.node_id, device=self.config.device, host=socket.gethostname(),
                            pid=os.getpid(), models=caps.models, memory_total=caps.memory_total,
                            memory_free=caps.memory_free, loaded=caps.loaded, loras=caps.loras or [],
                            busy_task=keeps, busy=running is not None, reports=reports,
-                           prefetch=self.slot.prefetch))
+                           prefetch=self.slot.prefetch, batch=self.batch, batch_pixels=self.config.batch_pixels))
         for task_id, frames in self._unacked.items():
             log.info("re-sending the unacknowledged report of task %s", task_id, extra=ids(task_id, self.node_id))
             self._send_frames(frames)
@@ -133,9 +145,22 @@ class Node(WorkerSide):
     def _give_back(self, why: str) -> Holding:
         """Give back every waiting job (a RECALLED report each, kept until acknowledged); what runs and finishes."""
         held = self.slot.give_back()
-        for task_id in held.recalled:
+        recalled = tuple(task_id for lead in held.recalled for task_id in self._ungroup(lead))
+        for task_id in recalled:
             self._keep(task_id, w.encode(self._stamped(w.Error(task_id, e.RECALLED, why))))
-        return held
+        return dataclasses.replace(held, recalled=recalled)
+
+    def _members(self, lead: str) -> tuple[str, ...]:
+        """The tasks of one JOB: the lead and its riders."""
+        return (lead, *self._groups.get(lead, ()))
+
+    def _ungroup(self, lead: str) -> tuple[str, ...]:
+        """Forget a JOB's grouping (it was given back or ended); returns its tasks, riders first: reported in
+        this order, the lead's report, which frees the node's place at the broker, comes last."""
+        riders = self._groups.pop(lead, ())
+        for rider in riders:
+            self._rider_of.pop(rider, None)
+        return (*riders, lead)
 
     def _send(self, header: Any, blobs: list[bytes] | tuple = ()) -> None:
         self._send_frames(w.encode(header, blobs))
@@ -179,7 +204,7 @@ class Node(WorkerSide):
                     # The broker has expired us by now and may give the task to another node:
                     # stop at the next step so that it never runs twice at once.
                     log.warning("abandoning task %s", running, extra=ids(running, self.node_id))
-                    self._abandoned.add(running)
+                    self._abandoned.update(self._members(running))
                 poller.unregister(self.dealer)
                 if self._stop.wait(backoff):
                     poller.register(self.dealer, zmq.POLLIN)
@@ -221,7 +246,8 @@ class Node(WorkerSide):
             elif msg.command == w.CANCEL:
                 self._on_cancel(msg.header)
             elif msg.command == w.RECALL and self.slot.recall(msg.header.task_id):
-                self._report(self._stamped(w.Error(msg.header.task_id, e.RECALLED, "recalled before it started")))
+                for task_id in self._ungroup(msg.header.task_id):
+                    self._report(self._stamped(w.Error(task_id, e.RECALLED, "recalled before it started")))
             elif msg.command == w.DISCONNECT:
                 # After a broker restart every message we sent meanwhile earns one of these:
                 # register once, not once per message.
@@ -234,8 +260,15 @@ class Node(WorkerSide):
         # Marked first, so that the worker stops at most one step later, or before the first step
         # if it takes the job from the slot meanwhile.
         self._cancelled.add(h.task_id)
-        if self.slot.recall(h.task_id):
+        lead = self._rider_of.get(h.task_id)
+        if lead is not None and (lead == self.slot.running or lead in self.slot.waiting()):
+            # A rider stops with its call only if every task of that call has stopped; otherwise the call
+            # runs on and the rider reports CANCELLED (a waiting one is dropped before the call starts).
+            log.info("cancel %s (%s), a rider of %s", h.task_id, h.reason, lead, extra=ids(h.task_id, self.node_id))
+        elif self.slot.recall(h.task_id):
             self._cancelled.discard(h.task_id)
+            for rider in self._ungroup(h.task_id)[:-1]:  # they never started: back in line, no attempt spent
+                self._report(self._stamped(w.Error(rider, e.RECALLED, "its lead was cancelled before it started")))
             self._report(self._stamped(w.Error(h.task_id, e.CANCELLED, "cancelled before it started")))
         elif h.task_id == self.slot.running:  # not waiting, so no later take can start it: this is final
             self._cancel_step = self._step
@@ -245,23 +278,37 @@ class Node(WorkerSide):
 
     def _on_job(self, msg: w.Message) -> None:
         h: w.Job = msg.header
+        runs = {h.task_id: h.run, **{r.task_id: r.run for r in h.riders}}
         kept = self._unacked.get(h.task_id)
-        if kept is not None and kept[1] == w.RESULT:
+        if len(h.riders) >= self.batch:  # more than it offered: it cannot tell what it would run
+            for task_id, run in runs.items():
+                self._send(w.Error(task_id, e.NODE_BUSY, f"this node runs at most {self.batch} per call", run=run))
+        elif kept is not None and kept[1] == w.RESULT:
             # Already made, its report not acknowledged: the image, for this assignment, and no second run.
             report = w.decode(kept)
             self._report(msgspec.structs.replace(report.header, run=h.run), report.blobs)
+            for rider in h.riders:  # they never started here: back in line
+                self._send(w.Error(rider.task_id, e.NODE_BUSY, "its lead was already done", run=rider.run))
         elif self.slot.holds(h.task_id):
-            self._runs[h.task_id] = h.run  # held already (a JOB sent again): it reports as this assignment
-            self._abandoned.discard(h.task_id)  # the broker wants it here after all
-        elif self._stop.is_set():
-            self._send(w.Error(h.task_id, e.NODE_BUSY, "node is stopping", run=h.run))
+            # Held already (a JOB sent again): its tasks report as this assignment.
+            self._runs.update((t, r) for t, r in runs.items() if t in self._members(h.task_id))
+            self._abandoned.difference_update(self._members(h.task_id))  # the broker wants it here after all
+        elif self._stop.is_set() or any(self.slot.holds(r.task_id) or r.task_id in self._rider_of for r in h.riders):
+            why = "node is stopping" if self._stop.is_set() else "a rider is already held here"
+            for task_id, run in runs.items():
+                self._send(w.Error(task_id, e.NODE_BUSY, why, run=run))
         # A job offered while the node holds another may be one the broker sent to wait behind it:
         # the worker then says when it starts (step-0 PROGRESS).
         elif not self.slot.offer(h.task_id, (msg, self.slot.busy)):
-            self._send(w.Error(h.task_id, e.NODE_BUSY, "node is busy", run=h.run))
+            for task_id, run in runs.items():
+                self._send(w.Error(task_id, e.NODE_BUSY, "node is busy", run=run))
         else:
-            self._unacked.pop(h.task_id, None)  # a kept ERROR of an earlier assignment: this one supersedes it
-            self._runs[h.task_id] = h.run
+            for task_id, run in runs.items():
+                self._unacked.pop(task_id, None)  # a kept ERROR of an earlier assignment: this one supersedes it
+                self._runs[task_id] = run
+            if h.riders:
+                self._groups[h.task_id] = tuple(r.task_id for r in h.riders)
+                self._rider_of.update((r.task_id, h.task_id) for r in h.riders)
 
     def _acknowledged(self, ack: w.ResultAck) -> None:
         """Forget a kept report the broker has stored; an ack of an earlier assignment's report keeps a later one."""
@@ -292,6 +339,9 @@ class Node(WorkerSide):
                 task_id = msg.header.task_id
                 self._cancelled.discard(task_id)
                 self._abandoned.discard(task_id)
+                # Every report of a call comes after it ended, when its riders count as finishing.
+                self._ungroup(task_id)
+                self._rider_of.pop(task_id, None)
                 # The job may have loaded a model or LoRAs: tell the broker now, not at the next heartbeat.
                 live = self.capabilities(False)
                 sets = {"lora_sets": live.lora_sets} if isinstance(msg.header, w.Result) else {}

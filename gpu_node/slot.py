@@ -81,13 +81,15 @@ class JobSlot:
         self._running = task_id
         return task_id, job
 
-    def finished(self, task_id: str) -> tuple[str, Any] | None:
-        """Worker: the running job left the pipeline (its report is being made); the waiting job, if any,
-        runs now. Both in one step, so no report of this job can reach the broker before the next starts."""
+    def finished(self, task_id: str, riders: tuple[str, ...] = ()) -> tuple[str, Any] | None:
+        """Worker: the running job (with the `riders` of its pipeline call) left the pipeline, its reports
+        are being made; the waiting job, if any, runs now. Both in one step, so no report of this job can
+        reach the broker before the next starts."""
         with self._cond:
             if self._running == task_id:
                 self._running = None
             self._finishing.add(task_id)
+            self._finishing.update(riders)
             return None if self._closed or not self._waiting else self._start_next()
 
     def close(self) -> None:

@@ -47,15 +47,18 @@ class WorkerSide:
                     continue
                 task_id, (msg, behind) = taken
                 self._step, self._cancel_step = 0, None
-                outcome = self._run_job(msg.header, msg.blobs, push, behind)
-                taken = self.slot.finished(task_id)  # the next job starts now, while this one is encoded
-                if not callable(outcome):
-                    self._hand_back(push, task_id, outcome)
-                elif taken is not None:
-                    self._encodes.put((task_id, outcome))  # encoded on the encoder thread while the next runs
-                else:
-                    # Nothing waits: encoding here saves a thread hop on the way to an idle broker's client.
-                    self._hand_back(push, task_id, self._encoded(task_id, outcome))
+                outcomes = self._run_job(msg.header, msg.blobs, push, behind)
+                riders = tuple(r.task_id for r in msg.header.riders)
+                taken = self.slot.finished(task_id, riders)  # the next job starts now, while this one is encoded
+                # Riders first: a lead's report frees the node's place at the broker, as with a single job.
+                for one, outcome in sorted(outcomes, key=lambda item: item[0] == task_id):
+                    if not callable(outcome):
+                        self._hand_back(push, one, outcome)
+                    elif taken is not None:
+                        self._encodes.put((one, outcome))  # encoded on the encoder thread while the next runs
+                    else:
+                        # Nothing waits: encoding here saves a thread hop on the way to an idle broker's client.
+                        self._hand_back(push, one, self._encoded(one, outcome))
         finally:
             self._encodes.put(None)  # the encoder finishes what is queued, then ends
             push.close(linger=0)
@@ -100,22 +103,42 @@ class WorkerSide:
         return w.encode(w.Result(task_id, meta), [data])
 
     def _run_job(self: Node, h: w.Job, blobs: list[bytes], push: zmq.Socket,
-                 behind: bool = False) -> Encode | list[bytes]:
-        """Run one JOB's pipeline on the worker thread; returns its encoder, or the ERROR frames.
+                 behind: bool = False) -> list[tuple[str, Encode | list[bytes]]]:
+        """Run one JOB's pipeline call (its riders too) on the worker thread; per task, its encoder or ERROR frames.
 
         `behind`: it came while the node held another job, so the broker may count it as waiting behind
-        that one and learns from a step-0 PROGRESS that it started.
+        that one and learns from a step-0 PROGRESS that it started. Every report is handed back after
+        the call, so that a READY sent meanwhile still lists the call's tasks as running here.
         """
         from gpu_node.errors import Cancelled, JobError
         from gpu_node.generate import Job
 
-        task_id = h.task_id
-        job = Job(task_id, h.model_id, h.mode, h.params, dict(zip(h.images, blobs)))
-        tagged = ids(task_id, self.node_id)
-        log.info("task %s: %s %s %dx%d, %d steps (attempt %d)", task_id, h.model_id, h.mode, h.params.width,
-                 h.params.height, h.params.num_inference_steps, h.attempt, extra=tagged)
+        members = [(h.task_id, h.params, h.attempt), *((r.task_id, r.params, r.attempt) for r in h.riders)]
+        lead = h.task_id
+        tagged = ids(lead, self.node_id)
+        log.info("task %s: %s %s %dx%d, %d steps (attempt %d)%s", lead, h.model_id, h.mode, h.params.width,
+                 h.params.height, h.params.num_inference_steps, h.attempt,
+                 f" with riders {', '.join(r.task_id for r in h.riders)}" if h.riders else "", extra=tagged)
+
+        def stopped(task_id: str) -> bool:
+            return task_id in self._cancelled or task_id in self._abandoned or self._stop.is_set()
+
+        def stop_code(task_id: str) -> str:
+            return e.CANCELLED if task_id in self._cancelled else e.ABANDONED
+
+        outcomes: list[tuple[str, Encode | list[bytes]]] = []
+        live = []
+        for task_id, params, _ in members:
+            if stopped(task_id):  # cancelled or given up while it waited: not one step
+                code = e.CANCELLED if task_id in self._cancelled else e.RECALLED  # unstarted: no attempt spent
+                log.info("task %s given up before its first step (%s)", task_id, code, extra=ids(task_id, self.node_id))
+                outcomes.append((task_id, w.encode(w.Error(task_id, code, "stopped before its first step"))))
+            else:
+                live.append((task_id, params))
+        if not live:
+            return outcomes
         if behind:
-            self._hand_back(push, task_id, w.encode(w.ProgressReport(task_id, 0, h.params.num_inference_steps)))
+            self._hand_back(push, lead, w.encode(w.ProgressReport(lead, 0, h.params.num_inference_steps)))
         last_progress = time.monotonic()
 
         def on_step(step: int, total: int) -> None:
@@ -126,33 +149,44 @@ class WorkerSide:
             now = time.monotonic()
             if now - last_progress >= self.config.progress_interval:
                 last_progress = now
-                try:
-                    push.send_multipart(w.encode(w.ProgressReport(task_id, step, total)), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # progress is advisory; the next one will do
+                for task_id, _ in live:
+                    try:
+                        push.send_multipart(w.encode(w.ProgressReport(task_id, step, total)), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # progress is advisory; the next one will do
 
-        def should_stop() -> bool:
-            return task_id in self._cancelled or task_id in self._abandoned or self._stop.is_set()
+        def should_stop() -> bool:  # a call stops once none of its tasks wants it
+            return all(stopped(task_id) for task_id, _ in live)
 
+        jobs = [Job(task_id, h.model_id, h.mode, params, dict(zip(h.images, blobs))) for task_id, params in live]
+        started = time.perf_counter()
         try:
-            if should_stop():  # cancelled or given up while it waited: not one step
-                code = e.CANCELLED if task_id in self._cancelled else e.RECALLED  # unstarted: no attempt spent
-                log.info("task %s given up before its first step (%s)", task_id, code, extra=tagged)
-                return w.encode(w.Error(task_id, code, "stopped before its first step"))
-            started = time.perf_counter()
             try:
-                return self.runner(job, on_step, should_stop)
+                if len(jobs) == 1:
+                    encoders = [self.runner(jobs[0], on_step, should_stop)]
+                else:
+                    assert self.batch_runner is not None  # a JOB with riders is refused without one
+                    encoders = self.batch_runner(jobs, on_step, should_stop)
             finally:
                 self.busy_seconds += time.perf_counter() - started
-                self.jobs += 1
+                self.jobs += len(jobs)
         except Cancelled:
             at = self._cancel_step if self._cancel_step is not None else self._step
-            log.info("task %s stopped at step %d (cancel arrived at step %d)", task_id, self._step, at, extra=tagged)
+            log.info("task %s stopped at step %d (cancel arrived at step %d)", lead, self._step, at, extra=tagged)
             # Only the broker's own CANCEL ends a task; stopping or losing the broker re-queues it.
-            code = e.CANCELLED if task_id in self._cancelled else e.ABANDONED
-            return w.encode(w.Error(task_id, code, f"stopped at step {self._step}"))
+            return outcomes + [(t, w.encode(w.Error(t, stop_code(t), f"stopped at step {self._step}")))
+                               for t, _ in live]
         except JobError as exc:
-            return w.encode(w.Error(task_id, exc.code, str(exc)))
+            return outcomes + [(t, w.encode(w.Error(t, exc.code, str(exc)))) for t, _ in live]
         except Exception as exc:  # any failure fails this job only; the node keeps serving
-            log.exception("task %s failed", task_id, extra=tagged)
-            return w.encode(w.Error(task_id, e.GENERATION, f"{type(exc).__name__}: {exc}"))
+            log.exception("task %s failed", lead, extra=tagged)
+            return outcomes + [(t, w.encode(w.Error(t, e.GENERATION, f"{type(exc).__name__}: {exc}")))
+                               for t, _ in live]
+        for (task_id, _), encode in zip(live, encoders):
+            # Cancelled while the call ran on for the others: its image is not wanted. A finished image of a
+            # task given up (node stopping, broker silent) is still sent: finished work is never redone.
+            if task_id in self._cancelled:
+                outcomes.append((task_id, w.encode(w.Error(task_id, e.CANCELLED, "cancelled during its call"))))
+            else:
+                outcomes.append((task_id, encode))
+        return outcomes

@@ -72,7 +72,8 @@ def render_task(task: TaskView, png: bytes | None, principal: Principal | None,
             "loras": msgspec.to_builtins(params.loras), "format": meta.format if meta else params.output_format,
         }
         if meta is not None:
-            extra = {"speed": meta.speed, "lora_load": meta.lora_load, "lora_seconds": meta.lora_seconds}
+            extra = {"speed": meta.speed, "lora_load": meta.lora_load, "lora_seconds": meta.lora_seconds,
+                     "batch": meta.batch}
             body["metadata"].update({k: v for k, v in extra.items() if v is not None})
         started, finished = task.started_at, task.finished_at
         body["elapsed_time"] = round(finished - task.created_at, 4) if finished else None

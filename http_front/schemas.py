@@ -305,6 +305,9 @@ class ImageMetadata(msgspec.Struct):
         " job only"))] | UnsetType = UNSET
     lora_seconds: Annotated[float, Meta(description="seconds spent putting the LoRAs on the model")] \
         | UnsetType = UNSET
+    batch: Annotated[int, Meta(ge=2, description=(
+        "images made in the same pipeline call as this one (other tasks with the same model, size, steps,"
+        " cfg, speed and LoRAs); absent when it ran alone"))] | UnsetType = UNSET
 
 
 class TaskBody(msgspec.Struct):

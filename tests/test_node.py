@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -22,11 +23,12 @@ from tests.fakes import META, FakeNode, params
 LONG = params(prompt="slow", width=1024, height=1024, num_inference_steps=100)
 
 
-def running_node(backend: str, tiny_models: Path, node_id: str, liveness: int) -> tuple[Node, threading.Thread]:
+def running_node(backend: str, tiny_models: Path, node_id: str, liveness: int,
+                 **config: Any) -> tuple[Node, threading.Thread]:
     """A real tiny-model node on `backend`, serving in a thread (stop it and join the thread)."""
     config = NodeConfig(broker=backend, device="cpu", node_id=node_id, heartbeat_interval=0.2, liveness=liveness,
                         model_paths=resolve_model_paths(tiny_models, {}, "cpu", ("flux1-dev",)),
-                        max_sequence_length=32)
+                        max_sequence_length=32, **config)
     node, _ = build(config)
     thread = threading.Thread(target=node.run, daemon=True)
     thread.start()

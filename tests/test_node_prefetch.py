@@ -95,7 +95,8 @@ def test_a_waiting_job_is_cancelled_or_given_back_on_stop_without_reaching_the_p
 class RouterNode:
     """A real Node (threads, slot, sockets) with a fake runner, registered to a bare ROUTER the test drives."""
 
-    def __init__(self, ctx: Any, runner: Callable[..., Any], **config: Any) -> None:
+    def __init__(self, ctx: Any, runner: Callable[..., Any], batch_runner: Callable[..., Any] | None = None,
+                 **config: Any) -> None:
         import zmq
 
         import gpu_node.generate  # noqa: F401  (imported now, so that the worker runs a job at once)
@@ -107,10 +108,10 @@ class RouterNode:
         port = self.router.bind_to_random_port("tcp://127.0.0.1")
         caps = Capabilities(models={"flux1-dev": ["text2img"]}, memory_total=1, memory_free=1, loaded=[])
         self.node = Node(NodeConfig(broker=f"tcp://127.0.0.1:{port}", prefetch=1, **config), runner,
-                         lambda _full: caps, context=ctx)
+                         lambda _full: caps, context=ctx, batch_runner=batch_runner)
         self.thread = threading.Thread(target=self.node.run, daemon=True)
         self.thread.start()
-        self.identity = self.next(w.READY)[0]
+        self.identity, self.ready = self.next(w.READY)
 
     def next(self, *commands: bytes) -> tuple[bytes, w.Message]:
         """The node's next message of one of these commands (others skipped)."""
@@ -120,9 +121,14 @@ class RouterNode:
                 return identity, msg
         raise AssertionError(f"no {[w.COMMAND_NAMES[c] for c in commands]} from the node")
 
-    def job(self, task_id: str, run: str = "") -> None:
-        """Send it a JOB."""
-        self.router.send_multipart(w.routed(self.identity, w.Job(task_id, "flux1-dev", "text2img", SMALL, run=run)))
+    def job(self, task_id: str, run: str = "", riders: list[w.Rider] | tuple = ()) -> None:
+        """Send it a JOB (with `riders` to run in the same pipeline call)."""
+        self.router.send_multipart(w.routed(self.identity, w.Job(task_id, "flux1-dev", "text2img", SMALL, run=run,
+                                                                 riders=list(riders))))
+
+    def send(self, header: Any) -> None:
+        """Send it any broker message."""
+        self.router.send_multipart(w.routed(self.identity, header))
 
     def close(self) -> None:
         """Stop the node (joined with a timeout) and close the router."""

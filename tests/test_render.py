@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import falcon
+import msgspec
 
 from genserve import wire as w
 from http_front.keys import Principal
@@ -29,6 +30,12 @@ def test_a_completed_task_carries_the_image_twice_and_its_metadata() -> None:
     assert body["image"].startswith("data:image/png;base64,") and body["image_base64"] == body["image"][22:]
     assert body["metadata"]["steps"] == 2 and body["elapsed_time"] == 2.5 and body["queue_time"] == 1.0
     assert body["auth_info"] == {"user": "dev", "permissions": ["generation"]}
+
+
+def test_the_metadata_says_how_many_images_shared_the_call_only_when_more_than_one() -> None:
+    shared = render_task(view(meta=w.ResultMeta(**{**msgspec.structs.asdict(META), "batch": 3})), png_bytes(), WHO)
+    assert shared["metadata"]["batch"] == 3
+    assert "batch" not in render_task(view(), png_bytes(), WHO)["metadata"]
 
 
 def test_an_evicted_result_says_so_instead_of_looking_like_a_missing_field() -> None:

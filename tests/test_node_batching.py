@@ -1,0 +1,179 @@
+"""A real Node (threads, slot, sockets) with fake pipeline runners: one JOB with riders is one pipeline call.
+
+Each task of the call reports on its own, riders before the lead; a cancel stops one task, and
+the call only when none is left; a node that gives the call up gives up every task of it; a
+waiting JOB given back or cancelled brings every rider back unstarted.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from genserve import errors as e
+from genserve import wire as w
+from tests.conftest import wait_until
+from tests.fakes import META, params, png_bytes
+from tests.test_node_prefetch import RouterNode
+
+
+def rider(task_id: str, seed: int, run: str = "") -> w.Rider:
+    return w.Rider(task_id, params(prompt=f"prompt {task_id}", width=32, height=32, seed=seed), run=run)
+
+
+class Pipeline:
+    """Fake runners that record each call's tasks and hold every call until released (or stopped)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[str, str, int]]] = []
+        self.release = threading.Event()
+        self.stopped: list[list[str]] = []
+
+    def _run(self, jobs: list[Any], should_stop: Any) -> list[Any]:
+        from gpu_node.errors import Cancelled
+
+        self.calls.append([(j.task_id, j.params.prompt, j.params.seed) for j in jobs])
+        while not self.release.wait(0.01):
+            if should_stop():
+                self.stopped.append([j.task_id for j in jobs])
+                raise Cancelled(jobs[0].task_id)
+        return [lambda: (png_bytes(), META) for _ in jobs]
+
+    def single(self, job: Any, _on_step: Any, should_stop: Any) -> Any:
+        return self._run([job], should_stop)[0]
+
+    def batch(self, jobs: list[Any], _on_step: Any, should_stop: Any) -> list[Any]:
+        return self._run(jobs, should_stop)
+
+
+def reports(r: RouterNode, count: int) -> list[tuple[str, str, str]]:
+    """The next `count` final reports as (command, task, run or code), in arrival order."""
+    out = []
+    for _ in range(count):
+        msg = r.next(w.RESULT, w.ERROR)[1]
+        code = msg.header.run if msg.command == w.RESULT else msg.header.code
+        out.append((w.COMMAND_NAMES[msg.command], msg.header.task_id, code))
+    return out
+
+
+def test_a_job_with_riders_is_one_pipeline_call_and_each_task_reports_with_its_run(ctx) -> None:
+    pipe = Pipeline()
+    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="batching", batch=3, heartbeat_interval=0.2, liveness=50)
+    try:
+        assert r.ready.header.batch == 3
+        r.job("lead", "r0", [rider("one", 1, "r1"), rider("two", 2, "r2")])
+        pipe.release.set()
+        got = reports(r, 3)
+        assert got == [("RESULT", "one", "r1"), ("RESULT", "two", "r2"), ("RESULT", "lead", "r0")]
+        assert pipe.calls == [[("lead", "small", 1), ("one", "prompt one", 1), ("two", "prompt two", 2)]]
+        assert r.node.jobs == 3 and not r.node._groups and not r.node._rider_of
+    finally:
+        r.close()
+
+
+def test_a_cancelled_rider_reports_cancelled_and_the_call_stops_only_when_every_task_has(ctx) -> None:
+    pipe = Pipeline()
+    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="cancels", batch=3, heartbeat_interval=0.2, liveness=50)
+    try:
+        r.job("lead", "r0", [rider("one", 1, "r1"), rider("two", 2, "r2")])
+        wait_until(lambda: pipe.calls, 10, 0.01, "the call to start")
+        r.send(w.Cancel("one", "by request"))
+        wait_until(lambda: "one" in r.node._cancelled, 10, 0.01)
+        pipe.release.set()
+        assert sorted(reports(r, 3)) == [("ERROR", "one", e.CANCELLED), ("RESULT", "lead", "r0"),
+                                         ("RESULT", "two", "r2")]
+        pipe.release.clear()
+        r.job("next", "r3", [rider("three", 3, "r4")])
+        wait_until(lambda: len(pipe.calls) == 2, 10, 0.01, "the second call to start")
+        r.send(w.Cancel("three"))
+        assert pipe.stopped == [], "the call stopped while its lead still wanted it"
+        r.send(w.Cancel("next"))
+        assert sorted(reports(r, 2)) == [("ERROR", "next", e.CANCELLED), ("ERROR", "three", e.CANCELLED)]
+        assert pipe.stopped == [["next", "three"]]
+    finally:
+        r.close()
+
+
+def test_a_node_whose_broker_falls_silent_gives_up_every_task_of_its_call_and_lists_them(ctx) -> None:
+    pipe = Pipeline()
+    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="silent", batch=2, heartbeat_interval=0.5, liveness=2,
+                   reconnect_max=0.5)
+    try:
+        r.job("lead", "r0", [rider("one", 1, "r1")])
+        wait_until(lambda: pipe.calls, 10, 0.01, "the call to start")
+        ready = r.next(w.READY)[1]  # it gave up the call and registers again
+        assert {"lead", "one"} <= set(ready.header.reports) and ready.header.busy_task is None
+        assert sorted(reports(r, 2)) == [("ERROR", "lead", e.ABANDONED), ("ERROR", "one", e.ABANDONED)]
+        assert pipe.stopped == [["lead", "one"]]
+    finally:
+        r.close()
+
+
+def test_a_waiting_job_given_back_or_cancelled_brings_its_riders_back_unstarted(ctx) -> None:
+    pipe = Pipeline()
+    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="waits", batch=2, heartbeat_interval=0.2, liveness=50)
+    try:
+        r.job("running", "r0")
+        r.job("lead", "r1", [rider("one", 1, "r2")])
+        wait_until(lambda: r.node.slot.waiting() == ["lead"], 10, 0.01)
+        r.send(w.Recall("lead"))
+        assert reports(r, 2) == [("ERROR", "one", e.RECALLED), ("ERROR", "lead", e.RECALLED)]
+        r.job("lead", "r3", [rider("one", 1, "r4")])
+        wait_until(lambda: r.node.slot.waiting() == ["lead"], 10, 0.01)
+        r.send(w.Cancel("lead"))  # the lead is cancelled before it starts: its rider goes back in line
+        assert reports(r, 2) == [("ERROR", "one", e.RECALLED), ("ERROR", "lead", e.CANCELLED)]
+        r.job("lead2", "r5", [rider("two", 2, "r6")])
+        wait_until(lambda: r.node.slot.waiting() == ["lead2"], 10, 0.01)
+        r.send(w.Cancel("two"))  # a waiting rider is dropped when its call starts; the lead runs alone
+        wait_until(lambda: "two" in r.node._cancelled, 10, 0.01)
+        pipe.release.set()
+        assert sorted(reports(r, 3)) == [("ERROR", "two", e.CANCELLED), ("RESULT", "lead2", "r5"),
+                                         ("RESULT", "running", "r0")]
+        assert [[t for t, _, _ in call] for call in pipe.calls] == [["running"], ["lead2"]]
+    finally:
+        r.close()
+
+
+def test_a_job_with_more_riders_than_the_node_offered_is_refused_task_by_task(ctx) -> None:
+    pipe = Pipeline()
+    r = RouterNode(ctx, pipe.single, None, node_id="plain", batch=4, heartbeat_interval=0.2, liveness=50)
+    try:
+        assert r.ready.header.batch == 1  # no batch runner: it offers nothing, whatever its configuration
+        r.job("lead", "r0", [rider("one", 1, "r1")])
+        assert sorted(reports(r, 2)) == [("ERROR", "lead", e.NODE_BUSY), ("ERROR", "one", e.NODE_BUSY)]
+        assert pipe.calls == []
+    finally:
+        r.close()
+
+
+def test_a_real_node_runs_a_backlog_of_compatible_tasks_in_one_call_and_says_so(broker_factory, tiny_models) -> None:
+    import io
+
+    from PIL import Image
+
+    from genserve.spec import TaskSpec
+    from http_front.broker_client import BrokerClient
+    from tests.test_node import LONG, running_node
+
+    bt = broker_factory()
+    node, thread = running_node(bt.backend, tiny_models, "batcher", liveness=1000, batch=3, prefetch=0)
+    client = BrokerClient(bt.frontend, context=bt.context).start()
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 30)
+        long = client.request(w.Submit(0, TaskSpec("flux1-dev", "text2img", 0, LONG), "k")).header.task_id
+        wait_until(lambda: bt.broker.tasks[long].step >= 1, 30, 0.01, "the long job to run")
+        small = [params(prompt=f"a {animal}", width=32, height=32, seed=seed)
+                 for seed, animal in enumerate(("cat", "dog", "fox"))]
+        ids = [client.request(w.Submit(0, TaskSpec("flux1-dev", "text2img", 0, p), "k")).header.task_id
+               for p in small]
+        client.request(w.CancelTask(0, long))  # the node frees; the three queued tasks run as one call
+        wait_until(lambda: all(bt.broker.tasks[t].state == w.COMPLETED for t in ids), 60, what="the batch")
+        metas = [bt.broker.tasks[t].meta for t in ids]
+        assert [(m.batch, m.seed, m.width) for m in metas] == [(3, 0, 32), (3, 1, 32), (3, 2, 32)]
+        images = [Image.open(io.BytesIO(bt.broker.journal.result(t))) for t in ids]
+        assert all(i.size == (32, 32) for i in images) and len({i.tobytes() for i in images}) == 3
+        assert [bt.broker.tasks[t].attempts for t in ids] == [1, 1, 1]
+    finally:
+        client.close()
+        node.stop()
+        thread.join(timeout=30)
