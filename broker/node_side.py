@@ -53,30 +53,34 @@ class NodeSide:
             self.nodes.remove(old.identity)
         node = self.nodes.register(identity, h, self.clock())
         self._release_held(node, h)
-        task = None if kept or riders else self.table.claim(busy) if busy else None
-        node.riders = {one.task_id for one in riders}
-        for one in riders:
-            one.node = identity
-            self.table.update(one)
-        if kept:
+        if kept or riders:
+            if not kept:  # its call's lead is gone: a rider holds the node's place until the call reports
+                kept, riders = riders[:1], riders[1:]
             node.state, node.task_id = BUSY, kept[0].task_id
             node.next_id = kept[1].task_id if len(kept) > 1 else None
-            for one in kept:
+            node.riders = {one.task_id for one in riders}
+            for one in (*kept, *riders):
                 one.node = identity
                 self.table.update(one)
-        elif riders:
-            node.state, node.task_id = BUSY, None  # its call's lead is gone: busy until it reports idle
             started = next((one for one in kept if one.task_id == busy and one.prefetched), None)
             if started is not None:
                 self._node_began(started, node)  # it took the waiting job while it was away
-        elif task is not None:
-            # After a broker restart the node is still running this task: it keeps it.
-            self._start(task, node, resumed=True)
-        elif busy or h.busy:
-            if busy:
-                self._to_node(node, w.Cancel(busy, "task unknown or reassigned"))
-            node.state = BUSY  # until it reports idle
-            node.task_id = None
+        elif busy or h.busy_riders:
+            # After a broker restart (or once it expired the node) the node still runs this call: it keeps
+            # what is still in line; what ended or runs elsewhere it stops.
+            claimed = []
+            for task_id in (busy, *h.busy_riders):
+                one = self.table.claim(task_id) if task_id else None
+                if one is not None:
+                    claimed.append(one)
+                elif task_id:
+                    self._to_node(node, w.Cancel(task_id, "task unknown or reassigned"))
+            if claimed:
+                self._start(claimed[0], node, resumed=True, riders=claimed[1:])
+            else:
+                node.state, node.task_id = BUSY, None  # until it reports idle
+        elif h.busy:
+            node.state, node.task_id = BUSY, None  # until it reports idle
         log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
         self._dispatch()
 
@@ -87,7 +91,7 @@ class NodeSide:
         It keeps a task it runs or will report on; on the same connection also one whose JOB is
         still on the way (sent after this READY left, and that connection keeps order).
         """
-        claims = {h.busy_task, *(h.reports or ())}
+        claims = {h.busy_task, *h.busy_riders, *(h.reports or ())}
         kept: list[Task] = []
         riders: list[Task] = []
         held = [(old.task_id, False, kept), (old.next_id, True, kept)]

@@ -68,7 +68,7 @@ class Placement:
         if key is None:
             return []
         riders = []
-        for entry in self.queue.companions(lead, limit=64):
+        for entry in self.queue.companions(lead, node.models, limit=64):
             other = self.tasks[entry.task_id]
             if other.mode in node.models.get(other.model, ()) and \
                     batch_key(other.model, other.mode, other.params, bool(other.image_names)) == key:
@@ -166,7 +166,8 @@ class Placement:
         for one in (task, *riders):
             self.table.update(one)
         if resumed:
-            self._publish(task, "running")
+            for one in (task, *riders):
+                self._publish(one, "running")
         else:
             job = task.job()
             job.riders = [one.rider() for one in riders]

@@ -32,7 +32,7 @@ import bisect
 import heapq
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 
 @dataclass(frozen=True, order=True)
@@ -237,22 +237,35 @@ class TaskQueue:
             warm = [h for h in warm if h.tag - best.tag <= self.affinity_slack]
         return min(warm) if warm else best
 
-    def companions(self, lead: Entry, limit: int, scan: int = 256) -> list[Entry]:
+    def companions(self, lead: Entry, models: Iterable[str], limit: int, scan: int = 256) -> list[Entry]:
         """Up to `limit` queued tasks of the lead's model and priority, in queue order, that may share its
-        pipeline call: only among the first `scan` of the model's heap and, with an affinity slack, at most
-        that much later in virtual time than the first task queued at that priority, so that a rider passes
-        other keys' tasks no further than model affinity lets a warm task pass a cold one."""
-        order = self._order.get(lead.priority)
-        if not order:
+        pipeline call on a node serving `models`: among the first `scan` of the model's queue and, with an
+        affinity slack, at most that much later in virtual time than the first task that node could run
+        at that priority, so that a rider passes others no further than model affinity lets a warm task
+        pass a cold one."""
+        heads = [h for h in (self._head(m) for m in models) if h is not None and h.priority == lead.priority]
+        if not heads:
             return []
-        bound = order[0][0] + self.affinity_slack if self.affinity_slack is not None else math.inf
-        out = []
-        for entry in heapq.nsmallest(scan, self._heaps.get(lead.model, [])):
+        bound = min(h.tag for h in heads) + self.affinity_slack if self.affinity_slack is not None else math.inf
+        out: list[Entry] = []
+        for entry in self._in_order(self._heaps.get(lead.model, []), scan):
             if len(out) >= limit or entry.priority > lead.priority or entry.tag > bound:
                 break
-            if self._live.get(entry.task_id) is entry and entry.priority == lead.priority:
+            if entry.priority == lead.priority:
                 out.append(entry)
         return out
+
+    def _in_order(self, heap: list[Entry], most: int) -> Iterator[Entry]:
+        """The heap's live entries in order, at most `most` looked at, without touching the heap."""
+        frontier = [(heap[0], 0)] if heap else []
+        while frontier and most > 0:
+            entry, i = heapq.heappop(frontier)
+            most -= 1
+            for child in (2 * i + 1, 2 * i + 2):
+                if child < len(heap):
+                    heapq.heappush(frontier, (heap[child], child))
+            if self._live.get(entry.task_id) is entry:
+                yield entry
 
     def position(self, task_id: str) -> int | None:
         """0-based number of queued tasks ahead of `task_id` in global priority order."""

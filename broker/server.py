@@ -257,9 +257,9 @@ class Broker(FrontSide, NodeSide, Placement):
         if task.state == w.RUNNING and task.node is not None:
             node = self.nodes.get(task.node)
             if node is not None and task.task_id in node.riders:
-                # It stops alone (its call runs on for the others); its report comes when the call ends.
+                # It stops alone (its call runs on for the others); it stays listed until its report,
+                # which comes when the call ends, so that report is not taken for its call's end.
                 self._to_node(node, w.Cancel(task.task_id, reason))
-                node.riders.discard(task.task_id)
             elif node is not None and task.task_id in (node.task_id, node.next_id):
                 self._to_node(node, w.Cancel(task.task_id, reason))
                 if node.task_id == task.task_id:

@@ -275,6 +275,7 @@ class Ready(_Header):
     loaded: list[str] = []
     loras: list[LoraInfo] = []
     busy_task: str | None = None
+    busy_riders: list[str] = []  # the riders of busy_task's JOB, in the same pipeline call
     busy: bool = False
     # Tasks whose final report (RESULT or ERROR) follows on this connection: reports kept while
     # the broker was away, and a task this node gave up but is still unwinding. None: an older

@@ -83,6 +83,8 @@ class Node(WorkerSide):
         # Final reports (RESULT/ERROR frames) the broker has not acknowledged yet: re-sent after
         # every registration, so work finished while the broker was away is never redone.
         self._unacked: OrderedDict[str, list[bytes]] = OrderedDict()
+        # Room for every report of the calls it can hold (running, finishing, waiting) beyond the base.
+        self._max_unacked = MAX_UNACKED + (2 + config.prefetch) * config.batch
         self._runs: dict[str, str] = {}  # task id -> the run of the JOB that assigned it (socket thread only)
         # Riders of the JOBs held here (socket thread only): lead -> its riders, rider -> its lead.
         self._groups: dict[str, tuple[str, ...]] = {}
@@ -127,16 +129,16 @@ class Node(WorkerSide):
         running = held.running
         keeps = running if running not in self._abandoned else None
         reports = [*self._unacked, *held.finishing]
+        riders = list(self._groups.get(running, ())) if running is not None else []
         if running is not None and keeps is None:
-            reports.append(running)  # abandoned: its RESULT or ERROR comes when the worker stops
-        if running is not None:
-            # Its riders report one by one, whether the call ends or stops.
-            reports.extend(r for r in self._groups.get(running, ()) if r not in reports)
+            # Abandoned: its RESULT or ERROR, and its riders', come when the worker stops.
+            reports.extend(t for t in (running, *riders) if t not in reports)
+            riders = []
         caps = self.capabilities(True)
         self._send(w.Ready(node_id=self.node_id, device=self.config.device, host=socket.gethostname(),
                            pid=os.getpid(), models=caps.models, memory_total=caps.memory_total,
                            memory_free=caps.memory_free, loaded=caps.loaded, loras=caps.loras or [],
-                           busy_task=keeps, busy=running is not None, reports=reports,
+                           busy_task=keeps, busy_riders=riders, busy=running is not None, reports=reports,
                            prefetch=self.slot.prefetch, batch=self.batch, batch_pixels=self.config.batch_pixels))
         for task_id, frames in self._unacked.items():
             log.info("re-sending the unacknowledged report of task %s", task_id, extra=ids(task_id, self.node_id))
@@ -147,8 +149,15 @@ class Node(WorkerSide):
         held = self.slot.give_back()
         recalled = tuple(task_id for lead in held.recalled for task_id in self._ungroup(lead))
         for task_id in recalled:
-            self._keep(task_id, w.encode(self._stamped(w.Error(task_id, e.RECALLED, why))))
+            self._keep(task_id, w.encode(self._unstarted(task_id, why)))
         return dataclasses.replace(held, recalled=recalled)
+
+    def _unstarted(self, task_id: str, why: str) -> w.Error:
+        """The final report of a job given back before it started: CANCELLED if the broker cancelled it."""
+        code = e.CANCELLED if task_id in self._cancelled else e.RECALLED  # no attempt spent either way
+        self._cancelled.discard(task_id)
+        self._abandoned.discard(task_id)
+        return self._stamped(w.Error(task_id, code, why))
 
     def _members(self, lead: str) -> tuple[str, ...]:
         """The tasks of one JOB: the lead and its riders."""
@@ -247,7 +256,7 @@ class Node(WorkerSide):
                 self._on_cancel(msg.header)
             elif msg.command == w.RECALL and self.slot.recall(msg.header.task_id):
                 for task_id in self._ungroup(msg.header.task_id):
-                    self._report(self._stamped(w.Error(task_id, e.RECALLED, "recalled before it started")))
+                    self._report(self._unstarted(task_id, "recalled before it started"))
             elif msg.command == w.DISCONNECT:
                 # After a broker restart every message we sent meanwhile earns one of these:
                 # register once, not once per message.
@@ -261,15 +270,15 @@ class Node(WorkerSide):
         # if it takes the job from the slot meanwhile.
         self._cancelled.add(h.task_id)
         lead = self._rider_of.get(h.task_id)
-        if lead is not None and (lead == self.slot.running or lead in self.slot.waiting()):
+        if lead is not None:
             # A rider stops with its call only if every task of that call has stopped; otherwise the call
             # runs on and the rider reports CANCELLED (a waiting one is dropped before the call starts).
+            # The mark stays until its report: the call may start or end meanwhile.
             log.info("cancel %s (%s), a rider of %s", h.task_id, h.reason, lead, extra=ids(h.task_id, self.node_id))
         elif self.slot.recall(h.task_id):
-            self._cancelled.discard(h.task_id)
-            for rider in self._ungroup(h.task_id)[:-1]:  # they never started: back in line, no attempt spent
-                self._report(self._stamped(w.Error(rider, e.RECALLED, "its lead was cancelled before it started")))
-            self._report(self._stamped(w.Error(h.task_id, e.CANCELLED, "cancelled before it started")))
+            for task_id in self._ungroup(h.task_id):  # its riders never started: back in line, no attempt spent
+                self._report(self._unstarted(task_id, "cancelled before it started" if task_id == h.task_id
+                                             else "its lead was cancelled before it started"))
         elif h.task_id == self.slot.running:  # not waiting, so no later take can start it: this is final
             self._cancel_step = self._step
             log.info("cancel %s (%s) at step %d", h.task_id, h.reason, self._step, extra=ids(h.task_id, self.node_id))
@@ -279,36 +288,51 @@ class Node(WorkerSide):
     def _on_job(self, msg: w.Message) -> None:
         h: w.Job = msg.header
         runs = {h.task_id: h.run, **{r.task_id: r.run for r in h.riders}}
-        kept = self._unacked.get(h.task_id)
         if len(h.riders) >= self.batch:  # more than it offered: it cannot tell what it would run
-            for task_id, run in runs.items():
-                self._send(w.Error(task_id, e.NODE_BUSY, f"this node runs at most {self.batch} per call", run=run))
-        elif kept is not None and kept[1] == w.RESULT:
-            # Already made, its report not acknowledged: the image, for this assignment, and no second run.
-            report = w.decode(kept)
-            self._report(msgspec.structs.replace(report.header, run=h.run), report.blobs)
-            for rider in h.riders:  # they never started here: back in line
-                self._send(w.Error(rider.task_id, e.NODE_BUSY, "its lead was already done", run=rider.run))
-        elif self.slot.holds(h.task_id):
-            # Held already (a JOB sent again): its tasks report as this assignment.
-            self._runs.update((t, r) for t, r in runs.items() if t in self._members(h.task_id))
-            self._abandoned.difference_update(self._members(h.task_id))  # the broker wants it here after all
-        elif self._stop.is_set() or any(self.slot.holds(r.task_id) or r.task_id in self._rider_of for r in h.riders):
-            why = "node is stopping" if self._stop.is_set() else "a rider is already held here"
-            for task_id, run in runs.items():
-                self._send(w.Error(task_id, e.NODE_BUSY, why, run=run))
+            self._refuse(runs, f"this node runs at most {self.batch} per call")
+            return
+        fresh = {}
+        for task_id, run in runs.items():
+            kept = self._unacked.get(task_id)
+            if self._holds(task_id):
+                # Held already (a JOB sent again, or riding in another JOB): it reports as this assignment.
+                self._runs[task_id] = run
+                self._abandoned.discard(task_id)  # the broker wants it here after all
+            elif kept is not None and kept[1] == w.RESULT:
+                # Already made, its report not acknowledged: the image, for this assignment, and no second run.
+                report = w.decode(kept)
+                self._report(msgspec.structs.replace(report.header, run=run), report.blobs)
+            else:
+                fresh[task_id] = run
+        if not fresh:
+            return
+        if h.task_id not in fresh or self._stop.is_set():
+            self._refuse(fresh, "node is stopping" if self._stop.is_set() else "its lead is held here already")
+            return
+        if len(fresh) < len(runs):
+            msg = w.Message(msg.command, msgspec.structs.replace(h, riders=[r for r in h.riders if r.task_id in fresh]),
+                            msg.blobs)
+            h = msg.header
         # A job offered while the node holds another may be one the broker sent to wait behind it:
         # the worker then says when it starts (step-0 PROGRESS).
-        elif not self.slot.offer(h.task_id, (msg, self.slot.busy)):
-            for task_id, run in runs.items():
-                self._send(w.Error(task_id, e.NODE_BUSY, "node is busy", run=run))
-        else:
-            for task_id, run in runs.items():
-                self._unacked.pop(task_id, None)  # a kept ERROR of an earlier assignment: this one supersedes it
-                self._runs[task_id] = run
-            if h.riders:
-                self._groups[h.task_id] = tuple(r.task_id for r in h.riders)
-                self._rider_of.update((r.task_id, h.task_id) for r in h.riders)
+        if not self.slot.offer(h.task_id, (msg, self.slot.busy)):
+            self._refuse(fresh, "node is busy")
+            return
+        for task_id, run in fresh.items():
+            self._unacked.pop(task_id, None)  # a kept ERROR of an earlier assignment: this one supersedes it
+            self._runs[task_id] = run
+        if h.riders:
+            self._groups[h.task_id] = tuple(r.task_id for r in h.riders)
+            self._rider_of.update((r.task_id, h.task_id) for r in h.riders)
+
+    def _holds(self, task_id: str) -> bool:
+        """Whether the task runs, waits or finishes here, as a JOB's lead or one of its riders."""
+        return task_id in self._rider_of or self.slot.holds(task_id)
+
+    def _refuse(self, runs: dict[str, str], why: str) -> None:
+        """NODE_BUSY for tasks that never started here (the broker puts them back in line)."""
+        for task_id, run in runs.items():
+            self._send(w.Error(task_id, e.NODE_BUSY, why, run=run))
 
     def _acknowledged(self, ack: w.ResultAck) -> None:
         """Forget a kept report the broker has stored; an ack of an earlier assignment's report keeps a later one."""
@@ -353,9 +377,11 @@ class Node(WorkerSide):
 
     def _keep(self, task_id: str, frames: list[bytes]) -> None:
         self._unacked[task_id] = frames
-        while len(self._unacked) > MAX_UNACKED:
-            dropped, _ = self._unacked.popitem(last=False)
-            log.warning("dropping the unacknowledged report of task %s (more than %d kept)", dropped, MAX_UNACKED,
+        while len(self._unacked) > self._max_unacked:
+            # A made image is the last to go: dropping it means running its task again.
+            dropped = next((t for t, kept in self._unacked.items() if kept[1] != w.RESULT), next(iter(self._unacked)))
+            del self._unacked[dropped]
+            log.warning("dropping the unacknowledged report of task %s (more than %d kept)", dropped, self._max_unacked,
                         extra=ids(dropped, self.node_id))
 
     def _shutdown(self) -> None:

@@ -50,8 +50,9 @@ class WorkerSide:
                 outcomes = self._run_job(msg.header, msg.blobs, push, behind)
                 riders = tuple(r.task_id for r in msg.header.riders)
                 taken = self.slot.finished(task_id, riders)  # the next job starts now, while this one is encoded
-                # Riders first: a lead's report frees the node's place at the broker, as with a single job.
-                for one, outcome in sorted(outcomes, key=lambda item: item[0] == task_id):
+                # Every report of the call goes out after it ended, so their order does not matter to the
+                # broker (the lead's frees the node's place); errors go at once, images through the encoder.
+                for one, outcome in outcomes:
                     if not callable(outcome):
                         self._hand_back(push, one, outcome)
                     elif taken is not None:
@@ -110,35 +111,47 @@ class WorkerSide:
         that one and learns from a step-0 PROGRESS that it started. Every report is handed back after
         the call, so that a READY sent meanwhile still lists the call's tasks as running here.
         """
-        from gpu_node.errors import Cancelled, JobError
         from gpu_node.generate import Job
 
-        members = [(h.task_id, h.params, h.attempt), *((r.task_id, r.params, r.attempt) for r in h.riders)]
         lead = h.task_id
-        tagged = ids(lead, self.node_id)
         log.info("task %s: %s %s %dx%d, %d steps (attempt %d)%s", lead, h.model_id, h.mode, h.params.width,
                  h.params.height, h.params.num_inference_steps, h.attempt,
-                 f" with riders {', '.join(r.task_id for r in h.riders)}" if h.riders else "", extra=tagged)
-
-        def stopped(task_id: str) -> bool:
-            return task_id in self._cancelled or task_id in self._abandoned or self._stop.is_set()
-
-        def stop_code(task_id: str) -> str:
-            return e.CANCELLED if task_id in self._cancelled else e.ABANDONED
-
+                 f" with riders {', '.join(r.task_id for r in h.riders)}" if h.riders else "",
+                 extra=ids(lead, self.node_id))
         outcomes: list[tuple[str, Encode | list[bytes]]] = []
-        live = []
-        for task_id, params, _ in members:
-            if stopped(task_id):  # cancelled or given up while it waited: not one step
+        jobs = []
+        for task_id, params in ((lead, h.params), *((r.task_id, r.params) for r in h.riders)):
+            if self._stopped(task_id):  # cancelled or given up while it waited: not one step
                 code = e.CANCELLED if task_id in self._cancelled else e.RECALLED  # unstarted: no attempt spent
                 log.info("task %s given up before its first step (%s)", task_id, code, extra=ids(task_id, self.node_id))
                 outcomes.append((task_id, w.encode(w.Error(task_id, code, "stopped before its first step"))))
             else:
-                live.append((task_id, params))
-        if not live:
-            return outcomes
-        if behind:
-            self._hand_back(push, lead, w.encode(w.ProgressReport(lead, 0, h.params.num_inference_steps)))
+                jobs.append(Job(task_id, h.model_id, h.mode, params, dict(zip(h.images, blobs))))
+        for job in jobs if behind else ():
+            steps = job.params.num_inference_steps
+            self._hand_back(push, job.task_id, w.encode(w.ProgressReport(job.task_id, 0, steps)))
+        if len(jobs) > 1:
+            together = self._call(jobs, push)
+            if together is not None:
+                return outcomes + together
+            # A shared call failed (too big for the device, one bad job): each runs alone, so that one
+            # task's failure is its own, and the others are not failed for it.
+            log.warning("the shared call of %s failed; running its %d tasks one by one", lead, len(jobs),
+                        extra=ids(lead, self.node_id))
+        for job in jobs:
+            outcomes += self._call([job], push, alone=True)
+        return outcomes
+
+    def _stopped(self: Node, task_id: str) -> bool:
+        return task_id in self._cancelled or task_id in self._abandoned or self._stop.is_set()
+
+    def _call(self: Node, jobs: list, push: zmq.Socket,
+              alone: bool = False) -> list[tuple[str, Encode | list[bytes]]] | None:
+        """One pipeline call for `jobs`; per task its encoder or ERROR frames. None: a shared call failed."""
+        from gpu_node.errors import Cancelled, JobError
+
+        lead = jobs[0].task_id
+        tagged = ids(lead, self.node_id)
         last_progress = time.monotonic()
 
         def on_step(step: int, total: int) -> None:
@@ -149,16 +162,18 @@ class WorkerSide:
             now = time.monotonic()
             if now - last_progress >= self.config.progress_interval:
                 last_progress = now
-                for task_id, _ in live:
+                for job in jobs:
                     try:
-                        push.send_multipart(w.encode(w.ProgressReport(task_id, step, total)), zmq.NOBLOCK)
+                        push.send_multipart(w.encode(w.ProgressReport(job.task_id, step, total)), zmq.NOBLOCK)
                     except zmq.Again:
                         pass  # progress is advisory; the next one will do
 
         def should_stop() -> bool:  # a call stops once none of its tasks wants it
-            return all(stopped(task_id) for task_id, _ in live)
+            return all(self._stopped(job.task_id) for job in jobs)
 
-        jobs = [Job(task_id, h.model_id, h.mode, params, dict(zip(h.images, blobs))) for task_id, params in live]
+        def each(code: str, message: str) -> list[tuple[str, Encode | list[bytes]]]:
+            return [(job.task_id, w.encode(w.Error(job.task_id, code, message))) for job in jobs]
+
         started = time.perf_counter()
         try:
             try:
@@ -174,19 +189,20 @@ class WorkerSide:
             at = self._cancel_step if self._cancel_step is not None else self._step
             log.info("task %s stopped at step %d (cancel arrived at step %d)", lead, self._step, at, extra=tagged)
             # Only the broker's own CANCEL ends a task; stopping or losing the broker re-queues it.
-            return outcomes + [(t, w.encode(w.Error(t, stop_code(t), f"stopped at step {self._step}")))
-                               for t, _ in live]
+            return [(job.task_id, w.encode(w.Error(job.task_id, e.CANCELLED if job.task_id in self._cancelled
+                                                   else e.ABANDONED, f"stopped at step {self._step}")))
+                    for job in jobs]
         except JobError as exc:
-            return outcomes + [(t, w.encode(w.Error(t, exc.code, str(exc)))) for t, _ in live]
+            return each(exc.code, str(exc)) if alone else None
         except Exception as exc:  # any failure fails this job only; the node keeps serving
             log.exception("task %s failed", lead, extra=tagged)
-            return outcomes + [(t, w.encode(w.Error(t, e.GENERATION, f"{type(exc).__name__}: {exc}")))
-                               for t, _ in live]
-        for (task_id, _), encode in zip(live, encoders):
+            return each(e.GENERATION, f"{type(exc).__name__}: {exc}") if alone else None
+        outcomes: list[tuple[str, Encode | list[bytes]]] = []
+        for job, encode in zip(jobs, encoders):
             # Cancelled while the call ran on for the others: its image is not wanted. A finished image of a
             # task given up (node stopping, broker silent) is still sent: finished work is never redone.
-            if task_id in self._cancelled:
-                outcomes.append((task_id, w.encode(w.Error(task_id, e.CANCELLED, "cancelled during its call"))))
+            if job.task_id in self._cancelled:
+                outcomes.append((job.task_id, w.encode(w.Error(job.task_id, e.CANCELLED, "cancelled during its call"))))
             else:
-                outcomes.append((task_id, encode))
+                outcomes.append((job.task_id, encode))
         return outcomes

@@ -54,8 +54,10 @@ def test_queued_tasks_with_one_batch_key_share_a_job_and_each_completes_once(pat
         seen = view(client, task_id)
         assert (seen.status, seen.node_id, seen.attempts) == (w.RUNNING, "a", 1)
     assert view(client, queued[3]).status == w.QUEUED
-    for task_id, task_run in runs(msg).items():
-        a.finish(task_id, run=task_run)
+    for task_id in queued[1:3]:
+        a.finish(task_id, run=runs(msg)[task_id])
+    assert a.recv_job(timeout=0.3) is None, "a rider's report freed the node's place"
+    a.finish(queued[0], run=runs(msg)[queued[0]])
     last = a.recv_job()  # the lead's report freed the node: the fourth runs (nothing left to ride with it)
     assert job_tasks(last) == [queued[3]]
     a.finish(queued[3], run=last.header.run)
@@ -228,3 +230,93 @@ def test_a_node_that_re_registers_keeps_the_riders_it_reports_on(patient_parts) 
     a2.finish(lead, run=runs(msg)[lead])
     wait_until(lambda: all(view(client, t).status == w.COMPLETED for t in (lead, rider)), 5)
     assert [view(client, t).attempts for t in (lead, rider)] == [1, 1]
+
+
+def test_after_a_broker_restart_the_node_keeps_every_task_of_its_running_call(broker_factory, ctx) -> None:
+    from http_front.broker_client import BrokerClient
+    from tests.fakes import FakeNode
+
+    bt = broker_factory()
+    client = BrokerClient(bt.frontend, context=ctx).start()
+    a = FakeNode(ctx, bt.backend, "a").ready(batch=3)
+    try:
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        first = submit(client, spec())
+        first_run = a.recv_job().header.run
+        queued = [submit(client, spec(seed=s)) for s in (1, 2)]
+        a.finish(first, run=first_run)
+        assert job_tasks(a.recv_job()) == queued
+    finally:
+        client.close()
+    bt.close()
+    bt2 = broker_factory(recovery_grace=0.2)  # its hold on the call's tasks runs out at once
+    client = BrokerClient(bt2.frontend, context=ctx).start()
+    b = FakeNode(ctx, bt2.backend, "b").ready(batch=3)  # an idle node that must get neither task
+    a.close()
+    a = FakeNode(ctx, bt2.backend, "a").ready(busy_task=queued[0], busy_riders=queued[1:], batch=3)
+    try:
+        wait_until(lambda: all(bt2.broker.tasks[t].node_id == "a" for t in queued), 5)
+        for _ in range(8):  # well past the grace
+            a.heartbeat(idle=False)
+            b.heartbeat()
+            assert b.recv_job(timeout=0.1) is None, "a task still running in the call was given to another node"
+        assert [view(client, t).status for t in queued] == [w.RUNNING, w.RUNNING]
+        for task_id in reversed(queued):
+            a.finish(task_id)  # a resumed task takes the node's report whatever its run
+        wait_until(lambda: all(view(client, t).status == w.COMPLETED for t in queued), 5)
+        assert [view(client, t).attempts for t in queued] == [1, 1]
+    finally:
+        for n in (a, b):
+            n.close()
+        client.close()
+
+
+def test_a_node_back_after_it_expired_keeps_what_is_still_in_line_and_is_told_to_stop_the_rest(parts) -> None:
+    bt, client, node, a, first, run, queued = backlog(parts, 2, batch=3)
+    a.finish(first, run=run)
+    assert job_tasks(a.recv_job()) == queued
+    wait_until(lambda: not bt.broker.nodes, 10, what="the silent node to expire")  # both go back in line
+    assert [view(client, t).status for t in queued] == [w.QUEUED, w.QUEUED]
+    assert client.request(w.CancelTask(0, queued[1])).header.body.task.status == w.CANCELLED
+    a.ready(busy_task=queued[0], busy_riders=[queued[1]], batch=3)  # it ran on meanwhile
+    cancel = recv_command(a, w.CANCEL)
+    assert cancel is not None and cancel.header.task_id == queued[1]
+    wait_until(lambda: view(client, queued[0]).status == w.RUNNING, 5)
+    assert view(client, queued[0]).node_id == "a" and view(client, queued[0]).attempts == 1
+    a.error(queued[1], e.CANCELLED)
+    a.finish(queued[0])
+    wait_until(lambda: view(client, queued[0]).status == w.COMPLETED, 5)
+
+
+def test_a_cancelled_rider_given_back_while_its_node_unwinds_does_not_free_the_node(patient_parts) -> None:
+    bt, client, node, a, running, run, msg, waiting = waiting_batch(patient_parts, 3)
+    lead, r1, r2 = job_tasks(msg)
+    client.request(w.CancelTask(0, running))  # the node unwinds it: busy until it says so
+    assert recv_command(a, w.CANCEL).header.task_id == running
+    client.request(w.CancelTask(0, r1))
+    assert recv_command(a, w.CANCEL).header.task_id == r1
+    node("b").ready()  # an idle node that could run the waiting lead: it is recalled
+    assert recv_command(a, w.RECALL).header.task_id == lead
+    a.error(r1, e.CANCELLED, run=runs(msg)[r1])
+    a.error(r2, e.RECALLED, run=runs(msg)[r2])
+    a.error(lead, e.RECALLED, run=runs(msg)[lead])
+    assert a.recv_job(timeout=0.3) is None, "the node got work while it still unwound its cancelled task"
+    a.error(running, e.CANCELLED, run=run)  # now it is free
+    assert set(job_tasks(a.recv_job())) <= {lead, r2}
+    assert view(client, r1).status == w.CANCELLED
+
+
+def test_a_node_that_took_its_waiting_job_while_away_has_it_running_not_waiting(patient_parts) -> None:
+    bt, client, node, a, running, run, msg, waiting = waiting_batch(patient_parts, 2)
+    lead, rider = job_tasks(msg)
+    # The same process on a new connection: it finished the first call and took the waiting one.
+    a2 = node("a", identity=b"fake-a-2").ready(busy_task=lead, busy_riders=[rider], reports=[running], batch=3,
+                                                prefetch=1)
+    wait_until(lambda: all(view(client, t).status == w.RUNNING for t in (lead, rider)), 5,
+               what="the call's tasks to count as started")
+    node("b").ready()
+    assert recv_command(a2, w.RECALL, timeout=0.3) is None, "a started job was recalled"
+    a2.finish(running)
+    a2.finish(rider, run=runs(msg)[rider])
+    a2.finish(lead, run=runs(msg)[lead])
+    wait_until(lambda: all(view(client, t).status == w.COMPLETED for t in (running, lead, rider)), 5)

@@ -51,9 +51,17 @@ def test_node_speed_options_from_flags_and_environment() -> None:
     assert node_config([], {}).speed.warmup == () and not node_config([], {}).speed.compile
 
 
+def test_node_batching_flags() -> None:
+    assert (node_config([], {}).batch, node_config([], {}).batch_pixels) == (1, 512 * 512)  # off by default
+    c = node_config(["--batch", "4"], {"GENSERVE_BATCH_MAX_PIXELS": "0"})
+    assert (c.batch, c.batch_pixels) == (4, 0)
+    assert node_config([], {"GENSERVE_BATCH": "8"}).batch == 8
+
+
 @pytest.mark.parametrize("argv, env", [(["--warmup-sizes", "big", "--compile"], {}), (["--quantize", "int4"], {}),
                                        ([], {"GENSERVE_CACHE": "turbo"}), (["--cache-threshold", "nan"], {}),
-                                       (["--lora-slots-rank", "-4"], {})])
+                                       (["--lora-slots-rank", "-4"], {}), (["--batch", "0"], {}),
+                                       ([], {"GENSERVE_BATCH": "17"}), (["--batch-max-pixels", "-1"], {})])
 def test_node_refuses_bad_speed_options(argv: list[str], env: dict[str, str],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

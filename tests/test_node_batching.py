@@ -27,15 +27,19 @@ class Pipeline:
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, str, int]]] = []
         self.release = threading.Event()
-        self.stopped: list[list[str]] = []
+        self.stopped: list[tuple[list[str], set[str]]] = []  # each stopped call's tasks, and what was cancelled
+        self.node: Any = None
+        self.fail_shared = False
 
     def _run(self, jobs: list[Any], should_stop: Any) -> list[Any]:
         from gpu_node.errors import Cancelled
 
         self.calls.append([(j.task_id, j.params.prompt, j.params.seed) for j in jobs])
+        if self.fail_shared and len(jobs) > 1:
+            raise RuntimeError("CUDA out of memory (a fake one)")
         while not self.release.wait(0.01):
             if should_stop():
-                self.stopped.append([j.task_id for j in jobs])
+                self.stopped.append(([j.task_id for j in jobs], set(self.node._cancelled) if self.node else set()))
                 raise Cancelled(jobs[0].task_id)
         return [lambda: (png_bytes(), META) for _ in jobs]
 
@@ -63,8 +67,7 @@ def test_a_job_with_riders_is_one_pipeline_call_and_each_task_reports_with_its_r
         assert r.ready.header.batch == 3
         r.job("lead", "r0", [rider("one", 1, "r1"), rider("two", 2, "r2")])
         pipe.release.set()
-        got = reports(r, 3)
-        assert got == [("RESULT", "one", "r1"), ("RESULT", "two", "r2"), ("RESULT", "lead", "r0")]
+        assert sorted(reports(r, 3)) == [("RESULT", "lead", "r0"), ("RESULT", "one", "r1"), ("RESULT", "two", "r2")]
         assert pipe.calls == [[("lead", "small", 1), ("one", "prompt one", 1), ("two", "prompt two", 2)]]
         assert r.node.jobs == 3 and not r.node._groups and not r.node._rider_of
     finally:
@@ -85,11 +88,13 @@ def test_a_cancelled_rider_reports_cancelled_and_the_call_stops_only_when_every_
         pipe.release.clear()
         r.job("next", "r3", [rider("three", 3, "r4")])
         wait_until(lambda: len(pipe.calls) == 2, 10, 0.01, "the second call to start")
+        pipe.node = r.node
         r.send(w.Cancel("three"))
-        assert pipe.stopped == [], "the call stopped while its lead still wanted it"
+        wait_until(lambda: "three" in r.node._cancelled, 10, 0.01)
         r.send(w.Cancel("next"))
         assert sorted(reports(r, 2)) == [("ERROR", "next", e.CANCELLED), ("ERROR", "three", e.CANCELLED)]
-        assert pipe.stopped == [["next", "three"]]
+        # It stopped once both were cancelled, not on its rider's cancel alone.
+        assert pipe.stopped == [(["next", "three"], {"next", "three"})]
     finally:
         r.close()
 
@@ -104,7 +109,7 @@ def test_a_node_whose_broker_falls_silent_gives_up_every_task_of_its_call_and_li
         ready = r.next(w.READY)[1]  # it gave up the call and registers again
         assert {"lead", "one"} <= set(ready.header.reports) and ready.header.busy_task is None
         assert sorted(reports(r, 2)) == [("ERROR", "lead", e.ABANDONED), ("ERROR", "one", e.ABANDONED)]
-        assert pipe.stopped == [["lead", "one"]]
+        assert [tasks for tasks, _ in pipe.stopped] == [["lead", "one"]]
     finally:
         r.close()
 
@@ -177,3 +182,32 @@ def test_a_real_node_runs_a_backlog_of_compatible_tasks_in_one_call_and_says_so(
         client.close()
         node.stop()
         thread.join(timeout=30)
+
+
+def test_a_shared_call_that_fails_runs_its_tasks_one_by_one(ctx) -> None:
+    pipe = Pipeline()
+    pipe.fail_shared = True
+    pipe.release.set()
+    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="falls-back", batch=3, heartbeat_interval=0.2,
+                   liveness=50)
+    try:
+        r.job("lead", "r0", [rider("one", 1, "r1"), rider("two", 2, "r2")])
+        assert sorted(reports(r, 3)) == [("RESULT", "lead", "r0"), ("RESULT", "one", "r1"), ("RESULT", "two", "r2")]
+        assert [[t for t, _, _ in call] for call in pipe.calls] == [["lead", "one", "two"], ["lead"], ["one"], ["two"]]
+    finally:
+        r.close()
+
+
+def test_made_images_are_kept_for_the_broker_before_reports_of_unstarted_jobs(ctx) -> None:
+    pipe = Pipeline()
+    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="keeps", batch=4, heartbeat_interval=0.2, liveness=50)
+    try:
+        room = r.node._max_unacked
+        assert room >= 3 * 4, "not room for every report of a running, a finishing and a waiting call"
+        made = w.encode(w.Result("made", META), [png_bytes()])
+        r.node._keep("made", made)
+        for i in range(room + 5):  # a flood of RECALLED reports cannot push the image out
+            r.node._keep(f"given-back-{i}", w.encode(w.Error(f"given-back-{i}", e.RECALLED, "x")))
+        assert r.node._unacked["made"] == made and len(r.node._unacked) == room
+    finally:
+        r.close()

@@ -240,3 +240,19 @@ def test_a_task_that_never_runs_costs_its_key_nothing() -> None:
     q.remove("c1")  # the one after it moves up into its place
     assert q._live["c2"].tag == 1.0 and q.push("c3", "m", 0, 303, 0.0, owner="C") == 2.0
     assert len(q._heaps["m"]) <= 2 * len(q) + 64  # removals do not leave the heap growing
+
+
+def test_companions_follow_queue_order_and_are_bounded_by_what_the_node_could_run() -> None:
+    q = TaskQueue(affinity_slack=1.0)
+    for i in range(6):
+        q.push(f"y{i}", "y", 0, i, 0.0, owner="k2", cost=1.0)  # an early backlog of another model
+    for i in range(4):
+        q.push(f"x{i}", "x", 0, 10 + i, 0.0, owner="k1", cost=0.5)
+    q.push("x-later", "x", 1, 20, 0.0, owner="k1")
+    lead = q.take("x0")
+    # A node serving only x: its riders are the next x tasks in order, whatever y's queue holds.
+    assert [e.task_id for e in q.companions(lead, ["x"], limit=8)] == ["x1", "x2", "x3"]
+    assert [e.task_id for e in q.companions(lead, ["x"], limit=2)] == ["x1", "x2"]
+    # A node serving both may not pass y's earlier tasks by more than the slack.
+    assert [e.task_id for e in q.companions(lead, ["x", "y"], limit=8)] == ["x1", "x2"]  # x3 is 1.5 past y0
+    assert q.companions(lead, ["z"], limit=8) == []
