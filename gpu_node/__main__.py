@@ -64,8 +64,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                     help="1: take the next job while one runs, so it starts while the last image is encoded;"
                          " 0: one job at a time (env GENSERVE_PREFETCH)")
     ap.add_argument("--batch", type=int, default=int(env.get("GENSERVE_BATCH", d.batch)),
-                    help="most text2img tasks with equal model, size, steps, cfg, speed and LoRAs run in one"
-                         " pipeline call; 1: each alone (env GENSERVE_BATCH)")
+                    help="most queued text2img tasks with equal model, size, steps, cfg, speed and LoRAs run in"
+                         " one pipeline call; 1: each alone (env GENSERVE_BATCH)")
     ap.add_argument("--batch-max-pixels", type=int,
                     default=int(env.get("GENSERVE_BATCH_MAX_PIXELS", d.batch_pixels)),
                     help="only images of at most this many pixels run batched; 0: any size"

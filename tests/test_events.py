@@ -245,7 +245,8 @@ def test_queue_positions_are_streamed_while_waiting(stack: Stack) -> None:
     # All bob's: a task of alice's would come after bob's first, alice having had her turn (fair share).
     # The first waits on the node behind the blocker (prefetch), the second is first in the queue.
     ahead = [start(stack, "bob", {**SLOW, "num_inference_steps": 4})["task_id"] for _ in range(2)]
-    mine = start(stack, "bob", {**SLOW, "num_inference_steps": 4})["task_id"]
+    # (Another step count than theirs: it must not ride in a pipeline call with the second.)
+    mine = start(stack, "bob", {**SLOW, "num_inference_steps": 3})["task_id"]
     events = parse(stack.http.simulate_get(f"/task/{mine}/events", headers=as_("bob")).text)
     kinds = [e["event"] for e in events]
     assert events[0]["event"] == "snapshot" and events[0]["data"]["queue_position"] == 1
