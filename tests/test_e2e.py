@@ -7,15 +7,27 @@ import io
 import signal
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import DEFAULT_KEY, Cluster, wait_until
+from tests.conftest import DEFAULT_KEY, Cluster, Processes, wait_until
 
 pytestmark = pytest.mark.e2e
 HEADERS = {"Authorization": f"Bearer {DEFAULT_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One deployment for the tests here that neither stop a process nor change its keys (killed at the end)."""
+    root = tmp_path_factory.mktemp("e2e-shared")
+    procs = Processes(root)
+    try:
+        yield Cluster(procs, tiny_models, root / "broker")
+    finally:
+        procs.close()
 
 
 def image_of(response: requests.Response) -> tuple[bytes, Image.Image]:
@@ -24,21 +36,21 @@ def image_of(response: requests.Response) -> tuple[bytes, Image.Image]:
     return data, Image.open(io.BytesIO(data))
 
 
-def test_generate_returns_png_of_requested_size_and_is_deterministic(cluster: Cluster) -> None:
-    first, image = image_of(cluster.generate())
+def test_generate_returns_png_of_requested_size_and_is_deterministic(shared: Cluster) -> None:
+    first, image = image_of(shared.generate())
     assert image.format == "PNG" and image.size == (96, 64)
-    again, _ = image_of(cluster.generate())
-    other, _ = image_of(cluster.generate(seed=43))
+    again, _ = image_of(shared.generate())
+    other, _ = image_of(shared.generate(seed=43))
     assert first == again and first != other
 
 
-def test_polling_reaches_completed(cluster: Cluster) -> None:
-    r = cluster.generate(**{"async": True})
+def test_polling_reaches_completed(shared: Cluster) -> None:
+    r = shared.generate(**{"async": True})
     assert r.status_code == 202
     task_id = r.json()["task_id"]
 
     def completed():
-        body = requests.get(f"{cluster.url}/task/{task_id}", headers=HEADERS, timeout=10).json()
+        body = requests.get(f"{shared.url}/task/{task_id}", headers=HEADERS, timeout=10).json()
         assert body["status"] in ("queued", "running", "completed"), body
         return body if body["status"] == "completed" else None
 
@@ -46,17 +58,17 @@ def test_polling_reaches_completed(cluster: Cluster) -> None:
     assert Image.open(io.BytesIO(base64.b64decode(body["image"].split(",", 1)[1]))).size == (96, 64)
 
 
-def test_guide_polling_script_works_as_written(cluster: Cluster, tmp_path: Path) -> None:
+def test_guide_polling_script_works_as_written(shared: Cluster, tmp_path: Path) -> None:
     """Section 6.2 of the guide, with only the address and key substituted."""
     script = f"""
 API_KEY="{DEFAULT_KEY}"
-response=$(curl -s -X POST "{cluster.url}/generate" \\
+response=$(curl -s -X POST "{shared.url}/generate" \\
   -H "Content-Type: application/json" \\
   -H "Authorization: Bearer $API_KEY" \\
   -d '{{"prompt": "一只可爱的小猫", "mode": "text2img", "height": 64, "width": 64, "num_inference_steps": 2}}')
 task_id=$(echo $response | jq -r '.task_id')
 while true; do
-  result=$(curl -s -X GET "{cluster.url}/task/$task_id" -H "Authorization: Bearer $API_KEY")
+  result=$(curl -s -X GET "{shared.url}/task/$task_id" -H "Authorization: Bearer $API_KEY")
   status=$(echo $result | jq -r '.status')
   if [ "$status" = "completed" ]; then
     echo "任务完成!"
@@ -87,20 +99,20 @@ def test_health_turns_unhealthy_when_the_only_node_dies(cluster: Cluster) -> Non
     assert quick.status_code == 503 and quick.json()["success"] is False
 
 
-def test_bad_requests_never_crash_a_process(cluster: Cluster) -> None:
+def test_bad_requests_never_crash_a_process(shared: Cluster) -> None:
     bad = [b"{", b"[]", b'{"prompt": 1}', b'{"prompt": "x", "width": 99999}', b"\xff\xfe",
            b'{"prompt": "x", "mode": "img2img", "input_image": "/etc/passwd"}']
     for body in bad:
-        r = requests.post(f"{cluster.url}/generate", data=body, timeout=10,
+        r = requests.post(f"{shared.url}/generate", data=body, timeout=10,
                           headers={**HEADERS, "Content-Type": "application/json"})
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
     for name in ("broker", "node0", "front"):
-        assert cluster.procs.procs[name].poll() is None, cluster.procs.log(name)
-    image_of(cluster.generate())
+        assert shared.procs.procs[name].poll() is None, shared.procs.log(name)
+    image_of(shared.generate())
 
 
-def test_front_warns_while_the_default_key_is_in_use(cluster: Cluster) -> None:
-    log = cluster.procs.log("front")
+def test_front_warns_while_the_default_key_is_in_use(shared: Cluster) -> None:
+    log = shared.procs.log("front")
     assert "WARNING" in log and "the default key works" in log and "loopback clients only" in log
     assert "Logging error" not in log and "Traceback" not in log
 

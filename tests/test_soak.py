@@ -28,8 +28,8 @@ from tests.conftest import Cluster, Processes, free_port, wait_healthy, wait_unt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-DURATION = 45.0  # seconds of submissions and kills
-KILL_EVERY = 9.0
+DURATION = 32.0  # seconds of submissions and kills
+KILL_EVERY = 7.0
 BODY = {"prompt": "soak", "width": 64, "height": 64, "num_inference_steps": 4, "async": True}
 
 
