@@ -46,76 +46,91 @@ class NodeSide:
 
     def _on_ready(self: Broker, identity: bytes, _node: Node | None, msg: w.Message) -> None:
         h: w.Ready = msg.header
-        busy = h.busy_task
         old = self.nodes.get(identity) or self._same_process(identity, h)
-        kept, riders = self._kept(old, identity, h) if old is not None else ([], [])
+        running, waiting, riders = self._kept(old, identity, h) if old is not None else (None, None, [])
         if old is not None and old.identity != identity:
             self.nodes.remove(old.identity)
         node = self.nodes.register(identity, h, self.clock())
         self._release_held(node, h)
-        if kept or riders:
-            if not kept:  # its call's lead is gone: a rider holds the node's place until the call reports
-                kept, riders = riders[:1], riders[1:]
-            node.state, node.task_id = BUSY, kept[0].task_id
-            node.next_id = kept[1].task_id if len(kept) > 1 else None
-            node.riders = {one.task_id for one in riders}
-            for one in (*kept, *riders):
-                one.node = identity
-                self.table.update(one)
-            started = next((one for one in kept if one.task_id == busy and one.prefetched), None)
-            if started is not None:
-                self._node_began(started, node)  # it took the waiting job while it was away
-        elif busy or h.busy_riders:
-            # After a broker restart (or once it expired the node) the node still runs this call: it keeps
-            # what is still in line; what ended or runs elsewhere it stops.
-            claimed = []
-            for task_id in (busy, *h.busy_riders):
-                one = self.table.claim(task_id) if task_id else None
-                if one is not None:
-                    claimed.append(one)
-                elif task_id:
-                    self._to_node(node, w.Cancel(task_id, "task unknown or reassigned"))
-            if claimed:
-                self._start(claimed[0], node, resumed=True, riders=claimed[1:])
-            else:
-                node.state, node.task_id = BUSY, None  # until it reports idle
+        if running or waiting or riders:
+            self._keep_on(node, h, running, waiting, riders)
+        elif h.busy_task or h.busy_riders:
+            self._resume_call(node, h)
         elif h.busy:
             node.state, node.task_id = BUSY, None  # until it reports idle
         log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
         self._dispatch()
 
-    def _kept(self: Broker, old: Node, identity: bytes, h: w.Ready) -> tuple[list[Task], list[Task]]:
-        """Of what the node's previous entry ran or held, the tasks it keeps (running and waiting JOBs,
-        then riders); the others go back in line.
+    def _keep_on(self: Broker, node: Node, h: w.Ready, running: Task | None, waiting: Task | None,
+                 riders: list[Task]) -> None:
+        """Put back on a re-registered node what it kept of its previous entry."""
+        if running is None and waiting is not None and (waiting.task_id == h.busy_task or not h.busy):
+            running, waiting = waiting, None  # it took the waiting job, or runs nothing and starts it at once
+        elif running is None and h.busy:
+            # What it runs has no kept lead (cancelled while its call runs on): a kept rider of that call
+            # holds the node's place until the call reports; without one it is busy until it says it is idle.
+            running = next((one for one in riders if one.task_id in h.busy_riders), None)
+            riders = [one for one in riders if one is not running]
+        node.state, node.task_id = BUSY, running.task_id if running else None
+        node.next_id = waiting.task_id if waiting else None
+        node.riders = {one.task_id for one in riders}
+        for one in (running, waiting, *riders):
+            if one is not None:
+                one.node = node.identity
+                self.table.update(one)
+        started = next((one for one in (running, waiting) if one and one.task_id == h.busy_task and one.prefetched),
+                       None)
+        if started is not None:
+            self._node_began(started, node)  # it took the waiting job while it was away
+
+    def _resume_call(self: Broker, node: Node, h: w.Ready) -> None:
+        """After a broker restart, or once it expired the node, the node still runs this call: it keeps the
+        call's tasks that are still in line. If one runs elsewhere now, the whole call stops, since a
+        shared call runs on for as long as any of its tasks wants it."""
+        members = [t for t in (h.busy_task, *h.busy_riders) if t]
+        elsewhere = any((task := self.tasks.get(t)) is not None and not task.final and task.state != w.QUEUED
+                        for t in members)
+        claimed = [] if elsewhere else [one for t in members if (one := self.table.claim(t)) is not None]
+        kept = {one.task_id for one in claimed}
+        for task_id in members:
+            if task_id not in kept:
+                self._to_node(node, w.Cancel(task_id, "task unknown or reassigned"))
+        if claimed:
+            self._start(claimed[0], node, resumed=True, riders=claimed[1:])
+        else:
+            node.state, node.task_id = BUSY, None  # until it reports idle
+
+    def _kept(self: Broker, old: Node, identity: bytes, h: w.Ready) -> tuple[Task | None, Task | None, list[Task]]:
+        """Of what the node's previous entry ran, held waiting or carried as riders, the tasks it keeps;
+        the others go back in line.
 
         It keeps a task it runs or will report on; on the same connection also one whose JOB is
         still on the way (sent after this READY left, and that connection keeps order).
         """
         claims = {h.busy_task, *h.busy_riders, *(h.reports or ())}
-        kept: list[Task] = []
-        riders: list[Task] = []
-        held = [(old.task_id, False, kept), (old.next_id, True, kept)]
-        for rider in sorted(old.riders):
-            task = self.tasks.get(rider)
-            held.append((rider, task is not None and task.prefetched, riders))
-        for task_id, waiting, into in held:
+
+        def keep(task_id: str | None, waiting: bool) -> Task | None:
             task = self.tasks.get(task_id or "")
             if task is None or task.final:
-                continue
+                return None
             if task_id in claims or (old.identity == identity and (waiting or h.busy_task is None)):
-                into.append(task)
-            else:
-                self._requeue(task, "node re-registered", refund=task.prefetched)  # a waiting job never started
+                return task
+            self._requeue(task, "node re-registered", refund=task.prefetched)  # a waiting job never started
+            return None
+
+        running, waiting = keep(old.task_id, False), keep(old.next_id, True)
+        riders = [one for task_id in sorted(old.riders)
+                  if (one := keep(task_id, self.tasks[task_id].prefetched if task_id in self.tasks else False))]
         old.task_id = old.next_id = None
         old.riders = set()
-        return kept, riders
+        return running, waiting, riders
 
     def _release_held(self: Broker, node: Node, h: w.Ready) -> None:
         """Tasks held since a restart for this node go back in line if it neither runs nor reports them."""
         if h.reports is None:
             return  # an older node does not say what it will report: the recovery grace decides
         for task_id in self.table.held_for(node.node_id):
-            if task_id != h.busy_task and task_id not in h.reports:
+            if task_id != h.busy_task and task_id not in h.reports and task_id not in h.busy_riders:
                 log.info("node %s came back without task %s: it goes back in line", node.node_id, task_id,
                          extra=ids(task_id, node.node_id))
                 self.table.release(task_id, self.clock())

@@ -219,7 +219,8 @@ class Broker(FrontSide, NodeSide, Placement):
     def _job_undelivered(self, task: Task, node: Node, exc: zmq.ZMQError) -> None:
         log.warning("cannot send task %s to node %s: %s", task.task_id, node.node_id, exc,
                     extra=ids(task.task_id, node.node_id))
-        if task.state == w.RUNNING and task.node == node.identity:
+        riders = [self.tasks.get(r) for r in task.riders]
+        if any(one is not None and one.state == w.RUNNING and one.node == node.identity for one in (task, *riders)):
             self.nodes.remove(node.identity)
             self._requeue_node_task(node, "node unreachable", undelivered={task.task_id, *task.riders})
 

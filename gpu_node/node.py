@@ -378,8 +378,10 @@ class Node(WorkerSide):
     def _keep(self, task_id: str, frames: list[bytes]) -> None:
         self._unacked[task_id] = frames
         while len(self._unacked) > self._max_unacked:
-            # A made image is the last to go: dropping it means running its task again.
-            dropped = next((t for t, kept in self._unacked.items() if kept[1] != w.RESULT), next(iter(self._unacked)))
+            # A made image is the last to go: dropping it means running its task again. The report just
+            # kept stays: the caller sends it, or lists it in READY.
+            older = [t for t in self._unacked if t != task_id]
+            dropped = next((t for t in older if self._unacked[t][1] != w.RESULT), older[0])
             del self._unacked[dropped]
             log.warning("dropping the unacknowledged report of task %s (more than %d kept)", dropped, self._max_unacked,
                         extra=ids(dropped, self.node_id))
@@ -391,7 +393,8 @@ class Node(WorkerSide):
         if self.dealer is not None:
             self._send(self._heartbeat(leaving=True))  # no new JOB, please
         for task_id in self._give_back("node is stopping").recalled:
-            self._send_frames(self._unacked[task_id])
+            if task_id in self._unacked:
+                self._send_frames(self._unacked[task_id])
         if self.slot.running is not None:
             log.info("stopping: task %s will be re-queued after its current step", self.slot.running,
                      extra=ids(self.slot.running, self.node_id))

@@ -139,7 +139,11 @@ class WorkerSide:
             log.warning("the shared call of %s failed; running its %d tasks one by one", lead, len(jobs),
                         extra=ids(lead, self.node_id))
         for job in jobs:
-            outcomes += self._call([job], push, alone=True)
+            if self._stopped(job.task_id):  # cancelled or given up during the failed call: no second start
+                code = e.CANCELLED if job.task_id in self._cancelled else e.ABANDONED
+                outcomes.append((job.task_id, w.encode(w.Error(job.task_id, code, "stopped after its shared call"))))
+            else:
+                outcomes += self._call([job], push, alone=True)
         return outcomes
 
     def _stopped(self: Node, task_id: str) -> bool:
@@ -147,7 +151,8 @@ class WorkerSide:
 
     def _call(self: Node, jobs: list, push: zmq.Socket,
               alone: bool = False) -> list[tuple[str, Encode | list[bytes]]] | None:
-        """One pipeline call for `jobs`; per task its encoder or ERROR frames. None: a shared call failed."""
+        """One pipeline call for `jobs`; per task its encoder or ERROR frames. None: a shared call failed
+        (`alone`: none will be tried after this one, so a failure is each job's own)."""
         from gpu_node.errors import Cancelled, JobError
 
         lead = jobs[0].task_id
@@ -174,6 +179,7 @@ class WorkerSide:
         def each(code: str, message: str) -> list[tuple[str, Encode | list[bytes]]]:
             return [(job.task_id, w.encode(w.Error(job.task_id, code, message))) for job in jobs]
 
+        shared = len(jobs) > 1 and not alone
         started = time.perf_counter()
         try:
             try:
@@ -184,8 +190,8 @@ class WorkerSide:
                     encoders = self.batch_runner(jobs, on_step, should_stop)
             finally:
                 self.busy_seconds += time.perf_counter() - started
-                self.jobs += len(jobs)
         except Cancelled:
+            self.jobs += len(jobs)
             at = self._cancel_step if self._cancel_step is not None else self._step
             log.info("task %s stopped at step %d (cancel arrived at step %d)", lead, self._step, at, extra=tagged)
             # Only the broker's own CANCEL ends a task; stopping or losing the broker re-queues it.
@@ -193,15 +199,23 @@ class WorkerSide:
                                                    else e.ABANDONED, f"stopped at step {self._step}")))
                     for job in jobs]
         except JobError as exc:
-            return each(exc.code, str(exc)) if alone else None
+            if shared:
+                return None  # its jobs run again alone, and are counted then
+            self.jobs += len(jobs)
+            return each(exc.code, str(exc))
         except Exception as exc:  # any failure fails this job only; the node keeps serving
             log.exception("task %s failed", lead, extra=tagged)
-            return each(e.GENERATION, f"{type(exc).__name__}: {exc}") if alone else None
+            if shared:
+                return None
+            self.jobs += len(jobs)
+            return each(e.GENERATION, f"{type(exc).__name__}: {exc}")
+        self.jobs += len(jobs)
         outcomes: list[tuple[str, Encode | list[bytes]]] = []
         for job, encode in zip(jobs, encoders):
-            # Cancelled while the call ran on for the others: its image is not wanted. A finished image of a
-            # task given up (node stopping, broker silent) is still sent: finished work is never redone.
-            if job.task_id in self._cancelled:
+            # Cancelled while a shared call ran on for the others: its image is not wanted. A finished image
+            # of a task alone, or of one given up (node stopping, broker silent), is still sent: the broker
+            # may adopt it, and finished work is never redone.
+            if len(jobs) > 1 and job.task_id in self._cancelled:
                 outcomes.append((job.task_id, w.encode(w.Error(job.task_id, e.CANCELLED, "cancelled during its call"))))
             else:
                 outcomes.append((job.task_id, encode))

@@ -150,10 +150,13 @@ def test_a_cancelled_rider_is_stopped_on_its_node_and_the_others_complete(patien
     assert client.request(w.CancelTask(0, rider)).header.body.task.status == w.CANCELLED
     cancel = recv_command(a, w.CANCEL)
     assert cancel is not None and cancel.header.task_id == rider
+    more = submit(client, spec(prompt="more"))
     assert a.recv_job(timeout=0.3) is None, "the node got work while its call still ran"
     a.error(rider, e.CANCELLED, run=runs(msg)[rider])  # the call ran on for the others
+    assert a.recv_job(timeout=0.3) is None, "the cancelled rider's report freed its node"
     a.finish(other, run=runs(msg)[other])
     a.finish(lead, run=runs(msg)[lead])
+    assert job_tasks(a.recv_job()) == [more]  # the call's end freed the node
     wait_until(lambda: view(client, lead).status == w.COMPLETED and view(client, other).status == w.COMPLETED, 5)
     assert view(client, rider).status == w.CANCELLED and bt.broker.journal.result(rider) is None
 
@@ -189,12 +192,13 @@ def test_a_cancelled_waiting_lead_keeps_its_place_until_its_node_reports_and_its
     lead, *riders = job_tasks(msg)
     assert client.request(w.CancelTask(0, lead)).header.body.task.status == w.CANCELLED
     assert recv_command(a, w.CANCEL).header.task_id == lead
+    more = submit(client, spec(prompt="more"))
     assert a.recv_job(timeout=0.3) is None, "another job was sent to wait before the node said what it did"
     for rider in riders:  # it had not started: its riders are given back,
         a.error(rider, e.RECALLED, run=runs(msg)[rider])
     a.error(lead, e.CANCELLED, run=runs(msg)[lead])  # and the lead dropped
     again = a.recv_job()  # the waiting place is free again
-    assert job_tasks(again) == riders == waiting[1:]
+    assert riders == waiting[1:] and job_tasks(again) == [*riders, more]  # back at their places in line
     assert [view(client, t).attempts for t in riders] == [1, 1]  # this JOB's only: the recalled one was refunded
     a.finish(running, run=run)
     wait_until(lambda: view(client, running).status == w.COMPLETED, 5)
@@ -320,3 +324,42 @@ def test_a_node_that_took_its_waiting_job_while_away_has_it_running_not_waiting(
     a2.finish(rider, run=runs(msg)[rider])
     a2.finish(lead, run=runs(msg)[lead])
     wait_until(lambda: all(view(client, t).status == w.COMPLETED for t in (running, lead, rider)), 5)
+
+
+def test_a_node_back_with_a_call_whose_lead_was_cancelled_stays_busy_until_that_call_reports(
+        patient_parts) -> None:
+    bt, client, node, a, running, run, msg, waiting = waiting_batch(patient_parts, 2)
+    lead, rider = job_tasks(msg)
+    a.finish(running, run=run)  # the waiting JOB runs now
+    wait_until(lambda: view(client, rider).status == w.RUNNING, 5)
+    nxt = [submit(client, spec(seed=7))]
+    behind = a.recv_job()  # it waits behind the call
+    assert job_tasks(behind) == nxt
+    client.request(w.CancelTask(0, lead))  # the call runs on for its rider
+    assert recv_command(a, w.CANCEL).header.task_id == lead
+    # The same process on a new connection: it still runs the call and gives back the waiting JOB.
+    a2 = node("a", identity=b"fake-a-2").ready(busy_task=lead, busy_riders=[rider], reports=nxt, batch=3,
+                                                prefetch=1)
+    for task_id, task_run in runs(behind).items():
+        a2.error(task_id, e.RECALLED, run=task_run)
+    got = a2.recv_job()  # it may wait behind the call, never run as if the node were free
+    assert got is not None and all(view(client, t).status == w.QUEUED for t in job_tasks(got))
+    a2.finish(rider, run=runs(msg)[rider])
+    a2.error(lead, e.CANCELLED, run=runs(msg)[lead])
+    wait_until(lambda: all(view(client, t).status == w.RUNNING for t in job_tasks(got)), 5,
+               what="the waiting JOB to start once the call ended")
+    assert view(client, rider).status == w.COMPLETED
+
+
+def test_a_node_back_with_a_call_one_of_whose_tasks_runs_elsewhere_is_told_to_stop_all_of_it(parts) -> None:
+    bt, client, node, a, first, run, queued = backlog(parts, 2, batch=3)
+    a.finish(first, run=run)
+    assert job_tasks(a.recv_job()) == queued
+    wait_until(lambda: not bt.broker.nodes, 10, what="the silent node to expire")  # both go back in line
+    b = node("b").ready()  # b does not batch
+    assert job_tasks(b.recv_job()) == queued[:1]
+    a.ready(busy_task=queued[0], busy_riders=[queued[1]], batch=3)  # a ran on meanwhile
+    stops = {recv_command(a, w.CANCEL).header.task_id for _ in queued}
+    assert stops == set(queued), "a call that runs on for one task keeps computing the other twice"
+    assert view(client, queued[1]).node_id != "a"  # still in line (or on b), not resumed on a
+    b.heartbeat()

@@ -1,6 +1,6 @@
 """A real Node (threads, slot, sockets) with fake pipeline runners: one JOB with riders is one pipeline call.
 
-Each task of the call reports on its own, riders before the lead; a cancel stops one task, and
+Each task of the call reports on its own; a cancel stops one task, and
 the call only when none is left; a node that gives the call up gives up every task of it; a
 waiting JOB given back or cancelled brings every rider back unstarted.
 """
@@ -203,11 +203,47 @@ def test_made_images_are_kept_for_the_broker_before_reports_of_unstarted_jobs(ct
     r = RouterNode(ctx, pipe.single, pipe.batch, node_id="keeps", batch=4, heartbeat_interval=0.2, liveness=50)
     try:
         room = r.node._max_unacked
-        assert room >= 3 * 4, "not room for every report of a running, a finishing and a waiting call"
         made = w.encode(w.Result("made", META), [png_bytes()])
         r.node._keep("made", made)
         for i in range(room + 5):  # a flood of RECALLED reports cannot push the image out
             r.node._keep(f"given-back-{i}", w.encode(w.Error(f"given-back-{i}", e.RECALLED, "x")))
         assert r.node._unacked["made"] == made and len(r.node._unacked) == room
+    finally:
+        r.close()
+
+
+def test_a_job_sent_again_or_naming_a_held_rider_runs_nothing_twice(ctx) -> None:
+    pipe = Pipeline()
+    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="again", batch=3, heartbeat_interval=0.2, liveness=50)
+    try:
+        r.job("lead", "r0", [rider("one", 1, "r1")])
+        wait_until(lambda: pipe.calls, 10, 0.01, "the call to start")
+        r.job("lead", "r2", [rider("one", 1, "r3")])  # the same JOB again: both report as this assignment
+        r.job("new", "r4", [rider("one", 1, "r5")])  # a JOB naming a rider it runs: that one is not taken again
+        wait_until(lambda: r.node.slot.waiting() == ["new"], 10, 0.01)
+        pipe.release.set()
+        assert sorted(reports(r, 3)) == [("RESULT", "lead", "r2"), ("RESULT", "new", "r4"), ("RESULT", "one", "r5")]
+        assert [[t for t, _, _ in call] for call in pipe.calls] == [["lead", "one"], ["new"]]
+    finally:
+        r.close()
+
+
+def test_ready_names_the_riders_of_the_running_call_and_a_cancelled_waiting_rider_reports_cancelled(ctx) -> None:
+    pipe = Pipeline()
+    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="ready", batch=3, heartbeat_interval=0.2, liveness=50)
+    try:
+        r.job("lead", "r0", [rider("one", 1, "r1"), rider("two", 2, "r2")])
+        r.job("next", "r3", [rider("three", 3, "r4")])
+        wait_until(lambda: pipe.calls and r.node.slot.waiting() == ["next"], 10, 0.01)
+        r.send(w.Cancel("three"))
+        wait_until(lambda: "three" in r.node._cancelled, 10, 0.01)
+        threading.Event().wait(0.3)  # (a node re-registers at most once per heartbeat interval)
+        r.send(w.Disconnect("not registered"))  # a restarted broker asks it to register again
+        ready = r.next(w.READY)[1].header
+        assert (ready.busy_task, ready.busy_riders) == ("lead", ["one", "two"])
+        assert {"next", "three"} <= set(ready.reports)  # the waiting JOB is given back
+        given = sorted(reports(r, 2))
+        assert given == [("ERROR", "next", e.RECALLED), ("ERROR", "three", e.CANCELLED)]
+        assert "three" not in r.node._cancelled and not r.node._groups.get("next")
     finally:
         r.close()
