@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from broker.nodes import BUSY, Node
+from broker.nodes import BUSY, IDLE, Node
 from broker.results import check_image
 from broker.tasks import Task
 from genserve import errors as e
@@ -71,7 +71,9 @@ class NodeSide:
             # holds the node's place until the call reports; without one it is busy until it says it is idle.
             running = next((one for one in riders if one.task_id in h.busy_riders), None)
             riders = [one for one in riders if one is not running]
-        node.state, node.task_id = BUSY, running.task_id if running else None
+        # Only riders kept, and nothing running: their call has ended (their reports are on the way).
+        node.state = BUSY if running or waiting or h.busy else IDLE
+        node.task_id = running.task_id if running else None
         node.next_id = waiting.task_id if waiting else None
         node.riders = {one.task_id for one in riders}
         for one in (running, waiting, *riders):
@@ -95,6 +97,9 @@ class NodeSide:
         for task_id in members:
             if task_id not in kept:
                 self._to_node(node, w.Cancel(task_id, "task unknown or reassigned"))
+                # One held for this node goes back in line now: the broker stopped it, the node did not fail it.
+                if elsewhere and task_id in self.table.held_for(node.node_id):
+                    self.table.release(task_id, self.clock())
         if claimed:
             self._start(claimed[0], node, resumed=True, riders=claimed[1:])
         else:

@@ -337,9 +337,9 @@ def test_a_node_back_with_a_call_whose_lead_was_cancelled_stays_busy_until_that_
     assert job_tasks(behind) == nxt
     client.request(w.CancelTask(0, lead))  # the call runs on for its rider
     assert recv_command(a, w.CANCEL).header.task_id == lead
-    # The same process on a new connection: it still runs the call and gives back the waiting JOB.
-    a2 = node("a", identity=b"fake-a-2").ready(busy_task=lead, busy_riders=[rider], reports=nxt, batch=3,
-                                                prefetch=1)
+    # It registers again on the same connection (as after a restarted broker's DISCONNECTs): it still runs
+    # the call, and gives back the waiting JOB.
+    a2 = a.ready(busy_task=lead, busy_riders=[rider], reports=nxt, batch=3, prefetch=1)
     for task_id, task_run in runs(behind).items():
         a2.error(task_id, e.RECALLED, run=task_run)
     got = a2.recv_job()  # it may wait behind the call, never run as if the node were free
@@ -363,3 +363,16 @@ def test_a_node_back_with_a_call_one_of_whose_tasks_runs_elsewhere_is_told_to_st
     assert stops == set(queued), "a call that runs on for one task keeps computing the other twice"
     assert view(client, queued[1]).node_id != "a"  # still in line (or on b), not resumed on a
     b.heartbeat()
+
+
+def test_a_node_back_idle_with_only_rider_reports_to_come_gets_work_at_once(patient_parts) -> None:
+    bt, client, _, a, first, run, queued = backlog(patient_parts, 2, batch=3)
+    a.finish(first, run=run)
+    msg = a.recv_job()
+    lead, rider = job_tasks(msg)
+    a.finish(lead, run=runs(msg)[lead])  # the call ended; its rider's report is still on its way
+    a.ready(reports=[rider], batch=3)  # registers again, idle
+    more = submit(client, spec(prompt="more", width=32))
+    assert job_tasks(a.recv_job()) == [more], "an idle node waited for an idle heartbeat"
+    a.finish(rider, run=runs(msg)[rider])
+    wait_until(lambda: view(client, rider).status == w.COMPLETED, 5)
