@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 MAX_WARNED_PEERS = 1024
 
 
+def _unwinding(h: w.Ready) -> set[str] | None:
+    """The tasks whose final report means a re-registered busy node is free (None: an older node, any)."""
+    if h.unwinding is None:
+        return None
+    return {*h.unwinding, *h.busy_riders, *([h.busy_task] if h.busy_task else [])}
+
+
 class NodeSide:
     """Handlers for the backend ROUTER."""
 
@@ -57,7 +64,7 @@ class NodeSide:
         elif h.busy_task or h.busy_riders:
             self._resume_call(node, h)
         elif h.busy:
-            node.state, node.task_id = BUSY, None  # until it reports idle
+            node.unwind(_unwinding(h))  # until it reports idle, or on what it gave up
         log.info("node %s registered: %s serving %s", node.node_id, node.device, sorted(node.models))
         self._dispatch()
 
@@ -74,6 +81,7 @@ class NodeSide:
         # Only riders kept, and nothing running: their call has ended (their reports are on the way).
         node.state = BUSY if running or waiting or h.busy else IDLE
         node.task_id = running.task_id if running else None
+        node.unwinding = _unwinding(h) if running is None and h.busy else None
         node.next_id = waiting.task_id if waiting else None
         node.riders = {one.task_id for one in riders}
         for one in (running, waiting, *riders):
@@ -103,7 +111,7 @@ class NodeSide:
         if claimed:
             self._start(claimed[0], node, resumed=True, riders=claimed[1:])
         else:
-            node.state, node.task_id = BUSY, None  # until it reports idle
+            node.unwind(_unwinding(h))  # until it reports idle, or on the call it was told to stop
 
     def _kept(self: Broker, old: Node, identity: bytes, h: w.Ready) -> tuple[Task | None, Task | None, list[Task]]:
         """Of what the node's previous entry ran, held waiting or carried as riders, the tasks it keeps;
@@ -225,7 +233,7 @@ class NodeSide:
         elif h.code == e.NODE_BUSY and h.task_id == node.task_id:
             # A job to run now was refused: busy with work we do not know of, idle when it says so.
             # A job sent to wait behind it keeps its place (it has not started, and may still run there).
-            node.task_id = None
+            node.unwind(set())  # only its idle heartbeat says it is free
             task = self._owned(node, h.task_id)
         else:
             prefetched = h.task_id == node.next_id
@@ -233,7 +241,7 @@ class NodeSide:
             if h.code == e.NODE_BUSY and prefetched:
                 node.prefetch_refused = True  # it still unwinds something: no more waiting jobs until it reports
             elif h.code == e.NODE_BUSY:
-                node.state, node.task_id = BUSY, None  # busy with work we do not know of: idle when it says so
+                node.unwind(set())  # busy with work we do not know of: idle when it says so
         if task is not None and h.code in (e.NODE_BUSY, e.RECALLED):
             why = "its node could not take it" if h.code == e.NODE_BUSY else "recalled unstarted"
             self._requeue(task, why, refund=True)  # it never started
@@ -278,7 +286,8 @@ class NodeSide:
         elif node.next_id == task_id:
             node.next_id = None  # a waiting job came back (recalled, refused or cancelled)
             node.recalling = None
-        elif node.task_id == task_id or (node.state == BUSY and node.task_id is None):
+        elif node.task_id == task_id or (node.state == BUSY and node.task_id is None
+                                         and (node.unwinding is None or task_id in node.unwinding)):
             node.free_running()  # also ends a cancelled task's unwinding; a waiting job runs now
             node.prefetch_refused = False
             promoted = self.tasks.get(node.task_id or "")

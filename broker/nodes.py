@@ -27,6 +27,9 @@ class Node:
     pid: int = 0
     state: str = IDLE
     task_id: str | None = None  # the job it runs (or will report on); None while BUSY: unwinding a cancel
+    # While BUSY with no task_id: the tasks whose final report ends what it still runs (an idle heartbeat
+    # does too); None: not known (an older node), so any final report does.
+    unwinding: set[str] | None = None
     next_id: str | None = None  # a job waiting on the node behind task_id (prefetch)
     prefetch: int = 0  # jobs it takes beyond the running one (0 or 1 here)
     batch: int = 1  # most tasks it runs in one pipeline call
@@ -57,6 +60,12 @@ class Node:
         self.task_id, self.next_id = self.next_id, None
         self.state = BUSY if self.task_id else IDLE
         self.recalling = None
+        self.unwinding = None
+
+    def unwind(self, tasks: set[str] | list[str] | None) -> None:
+        """It still runs what it gave up (or what the broker cancelled): busy until one of `tasks` reports."""
+        self.state, self.task_id = BUSY, None
+        self.unwinding = set(tasks) if tasks is not None else None
 
     def view(self, now: float) -> NodeView:
         """The node as INFO reports it (and `genservectl nodes` shows it)."""

@@ -264,7 +264,7 @@ class Broker(FrontSide, NodeSide, Placement):
             elif node is not None and task.task_id in (node.task_id, node.next_id):
                 self._to_node(node, w.Cancel(task.task_id, reason))
                 if node.task_id == task.task_id:
-                    node.task_id = None  # the node keeps BUSY until it reports, so nothing overlaps
+                    node.unwind({task.task_id})  # the node keeps BUSY until it reports, so nothing overlaps
                 elif not node.riders.intersection(task.riders):
                     node.next_id = None  # a waiting job is dropped at once (or stops if it just started)
                 # else its riders may have started in its call: its place stays taken until the node reports

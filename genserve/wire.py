@@ -276,6 +276,9 @@ class Ready(_Header):
     loras: list[LoraInfo] = []
     busy_task: str | None = None
     busy_riders: list[str] = []  # the riders of busy_task's JOB, in the same pipeline call
+    # Tasks it gave up but still runs (busy without busy_task): their final reports, not any other,
+    # mean it is free. None: an older node that does not say.
+    unwinding: list[str] | None = None
     busy: bool = False
     # Tasks whose final report (RESULT or ERROR) follows on this connection: reports kept while
     # the broker was away, and a task this node gave up but is still unwinding. None: an older

@@ -130,15 +130,18 @@ class Node(WorkerSide):
         keeps = running if running not in self._abandoned else None
         reports = [*self._unacked, *held.finishing]
         riders = list(self._groups.get(running, ())) if running is not None else []
+        unwinding: list[str] = []
         if running is not None and keeps is None:
             # Abandoned: its RESULT or ERROR, and its riders', come when the worker stops.
-            reports.extend(t for t in (running, *riders) if t not in reports)
+            unwinding = [running, *riders]
+            reports.extend(t for t in unwinding if t not in reports)
             riders = []
         caps = self.capabilities(True)
         self._send(w.Ready(node_id=self.node_id, device=self.config.device, host=socket.gethostname(),
                            pid=os.getpid(), models=caps.models, memory_total=caps.memory_total,
                            memory_free=caps.memory_free, loaded=caps.loaded, loras=caps.loras or [],
                            busy_task=keeps, busy_riders=riders, busy=running is not None, reports=reports,
+                           unwinding=unwinding,
                            prefetch=self.slot.prefetch, batch=self.batch, batch_pixels=self.config.batch_pixels))
         for task_id, frames in self._unacked.items():
             log.info("re-sending the unacknowledged report of task %s", task_id, extra=ids(task_id, self.node_id))

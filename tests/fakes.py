@@ -42,14 +42,15 @@ class FakeNode:
 
     def ready(self, busy_task: str | None = None, busy: bool = False,
               reports: Sequence[str] | None = (), prefetch: int = 0, batch: int = 1,
-              batch_pixels: int = 0, busy_riders: Sequence[str] = ()) -> "FakeNode":
+              batch_pixels: int = 0, busy_riders: Sequence[str] = (),
+              unwinding: Sequence[str] | None = None) -> "FakeNode":
         """Register (READY with capabilities); `busy` without a task: still unwinding an abandoned job;
         `reports`: tasks whose RESULT or ERROR follows (None: say nothing, as an older node);
         `prefetch`: jobs it takes beyond the running one; `batch`: most tasks per pipeline call."""
         self.send(w.Ready(node_id=self.name, device="fake", host="fakehost", pid=1, models=self.models,
                           loaded=self.loaded, memory_total=1 << 30, memory_free=1 << 29, busy_task=busy_task,
                           busy=busy or busy_task is not None, reports=None if reports is None else list(reports),
-                          busy_riders=list(busy_riders),
+                          busy_riders=list(busy_riders), unwinding=None if unwinding is None else list(unwinding),
                           prefetch=prefetch, batch=batch, batch_pixels=batch_pixels))
         return self
 

@@ -431,3 +431,28 @@ def test_a_result_whose_header_claims_a_giant_image_fails_the_task_cleanly(parts
     assert ack.command == w.RESULT_ACK
     task = client.request(w.Status(0, task_id)).header.body.task
     assert task.status == "failed" and "invalid result" in task.error
+
+
+def test_a_node_unwinding_a_cancelled_task_is_freed_by_that_tasks_report_not_another(patient_parts) -> None:
+    bt, client, node = patient_parts
+    a = node("a").ready()
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    done = submit(client, spec())
+    done_run = a.recv_job().header.run
+    a.finish(done, run=done_run)
+    wait_until(lambda: bt.broker.tasks[done].state == w.COMPLETED, 5)
+    running = submit(client, spec(seed=2))
+    run = a.recv_job().header.run
+    client.request(w.CancelTask(0, running))  # the node stops it at its next step
+    more = submit(client, spec(seed=3))
+    a.finish(done, run=done_run)  # a report sent again (its acknowledgement was lost) ends nothing
+    assert a.recv_job(timeout=0.3) is None, "a stray report freed a node still unwinding its cancelled task"
+    a.error(running, e.CANCELLED, run=run)
+    assert a.recv_job().header.task_id == more
+    # The same after it registers again while still stopping a task it gave up: only that task's report frees it.
+    other = submit(client, spec(seed=4))
+    a.ready(busy=True, reports=[more, done], unwinding=[more])
+    a.finish(done, run=done_run)
+    assert a.recv_job(timeout=0.3) is None, "a stray report freed a node still unwinding what it gave up"
+    a.error(more, e.ABANDONED)
+    assert a.recv_job().header.task_id in (more, other)

@@ -30,6 +30,7 @@ class Pipeline:
         self.stopped: list[tuple[list[str], set[str]]] = []  # each stopped call's tasks, and what was cancelled
         self.node: Any = None
         self.fail_shared = False
+        self.deaf = False  # a step that takes longer than the node's patience: it sees no stop until released
 
     def _run(self, jobs: list[Any], should_stop: Any) -> list[Any]:
         from gpu_node.errors import Cancelled
@@ -38,7 +39,7 @@ class Pipeline:
         if self.fail_shared and len(jobs) > 1:
             raise RuntimeError("CUDA out of memory (a fake one)")
         while not self.release.wait(0.01):
-            if should_stop():
+            if should_stop() and not self.deaf:
                 self.stopped.append(([j.task_id for j in jobs], set(self.node._cancelled) if self.node else set()))
                 raise Cancelled(jobs[0].task_id)
         return [lambda: (png_bytes(), META) for _ in jobs]
@@ -245,5 +246,22 @@ def test_ready_names_the_riders_of_the_running_call_and_a_cancelled_waiting_ride
         given = sorted(reports(r, 2))
         assert given == [("ERROR", "next", e.RECALLED), ("ERROR", "three", e.CANCELLED)]
         assert "three" not in r.node._cancelled and not r.node._groups.get("next")
+    finally:
+        r.close()
+
+
+def test_a_node_that_registers_again_mid_call_after_giving_it_up_says_which_reports_free_it(ctx) -> None:
+    pipe = Pipeline()
+    pipe.deaf = True
+    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="unwinds", batch=2, heartbeat_interval=0.5, liveness=2,
+                   reconnect_max=0.5)
+    try:
+        r.job("lead", "r0", [rider("one", 1, "r1")])
+        wait_until(lambda: pipe.calls, 10, 0.01, "the call to start")
+        ready = r.next(w.READY)[1].header  # it gave the call up, which still runs (a long step)
+        assert (ready.busy, ready.busy_task, ready.busy_riders) == (True, None, [])
+        assert ready.unwinding == ["lead", "one"]  # their reports, and no other, say it is free
+        pipe.release.set()
+        assert sorted(reports(r, 2)) == [("RESULT", "lead", "r0"), ("RESULT", "one", "r1")]  # finished work is sent
     finally:
         r.close()
