@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.node_duty import BIN, free_port, pct  # noqa: E402
+from bench.node_duty import BIN, backlog_options, free_port, pct, tiny_models  # noqa: E402
 from bench.report import emit  # noqa: E402
 from genserve import wire as w  # noqa: E402
 from genserve.spec import GenerationParams, TaskSpec  # noqa: E402
@@ -119,26 +119,10 @@ def run_round(models: Path, batch: int, args: argparse.Namespace) -> Round:
 
 def main() -> None:
     """Interleaved rounds of --batch 1 and --batch N; print (and optionally append) the section."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, default=24)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--write", type=Path, help="append the section to this markdown file")
-    args = ap.parse_args()
-    if not (BIN / "genserve-broker").exists():
-        raise SystemExit("run with the project's venv python (make install)")
-    import logging
-
-    from gpu_node.tiny import build_all
-
-    logging.basicConfig(level=logging.WARNING)
+    args = backlog_options(__doc__, lambda ap: ap.add_argument("--batch", type=int, default=4))
     settings = (1, args.batch)
     rounds: dict[int, list[Round]] = {b: [] for b in settings}
-    with tempfile.TemporaryDirectory(prefix="genserve-batch-models-") as tmp:
-        models = Path(tmp)
-        build_all(models, seed=0)
+    with tiny_models() as models:
         for i in range(args.rounds):
             for batch in (settings if i % 2 == 0 else settings[::-1]):
                 r = run_round(models, batch, args)

@@ -29,10 +29,11 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -150,25 +151,39 @@ def measure(models: Path, args: argparse.Namespace) -> dict[int, list[Round]]:
     return rounds
 
 
-def main() -> None:
-    """Interleaved rounds of prefetch 0 and 1; print (and optionally append) the section."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def backlog_options(doc: str, extra: Callable[[argparse.ArgumentParser], None] = lambda _ap: None
+                    ) -> argparse.Namespace:
+    """The options of a backlog benchmark on one node (`extra` adds its own); checks the venv."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--write", type=Path, help="append the section to this markdown file")
+    extra(ap)
     args = ap.parse_args()
     if not (BIN / "genserve-broker").exists():
         raise SystemExit("run with the project's venv python (make install)")
+    return args
+
+
+@contextmanager
+def tiny_models() -> Iterator[Path]:
+    """Tiny model folders in a temporary directory, removed afterwards."""
     import logging
 
     from gpu_node.tiny import build_all
 
     logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="genserve-duty-models-") as tmp:
-        models = Path(tmp)
-        build_all(models, seed=0)
+    with tempfile.TemporaryDirectory(prefix="genserve-bench-models-") as tmp:
+        build_all(Path(tmp), seed=0)
+        yield Path(tmp)
+
+
+def main() -> None:
+    """Interleaved rounds of prefetch 0 and 1; print (and optionally append) the section."""
+    args = backlog_options(__doc__)
+    with tiny_models() as models:
         rounds = measure(models, args)
     lines = [
         f"## Node duty cycle with a backlog (issue 12, point 3, {date.today()})",
