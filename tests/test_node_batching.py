@@ -8,7 +8,8 @@ waiting JOB given back or cancelled brings every rider back unstarted.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from genserve import errors as e
 from genserve import wire as w
@@ -51,6 +52,18 @@ class Pipeline:
         return self._run(jobs, should_stop)
 
 
+@contextmanager
+def serving(ctx: Any, pipe: Pipeline, plain: bool = False, **config: Any) -> Iterator[RouterNode]:
+    """A real Node on `pipe`'s runners (`plain`: without a batch runner), closed afterwards."""
+    config = {"heartbeat_interval": 0.2, "liveness": 50, **config}
+    r = RouterNode(ctx, pipe.single, None if plain else pipe.batch, **config)
+    pipe.node = r.node
+    try:
+        yield r
+    finally:
+        r.close()
+
+
 def reports(r: RouterNode, count: int) -> list[tuple[str, str, str]]:
     """The next `count` final reports as (command, task, run or code), in arrival order."""
     out = []
@@ -63,22 +76,18 @@ def reports(r: RouterNode, count: int) -> list[tuple[str, str, str]]:
 
 def test_a_job_with_riders_is_one_pipeline_call_and_each_task_reports_with_its_run(ctx) -> None:
     pipe = Pipeline()
-    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="batching", batch=3, heartbeat_interval=0.2, liveness=50)
-    try:
+    with serving(ctx, pipe, node_id="batching", batch=3) as r:
         assert r.ready.header.batch == 3
         r.job("lead", "r0", [rider("one", 1, "r1"), rider("two", 2, "r2")])
         pipe.release.set()
         assert sorted(reports(r, 3)) == [("RESULT", "lead", "r0"), ("RESULT", "one", "r1"), ("RESULT", "two", "r2")]
         assert pipe.calls == [[("lead", "small", 1), ("one", "prompt one", 1), ("two", "prompt two", 2)]]
         assert r.node.jobs == 3 and not r.node._groups and not r.node._rider_of
-    finally:
-        r.close()
 
 
 def test_a_cancelled_rider_reports_cancelled_and_the_call_stops_only_when_every_task_has(ctx) -> None:
     pipe = Pipeline()
-    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="cancels", batch=3, heartbeat_interval=0.2, liveness=50)
-    try:
+    with serving(ctx, pipe, node_id="cancels", batch=3) as r:
         r.job("lead", "r0", [rider("one", 1, "r1"), rider("two", 2, "r2")])
         wait_until(lambda: pipe.calls, 10, 0.01, "the call to start")
         r.send(w.Cancel("one", "by request"))
@@ -89,36 +98,28 @@ def test_a_cancelled_rider_reports_cancelled_and_the_call_stops_only_when_every_
         pipe.release.clear()
         r.job("next", "r3", [rider("three", 3, "r4")])
         wait_until(lambda: len(pipe.calls) == 2, 10, 0.01, "the second call to start")
-        pipe.node = r.node
         r.send(w.Cancel("three"))
         wait_until(lambda: "three" in r.node._cancelled, 10, 0.01)
         r.send(w.Cancel("next"))
         assert sorted(reports(r, 2)) == [("ERROR", "next", e.CANCELLED), ("ERROR", "three", e.CANCELLED)]
         # It stopped once both were cancelled, not on its rider's cancel alone.
         assert pipe.stopped == [(["next", "three"], {"next", "three"})]
-    finally:
-        r.close()
 
 
 def test_a_node_whose_broker_falls_silent_gives_up_every_task_of_its_call_and_lists_them(ctx) -> None:
     pipe = Pipeline()
-    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="silent", batch=2, heartbeat_interval=0.5, liveness=2,
-                   reconnect_max=0.5)
-    try:
+    with serving(ctx, pipe, node_id="silent", batch=2, heartbeat_interval=0.5, liveness=2, reconnect_max=0.5) as r:
         r.job("lead", "r0", [rider("one", 1, "r1")])
         wait_until(lambda: pipe.calls, 10, 0.01, "the call to start")
         ready = r.next(w.READY)[1]  # it gave up the call and registers again
         assert {"lead", "one"} <= set(ready.header.reports) and ready.header.busy_task is None
         assert sorted(reports(r, 2)) == [("ERROR", "lead", e.ABANDONED), ("ERROR", "one", e.ABANDONED)]
         assert [tasks for tasks, _ in pipe.stopped] == [["lead", "one"]]
-    finally:
-        r.close()
 
 
 def test_a_waiting_job_given_back_or_cancelled_brings_its_riders_back_unstarted(ctx) -> None:
     pipe = Pipeline()
-    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="waits", batch=2, heartbeat_interval=0.2, liveness=50)
-    try:
+    with serving(ctx, pipe, node_id="waits", batch=2) as r:
         r.job("running", "r0")
         r.job("lead", "r1", [rider("one", 1, "r2")])
         wait_until(lambda: r.node.slot.waiting() == ["lead"], 10, 0.01)
@@ -136,20 +137,15 @@ def test_a_waiting_job_given_back_or_cancelled_brings_its_riders_back_unstarted(
         assert sorted(reports(r, 3)) == [("ERROR", "two", e.CANCELLED), ("RESULT", "lead2", "r5"),
                                          ("RESULT", "running", "r0")]
         assert [[t for t, _, _ in call] for call in pipe.calls] == [["running"], ["lead2"]]
-    finally:
-        r.close()
 
 
 def test_a_job_with_more_riders_than_the_node_offered_is_refused_task_by_task(ctx) -> None:
     pipe = Pipeline()
-    r = RouterNode(ctx, pipe.single, None, node_id="plain", batch=4, heartbeat_interval=0.2, liveness=50)
-    try:
+    with serving(ctx, pipe, node_id="plain", batch=4, plain=True) as r:
         assert r.ready.header.batch == 1  # no batch runner: it offers nothing, whatever its configuration
         r.job("lead", "r0", [rider("one", 1, "r1")])
         assert sorted(reports(r, 2)) == [("ERROR", "lead", e.NODE_BUSY), ("ERROR", "one", e.NODE_BUSY)]
         assert pipe.calls == []
-    finally:
-        r.close()
 
 
 def test_a_real_node_runs_a_backlog_of_compatible_tasks_in_one_call_and_says_so(broker_factory, tiny_models) -> None:
@@ -189,34 +185,26 @@ def test_a_shared_call_that_fails_runs_its_tasks_one_by_one(ctx) -> None:
     pipe = Pipeline()
     pipe.fail_shared = True
     pipe.release.set()
-    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="falls-back", batch=3, heartbeat_interval=0.2,
-                   liveness=50)
-    try:
+    with serving(ctx, pipe, node_id="falls-back", batch=3) as r:
         r.job("lead", "r0", [rider("one", 1, "r1"), rider("two", 2, "r2")])
         assert sorted(reports(r, 3)) == [("RESULT", "lead", "r0"), ("RESULT", "one", "r1"), ("RESULT", "two", "r2")]
         assert [[t for t, _, _ in call] for call in pipe.calls] == [["lead", "one", "two"], ["lead"], ["one"], ["two"]]
-    finally:
-        r.close()
 
 
 def test_made_images_are_kept_for_the_broker_before_reports_of_unstarted_jobs(ctx) -> None:
     pipe = Pipeline()
-    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="keeps", batch=4, heartbeat_interval=0.2, liveness=50)
-    try:
+    with serving(ctx, pipe, node_id="keeps", batch=4) as r:
         room = r.node._max_unacked
         made = w.encode(w.Result("made", META), [png_bytes()])
         r.node._keep("made", made)
         for i in range(room + 5):  # a flood of RECALLED reports cannot push the image out
             r.node._keep(f"given-back-{i}", w.encode(w.Error(f"given-back-{i}", e.RECALLED, "x")))
         assert r.node._unacked["made"] == made and len(r.node._unacked) == room
-    finally:
-        r.close()
 
 
 def test_a_job_sent_again_or_naming_a_held_rider_runs_nothing_twice(ctx) -> None:
     pipe = Pipeline()
-    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="again", batch=3, heartbeat_interval=0.2, liveness=50)
-    try:
+    with serving(ctx, pipe, node_id="again", batch=3) as r:
         r.job("lead", "r0", [rider("one", 1, "r1")])
         wait_until(lambda: pipe.calls, 10, 0.01, "the call to start")
         r.job("lead", "r2", [rider("one", 1, "r3")])  # the same JOB again: both report as this assignment
@@ -225,14 +213,11 @@ def test_a_job_sent_again_or_naming_a_held_rider_runs_nothing_twice(ctx) -> None
         pipe.release.set()
         assert sorted(reports(r, 3)) == [("RESULT", "lead", "r2"), ("RESULT", "new", "r4"), ("RESULT", "one", "r5")]
         assert [[t for t, _, _ in call] for call in pipe.calls] == [["lead", "one"], ["new"]]
-    finally:
-        r.close()
 
 
 def test_ready_names_the_riders_of_the_running_call_and_a_cancelled_waiting_rider_reports_cancelled(ctx) -> None:
     pipe = Pipeline()
-    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="ready", batch=3, heartbeat_interval=0.2, liveness=50)
-    try:
+    with serving(ctx, pipe, node_id="ready", batch=3) as r:
         r.job("lead", "r0", [rider("one", 1, "r1"), rider("two", 2, "r2")])
         r.job("next", "r3", [rider("three", 3, "r4")])
         wait_until(lambda: pipe.calls and r.node.slot.waiting() == ["next"], 10, 0.01)
@@ -246,16 +231,12 @@ def test_ready_names_the_riders_of_the_running_call_and_a_cancelled_waiting_ride
         given = sorted(reports(r, 2))
         assert given == [("ERROR", "next", e.RECALLED), ("ERROR", "three", e.CANCELLED)]
         assert "three" not in r.node._cancelled and not r.node._groups.get("next")
-    finally:
-        r.close()
 
 
 def test_a_node_that_registers_again_mid_call_after_giving_it_up_says_which_reports_free_it(ctx) -> None:
     pipe = Pipeline()
     pipe.deaf = True
-    r = RouterNode(ctx, pipe.single, pipe.batch, node_id="unwinds", batch=2, heartbeat_interval=0.5, liveness=2,
-                   reconnect_max=0.5)
-    try:
+    with serving(ctx, pipe, node_id="unwinds", batch=2, heartbeat_interval=0.5, liveness=2, reconnect_max=0.5) as r:
         r.job("lead", "r0", [rider("one", 1, "r1")])
         wait_until(lambda: pipe.calls, 10, 0.01, "the call to start")
         ready = r.next(w.READY)[1].header  # it gave the call up, which still runs (a long step)
@@ -263,5 +244,3 @@ def test_a_node_that_registers_again_mid_call_after_giving_it_up_says_which_repo
         assert ready.unwinding == ["lead", "one"]  # their reports, and no other, say it is free
         pipe.release.set()
         assert sorted(reports(r, 2)) == [("RESULT", "lead", "r0"), ("RESULT", "one", "r1")]  # finished work is sent
-    finally:
-        r.close()
