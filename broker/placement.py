@@ -98,7 +98,15 @@ class Placement:
         """
         free, wanted = [], set()
         for node in idle:
-            best = self.queue.peek_for(node.models, node.loaded, now) if len(self.queue) else None
+            # What it would start: the best queued task, or, once other idle nodes are freed to take the first
+            # ones, the next (two idle nodes must not both count on one urgent task and start a lesser one).
+            taking = sum(1 for other in free if set(other.models) & set(node.models))
+            if not len(self.queue):
+                best = None
+            elif taking:
+                best = self.queue.nth_for(node.models, taking)
+            else:
+                best = self.queue.peek_for(node.models, node.loaded, now)
             passed = [t for t in waiting if _serves(node, t) and (best is None or t.priority < best.priority)]
             task = next((t for t in passed if t.task_id not in wanted), None)
             if task is not None:

@@ -255,6 +255,15 @@ class TaskQueue:
                 out.append(entry)
         return out
 
+    def nth_for(self, models: Iterable[str], n: int) -> Entry | None:
+        """The n-th (0-based) queued task, in queue order, of the models a node serves: what it would get once
+        `n` other nodes took the ones before it (model affinity aside). None: fewer are queued."""
+        walks = [self._in_order(self._heaps.get(m, []), 4 * (n + 1) + 64) for m in set(models)]
+        for i, entry in enumerate(heapq.merge(*walks)):
+            if i == n:
+                return entry
+        return None
+
     def _in_order(self, heap: list[Entry], most: int) -> Iterator[Entry]:
         """The heap's live entries in order, at most `most` looked at, without touching the heap."""
         frontier = [(heap[0], 0)] if heap else []

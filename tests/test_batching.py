@@ -376,3 +376,19 @@ def test_a_node_back_idle_with_only_rider_reports_to_come_gets_work_at_once(pati
     assert job_tasks(a.recv_job()) == [more], "an idle node waited for an idle heartbeat"
     a.finish(rider, run=runs(msg)[rider])
     wait_until(lambda: view(client, rider).status == w.COMPLETED, 5)
+
+
+def test_two_idle_nodes_do_not_both_count_on_one_urgent_task_and_start_a_less_urgent_one(patient_parts) -> None:
+    bt, client, node, a, running, run, msg, waiting = waiting_batch(patient_parts, 2)
+    lead, rider = job_tasks(msg)  # priority 0, waiting on a
+    lesser = submit(client, spec(priority=1))
+    b = node("b").ready()  # idle: the waiting JOB is recalled for it
+    assert recv_command(a, w.RECALL).header.task_id == lead
+    c = node("c").ready()  # idle too: it waits for the recall as well
+    wait_until(lambda: len(bt.broker.nodes) == 3, 5)
+    a.error(rider, e.RECALLED, run=runs(msg)[rider])  # the rider comes back first
+    assert job_tasks(b.recv_job()) == [rider]
+    assert c.recv_job(timeout=0.3) is None, "a less urgent task started while a more urgent one was on its way back"
+    a.error(lead, e.RECALLED, run=runs(msg)[lead])
+    assert job_tasks(c.recv_job()) == [lead]
+    assert view(client, lesser).status == w.QUEUED

@@ -256,3 +256,14 @@ def test_companions_follow_queue_order_and_are_bounded_by_what_the_node_could_ru
     # A node serving both may not pass y's earlier tasks by more than the slack.
     assert [e.task_id for e in q.companions(lead, ["x", "y"], limit=8)] == ["x1", "x2"]  # x3 is 1.5 past y0
     assert q.companions(lead, ["z"], limit=8) == []
+
+
+def test_nth_for_is_what_a_node_gets_once_others_took_the_first_ones() -> None:
+    q = TaskQueue()
+    q.push("x0", "x", 1, 0, 0.0)
+    q.push("y0", "y", 0, 1, 0.0)
+    q.push("x1", "x", 0, 2, 0.0)
+    assert [q.nth_for(["x", "y"], n).task_id for n in range(3)] == ["y0", "x1", "x0"]
+    assert q.nth_for(["x"], 1).task_id == "x0" and q.nth_for(["x"], 2) is None and q.nth_for(["z"], 0) is None
+    q.remove("x1")  # a removed task is skipped
+    assert q.nth_for(["x"], 0).task_id == "x0"
