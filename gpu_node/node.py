@@ -257,7 +257,9 @@ class Node(WorkerSide):
                 self._acknowledged(msg.header)
             elif msg.command == w.CANCEL:
                 self._on_cancel(msg.header)
-            elif msg.command == w.RECALL and self.slot.recall(msg.header.task_id):
+            # Only a job behind a running one is given back: once a call has ended, the broker counts the
+            # job waiting behind it as started (the worker takes it next), whether or not it was taken yet.
+            elif msg.command == w.RECALL and self.slot.running is not None and self.slot.recall(msg.header.task_id):
                 for task_id in self._ungroup(msg.header.task_id):
                     self._report(self._unstarted(task_id, "recalled before it started"))
             elif msg.command == w.DISCONNECT:

@@ -244,3 +244,28 @@ def test_a_node_that_registers_again_mid_call_after_giving_it_up_says_which_repo
         assert ready.unwinding == ["lead", "one"]  # their reports, and no other, say it is free
         pipe.release.set()
         assert sorted(reports(r, 2)) == [("RESULT", "lead", "r0"), ("RESULT", "one", "r1")]  # finished work is sent
+
+
+def test_a_job_that_waits_after_the_call_before_it_ended_is_not_given_back_by_a_recall(ctx) -> None:
+    encoding, go_on = threading.Event(), threading.Event()
+
+    def runner(job: Any, _on_step: Any, _should_stop: Any) -> Any:
+        def encode() -> Any:
+            if job.task_id == "first":
+                encoding.set()
+                go_on.wait(10)  # nothing waited when its call ended: the worker encodes it itself
+            return png_bytes(), META
+        return encode
+
+    pipe = Pipeline()
+    pipe.single = runner  # type: ignore[method-assign]
+    with serving(ctx, pipe, node_id="late-recall", plain=True) as r:
+        r.job("first", "r1")
+        assert encoding.wait(10)
+        r.job("second", "r2")  # it waits, though no call runs: the worker takes it once it has encoded
+        wait_until(lambda: r.node.slot.waiting() == ["second"], 10, 0.01)
+        before = r.node._last_recv
+        r.send(w.Recall("second"))  # the broker counts it as started once "first" reports
+        wait_until(lambda: r.node._last_recv > before, 5, 0.01, "the node to read the recall")
+        go_on.set()
+        assert sorted(reports(r, 2)) == [("RESULT", "first", "r1"), ("RESULT", "second", "r2")]
