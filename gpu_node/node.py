@@ -148,7 +148,8 @@ class Node(WorkerSide):
             self._send_frames(frames)
 
     def _give_back(self, why: str) -> Holding:
-        """Give back every waiting job (a RECALLED report each, kept until acknowledged); what runs and finishes."""
+        """Give back every waiting job (a RECALLED report each, CANCELLED if the broker cancelled it, kept until
+        acknowledged); what runs and finishes."""
         held = self.slot.give_back()
         recalled = tuple(task_id for lead in held.recalled for task_id in self._ungroup(lead))
         for task_id in recalled:
