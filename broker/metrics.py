@@ -93,7 +93,8 @@ class _StateCollector:
         families = {
             "busy": CounterMetricFamily("genserve_node_busy_seconds", "Seconds inside pipeline calls",
                                         labels=["node"]),
-            "jobs": CounterMetricFamily("genserve_node_jobs", "Jobs run", labels=["node"]),
+            "jobs": CounterMetricFamily("genserve_node_jobs", "Jobs run (one given up before its first step is not)",
+                                        labels=["node"]),
             "loads": CounterMetricFamily("genserve_node_model_loads", "Pipelines loaded", labels=["node"]),
             "load_seconds": CounterMetricFamily("genserve_node_model_load_seconds", "Seconds spent loading",
                                                 labels=["node"]),

@@ -76,7 +76,8 @@ def test_the_cluster_is_counted_once_however_many_fronts_ask(metered: Stack) -> 
 
     def node_totals() -> dict:
         found = samples(metered.http.simulate_get("/metrics/cluster", headers=as_("scraper")).text)
-        return found if value(found, "genserve_node_jobs_total", node="test-node") >= 4 else {}
+        # 3, not 4: a cancel that reaches the node before the call's first step ends a job that never ran
+        return found if value(found, "genserve_node_jobs_total", node="test-node") >= 3 else {}
     found = wait_until(node_totals, 10, 0.1, "the node's heartbeat totals")
     assert value(found, "genserve_node_busy_seconds_total", node="test-node") > 0
     assert value(found, "genserve_node_model_loads_total", node="test-node") >= 1
