@@ -27,15 +27,15 @@ class Worker(Protocol):
 
 
 def plan(queue: TaskQueue, idle: Sequence[Worker], now: float, affinity: bool = True,
-         load_cost: float = 0.0) -> list[tuple[Worker, Entry]]:
-    """Pairs to start now; each chosen task is taken out of `queue`.
+         load_cost: float = 0.0, limit: int | None = None) -> list[tuple[Worker, Entry]]:
+    """Pairs to start now (at most `limit`); each chosen task is taken out of `queue`.
 
     A task that makes its node load another model bills its key `load_cost` (standard jobs) on top,
     so that fair share counts the GPU time loads take.
     """
     free = list(idle)
     chosen: list[tuple[Worker, Entry]] = []
-    while free and len(queue):
+    while free and len(queue) and (limit is None or len(chosen) < limit):
         best: tuple[tuple[int, bool, float, int], Worker, Entry] | None = None
         for node in free:
             loaded: Iterable[str] = node.loaded if affinity else ()

@@ -178,10 +178,13 @@ class NodeSide:
         h: w.ProgressReport = msg.header
         task = self.tasks.get(h.task_id)
         if task is not None and task.node == identity and task.state == w.RUNNING and not task.stale(h.run):
-            if task.prefetched:
+            began = task.prefetched
+            if began:
                 self._node_began(task, node)
             task.step, task.total = h.step, h.total
             self._publish(task, "progress")
+            if began and len(self.queue):
+                self._dispatch()  # its place is free again, and what waited behind it may now wait
 
     def _on_result(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Result = msg.header

@@ -50,11 +50,16 @@ class Placement:
         for node, entry in plan(self.queue, idle, now, load_cost=cost):
             self._start(self._placed(entry), node, riders=self._riders(node, entry))
         placed = False
-        if len(self.queue):
+        # One pick at a time: each job placed to wait counts against the next pick, since whichever
+        # node frees first starts its own waiting job.
+        while len(self.queue):
             roomy = [node for node in self.nodes.prefetchable() if self._may_wait_on(node, waiting, now)]
-            for node, entry in plan(self.queue, roomy, now, load_cost=cost):
-                self._start(self._placed(entry), node, prefetch=True, riders=self._riders(node, entry))
-                placed = True
+            picked = plan(self.queue, roomy, now, load_cost=cost, limit=1)
+            if not picked:
+                break
+            node, entry = picked[0]
+            self._start(self._placed(entry), node, prefetch=True, riders=self._riders(node, entry))
+            placed, waiting = True, self._waiting_jobs()
         if waiting or placed:  # only an unstarted waiting job can be overtaken
             self._recall_overtaken(now)
 

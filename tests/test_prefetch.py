@@ -397,3 +397,33 @@ def test_a_node_asking_for_a_larger_credit_gets_one_waiting_job_and_a_bad_one_is
     assert [greedy.recv_job().header.task_id for _ in range(2)] == ids[:2]
     assert greedy.recv_job(timeout=0.3) is None
     assert [n.node_id for n in bt.broker.nodes] == ["greedy"]
+
+
+def test_jobs_given_back_together_do_not_wait_on_two_nodes_out_of_priority_order(parts) -> None:
+    bt, client, node = parts
+    nodes = [node(name).ready(prefetch=1) for name in "abc"]
+    wait_until(lambda: len(bt.broker.nodes) == 3, 5)
+    running = [submit(client, spec(priority=5)) for _ in nodes]
+    on = {n.name: n.recv_job().header.task_id for n in nodes}
+    assert sorted(on.values()) == sorted(running)
+    urgent = submit(client, spec(priority=0))
+    holder = next(n for n in nodes if bt.broker.tasks[urgent].node == f"fake-{n.name}".encode())
+    assert holder.recv_job().header.task_id == urgent
+    holder.close()  # dies: its running task (priority 5) and its waiting one (0) come back in one go
+    others = [n for n in nodes if n is not holder]
+    got: dict[str, str] = {}
+    until = time.monotonic() + 10
+    while urgent not in got.values() and time.monotonic() < until:
+        for n in others:
+            n.heartbeat(idle=False)
+            job = n.recv_job(timeout=0.05)
+            if job is not None:
+                got[n.name] = job.header.task_id
+    assert urgent in got.values(), "the urgent task was not placed again"
+    waits_on = next(n for n in others if got.get(n.name) == urgent)
+    other = next(n for n in others if n is not waits_on)
+    # Whichever node frees first would start its own waiting job: the less urgent one may not wait on the other.
+    assert other.name not in got and other.recv_job(timeout=0.5) is None, \
+        "a less urgent task waits on one node while a more urgent one waits unstarted on another"
+    waits_on.started(urgent)
+    assert other.recv_job().header.task_id == on[holder.name]  # once urgent runs, it may wait
