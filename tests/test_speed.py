@@ -93,6 +93,15 @@ def test_compiled_output_matches_eager_and_nothing_recompiles(eager: Generator, 
     assert pixels(run(compiled, job())).tolist() == pixels(first).tolist()  # deterministic per seed
 
 
+def test_a_warm_up_with_batching_leaves_nothing_to_compile_for_a_batched_call(compiled: Generator) -> None:
+    before = compiled_graphs()
+    compiled.warm(["flux1-dev"], ((32, 32),), batch=4)
+    assert compiled_graphs() > before, "the first call of two images did not compile during the warm-up"
+    graphs = compiled_graphs()
+    images = compiled.run_batch([job(48, 32, seed=s) for s in range(3)], lambda *_: None, lambda: False)
+    assert len(images) == 3 and compiled_graphs() == graphs, "a batched call after the warm-up recompiled"
+
+
 def test_hot_swap_equals_loading_the_loras_and_reports_its_path(tiny_models: Path, eager: Generator) -> None:
     slots = make(tiny_models, SpeedOptions(lora_rank=8))
     plain = pixels(run(eager, job()))
