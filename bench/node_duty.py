@@ -77,7 +77,7 @@ def run_round(models: Path, prefetch: int, args: argparse.Namespace) -> Round:
                                "--data-dir", data, "--max-queued-per-key", "100000", "--log-level", "WARNING"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ctx = zmq.Context()
-    config = NodeConfig(broker=back, device="cpu", node_id=f"duty-{prefetch}", prefetch=prefetch,
+    config = NodeConfig(broker=back, device="cpu", node_id=f"duty-{prefetch}", prefetch=prefetch, batch=1,
                         model_paths=resolve_model_paths(models, {}, "cpu", ("flux1-dev",)), max_sequence_length=32,
                         preload=("flux1-dev",))
     node, _ = build(config)  # (on the process's default context: its inproc sockets must share one)
