@@ -25,6 +25,7 @@ def test_every_stage_runs_on_the_cpu_and_the_report_renders(tmp_path: Path) -> N
     assert not errors, errors
     value = {(r["stage"], r["name"]): r["value"] for r in rows}
     assert {r["stage"] for r in rows} == {"setup", *STAGES}
+    assert value[("compile", "graphs compiled by the first request")] > 0
     assert value[("compile", "graphs compiled after a new size and cache toggles")] == 0
     assert value[("lora", "graphs compiled across LoRA changes")] == 0
     assert value[("fp8", "fp8")] == "skipped"
