@@ -183,8 +183,8 @@ class NodeSide:
                 self._node_began(task, node)
             task.step, task.total = h.step, h.total
             self._publish(task, "progress")
-            if began and len(self.queue):
-                self._dispatch()  # its place is free again, and what waited behind it may now wait
+            if began and len(self.queue) and self.nodes.prefetchable():
+                self._dispatch()  # its place is free again, and what it held back may now wait on a node
 
     def _on_result(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
         h: w.Result = msg.header
