@@ -176,7 +176,7 @@ def build(config: NodeConfig):
             cache.base(model_id)
     if config.speed.compile and config.speed.warmup:
         seconds = generator.warm([m for m in config.preload if m in cache.loaded], config.speed.warmup,
-                                 config.batch)
+                                 config.batch, config.batch_pixels)
         log.info("warm-up at %s took %.1f s", config.speed.warmup, seconds)
     return Node(config, generator.render, capabilities, batch_runner=generator.render_batch), generator
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -156,23 +157,28 @@ class Generator:
                           lora_seconds=round(lora.seconds, 4) if loaded else None, batch=batch if batch > 1 else None)
         return data, meta
 
-    def warm(self, model_ids: list[str], sizes: tuple[tuple[int, int], ...], batch: int = 1) -> float:
+    def warm(self, model_ids: list[str], sizes: tuple[tuple[int, int], ...], batch: int = 1,
+             batch_pixels: int = 0) -> float:
         """Run two steps per model and size so that compilation happens before the first request;
-        with `batch` > 1, also one call of two images (at the smallest size)."""
+        with `batch` > 1, also one call of two images (at the smallest size, within `batch_pixels`)."""
         started = time.perf_counter()
         for model_id in model_ids:
             if model_id not in MODEL_MODES or "text2img" not in MODEL_MODES[model_id]:
                 continue
-            jobs = [Job("warm-up", model_id, "text2img", GenerationParams(
-                prompt="warm-up", width=width, height=height, num_inference_steps=2, seed=0, cfg=3.5, strength=1.0))
-                for width, height in sizes]
-            for job in jobs:
-                self.run(job, lambda *_: None, lambda: False)
-            if batch > 1 and jobs:
+            def job(width: int, height: int) -> Job:
+                return Job("warm-up", model_id, "text2img", GenerationParams(
+                    prompt="warm-up", width=width, height=height, num_inference_steps=2, seed=0, cfg=3.5, strength=1.0))
+
+            for width, height in sizes:
+                self.run(job(width, height), lambda *_: None, lambda: False)
+            if batch > 1 and sizes:
                 # Dynamo specializes a dimension of size 1, so the first call of two images compiles the blocks
-                # again (once: three or more reuse it); that must not fall on a request.
-                smallest = min(jobs, key=lambda j: j.params.width * j.params.height)
-                self.run_batch([smallest, smallest], lambda *_: None, lambda: False)
+                # again (once: three or more reuse it); that must not fall on a request. The blocks take any
+                # size without compiling again, so the call uses one that batches for real.
+                width, height = min(sizes, key=lambda size: size[0] * size[1])
+                if 0 < batch_pixels < width * height:
+                    width = height = max(16, math.isqrt(batch_pixels) // 16 * 16)
+                self.run_batch([job(width, height)] * 2, lambda *_: None, lambda: False)
         return time.perf_counter() - started
 
     def _validate(self, job: Job) -> dict[str, Any]:

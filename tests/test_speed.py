@@ -310,3 +310,9 @@ def test_warm_up_runs_text2img_models_at_each_size_and_skips_the_others(tiny_mod
     generator = make(tiny_models, SpeedOptions(), ("flux1-dev", "flux1-depth-dev"))
     assert generator.warm(["flux1-dev", "flux1-depth-dev"], ((32, 32), (48, 16))) > 0
     assert generator.cache.loaded == ("flux1-dev",)  # the depth model serves controlnet only: not warmed
+    calls: list[list[tuple[int, int]]] = []
+    real = generator.run_batch
+    generator.run_batch = lambda jobs, *rest: calls.append([(j.params.width, j.params.height) for j in jobs]) \
+        or real(jobs, *rest)
+    generator.warm(["flux1-dev"], ((64, 64), (48, 96)), batch=4, batch_pixels=40 * 40)
+    assert calls == [[(32, 32), (32, 32)]]  # one call of two; the smaller size (64x64) is over 40x40: 32x32
