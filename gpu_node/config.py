@@ -51,7 +51,7 @@ class NodeConfig:
     shutdown_grace: float = 20.0  # most seconds a stopping node waits for its job's current step
     progress_interval: float = 0.2
     prefetch: int = 1  # jobs taken beyond the running one, so the next starts while an image is encoded
-    batch: int = 4  # most tasks run in one pipeline call (the broker groups them); 1: each job alone
+    batch: int = 1  # most tasks run in one pipeline call (the broker groups them); 1: each job alone (see README)
     batch_pixels: int = 512 * 512  # only images up to this size batch (on an H200 1024x1024 hardly gained)
     preload: tuple[str, ...] = ()
     memory_budget: int = 0  # bytes of weights kept loaded; 0 = 90% of the device

@@ -52,7 +52,7 @@ def test_node_speed_options_from_flags_and_environment() -> None:
 
 
 def test_node_batching_flags() -> None:
-    assert (node_config([], {}).batch, node_config([], {}).batch_pixels) == (4, 512 * 512)
+    assert (node_config([], {}).batch, node_config([], {}).batch_pixels) == (1, 512 * 512)  # off by default
     c = node_config(["--batch", "2"], {"GENSERVE_BATCH_MAX_PIXELS": "0"})
     assert (c.batch, c.batch_pixels) == (2, 0)
     assert node_config([], {"GENSERVE_BATCH": "8"}).batch == 8
