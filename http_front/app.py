@@ -32,6 +32,9 @@ from http_front.validation import RequestValidator
 from http_front.waits import SyncWaits
 
 
+HEADER_BYTES = "genserve.header_bytes"  # http_front.server.HEADER_BYTES (waitress); absent elsewhere
+
+
 class HeaderLimit:
     """Answers 431 in the JSON error shape when the header fields exceed `limit` bytes.
 
@@ -44,6 +47,9 @@ class HeaderLimit:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Runs before routing and authentication."""
+        received = req.env.get(HEADER_BYTES)
+        if received is not None and received <= self.limit:
+            return  # the raw header (request line included) is never smaller than the count below
         # "Name: value\r\n" per field; WSGI names them HTTP_*, except these two.
         size = sum(len(k) - 1 + len(v) for k, v in req.env.items()
                    if k.startswith("HTTP_") or k in ("CONTENT_TYPE", "CONTENT_LENGTH"))

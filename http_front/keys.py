@@ -105,6 +105,7 @@ class KeyStore:
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
         self._by_hash: dict[str, KeyRecord] = {}
+        self._principals: dict[str, Principal] = {}  # by key hash, made on first use; emptied by _rebuild
         self._rebuild()
 
     @classmethod
@@ -137,6 +138,7 @@ class KeyStore:
                 record.usage_count, record.last_used = previous.usage_count, previous.last_used
             fresh[record.key_hash] = record
         self._by_hash = fresh
+        self._principals = {}
 
     def reload(self) -> int:
         """Re-read the key file (KeyFileError leaves the current keys in place); returns the key count."""
@@ -169,8 +171,12 @@ class KeyStore:
                 return None
             record.last_used = time.time()
             record.usage_count += 1
-            return Principal(record.key_id, record.name, record.permissions, record.source, record.owner,
-                             record.weight, record.floor(self.default_floor))
+            principal = self._principals.get(digest)
+            if principal is None:
+                principal = self._principals[digest] = Principal(
+                    record.key_id, record.name, record.permissions, record.source, record.owner, record.weight,
+                    record.floor(self.default_floor))
+            return principal
 
     def records(self) -> list[KeyRecord]:
         """Copies of every record, by creation time."""

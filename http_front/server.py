@@ -54,6 +54,7 @@ class _JsonErrorTask(ErrorTask):
 
 
 HAND_OVER = "genserve.hand_over"  # environ key: how a response gives its connection to the stream pump
+HEADER_BYTES = "genserve.header_bytes"  # environ key: bytes of the request line and header fields as received
 FLUSH_WAIT = 2.0  # seconds a stream's first bytes may take to leave before the hand-over gives up
 
 
@@ -63,9 +64,10 @@ class _Task(WSGITask):
     handed_over = False
 
     def get_environment(self) -> dict[str, Any]:
-        """Waitress's environ, plus HAND_OVER."""
+        """Waitress's environ, plus HAND_OVER and HEADER_BYTES."""
         environ = super().get_environment()
         environ[HAND_OVER] = self.hand_over
+        environ[HEADER_BYTES] = self.request.header_bytes_received
         return environ
 
     def hand_over(self, make: Any) -> bool:

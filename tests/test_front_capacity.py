@@ -251,6 +251,17 @@ def test_oversized_headers_get_json_431_from_the_app_and_from_waitress(served: t
         assert r.json()["success"] is False and r.json()["error"] == "request header fields too large"
 
 
+def test_the_header_limit_counts_name_and_value_bytes_exactly_behind_waitress(served: tuple[str, SlowBroker]) -> None:
+    url, _ = served
+    fields = {"Host": "x", "Authorization": f"Bearer {KEY_A}", "Connection": "close"}
+    # What the limit counts: "Name: value\r\n" per field (the request line and the blank line are not counted).
+    counted = sum(len(name) + len(value) + 4 for name, value in fields.items()) + len("X-Pad") + 4
+    for pad, status in ((8192 - counted, None), (8192 - counted + 1, 431)):
+        head = "".join(f"{name}: {value}\r\n" for name, value in {**fields, "X-Pad": "p" * pad}.items())
+        got, _, _ = raw(url, f"GET /health HTTP/1.1\r\n{head}\r\n".encode())
+        assert (got == 431) == (status == 431), (pad, got)
+
+
 def test_oversized_body_gets_json_413_from_waitress(served: tuple[str, SlowBroker]) -> None:
     url, _ = served
     status, headers, body = raw(url, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
