@@ -270,3 +270,15 @@ def test_scheduling_fields_are_written_only_when_set_and_checked_when_read(tmp_p
         kf.path.write_bytes(kf.fernet.encrypt(json.dumps(damaged).encode()))
         with pytest.raises(KeyFileError, match="in the key file"):
             KeyFile(kf.path, kf.fernet).load()
+
+
+def test_a_keys_principal_follows_changes_to_its_weight_and_floor(tmp_path: Path) -> None:
+    store = KeyStore.from_env([("envadmin", "root", ("admin",))], None, keyfile(tmp_path))
+    raw, record = store.create("batch", ("generation",))
+    first = store.authenticate(raw)
+    assert (first.weight, first.priority_floor) == (1.0, store.default_floor)
+    assert store.authenticate(raw) == first
+    store.schedule(record.key_id, 0.25, 3)
+    assert (store.authenticate(raw).weight, store.authenticate(raw).priority_floor) == (0.25, 3)
+    store.schedule(record.key_id, None, None, reset_floor=True)
+    assert (store.authenticate(raw).weight, store.authenticate(raw).priority_floor) == (0.25, store.default_floor)
