@@ -14,7 +14,7 @@ node that serves the model (the baseline the simulator compares against).
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from broker.queue import Entry, TaskQueue
 
@@ -26,22 +26,28 @@ class Worker(Protocol):
     loaded: list[str]
 
 
-def plan(queue: TaskQueue, idle: Sequence[Worker], now: float, affinity: bool = True,
-         load_cost: float = 0.0, limit: int | None = None) -> list[tuple[Worker, Entry]]:
-    """Pairs to start now (at most `limit`); each chosen task is taken out of `queue`.
+def plan(queue: TaskQueue, idle: Sequence[Worker], now: float, affinity: bool = True, load_cost: float = 0.0,
+         allow: Callable[[Worker, Entry], bool] | None = None,
+         take: Callable[[Worker, Entry], None] | None = None) -> list[tuple[Worker, Entry]]:
+    """Pairs to start now; each chosen task is taken out of `queue`.
 
     A task that makes its node load another model bills its key `load_cost` (standard jobs) on top,
-    so that fair share counts the GPU time loads take.
+    so that fair share counts the GPU time loads take. `allow(node, task)`: whether the node may
+    have the best task it could get; one refused gets nothing in this plan (a later task is no
+    more urgent). `take(node, task)` is called at each pick, before the next one is made.
     """
     free = list(idle)
     chosen: list[tuple[Worker, Entry]] = []
-    while free and len(queue) and (limit is None or len(chosen) < limit):
+    while free and len(queue):
         best: tuple[tuple[int, bool, float, int], Worker, Entry] | None = None
-        for node in free:
+        for node in list(free):
             loaded: Iterable[str] = node.loaded if affinity else ()
             sets = getattr(node, "lora_sets", None) if affinity else None  # model -> resident LoRA set
             entry = queue.peek_for(node.models, loaded, now, sets)
             if entry is None:
+                continue
+            if allow is not None and not allow(node, entry):
+                free.remove(node)
                 continue
             key = (entry.priority, affinity and entry.model not in node.loaded, entry.tag, entry.seq)
             if best is None or key < best[0]:
@@ -54,4 +60,6 @@ def plan(queue: TaskQueue, idle: Sequence[Worker], now: float, affinity: bool = 
             queue.charge(entry.owner, entry.priority, load_cost, entry.weight)
         free.remove(node)
         chosen.append((node, entry))
+        if take is not None:
+            take(node, entry)
     return chosen

@@ -49,28 +49,26 @@ class Placement:
             idle = self._reclaim(idle, waiting, now)
         for node, entry in plan(self.queue, idle, now, load_cost=cost):
             self._start(self._placed(entry), node, riders=self._riders(node, entry))
-        placed = False
         roomy = self.nodes.prefetchable() if len(self.queue) else []
-        # One pick at a time: each job placed to wait counts against the next pick, since whichever node
-        # frees first starts its own waiting job. A node's floor is the most urgent job waiting elsewhere
-        # that it could run; it may only take a job as urgent as that or less. Within a pass floors only
-        # fall and the queue's best only gets less urgent, so a node that drops out stays out.
+        # Whichever node frees first starts its own waiting job, so each job placed to wait counts against
+        # the next pick: a node's floor is the most urgent job waiting elsewhere that it could run, and it
+        # may only take one as urgent as that or less.
         floors = {node.identity: min((t.priority for t in waiting if _serves(node, t)), default=None)
                   for node in roomy}
-        while roomy and len(self.queue):
-            roomy = [node for node in roomy
-                     if node.can_prefetch and self._may_wait_on(node, floors[node.identity], now)]
-            picked = plan(self.queue, roomy, now, load_cost=cost, limit=1)
-            if not picked:
-                break
-            node, entry = picked[0]
+
+        def allow(node: Node, entry: Entry) -> bool:
+            floor = floors[node.identity]
+            return floor is None or entry.priority <= floor
+
+        def take(node: Node, entry: Entry) -> None:
             lead = self._placed(entry)
             self._start(lead, node, prefetch=True, riders=self._riders(node, entry))
-            placed = True
             for other in roomy:
                 floor = floors[other.identity]
                 if other is not node and _serves(other, lead) and (floor is None or lead.priority < floor):
                     floors[other.identity] = lead.priority
+
+        placed = bool(roomy) and bool(plan(self.queue, roomy, now, load_cost=cost, allow=allow, take=take))
         if waiting or placed:  # only an unstarted waiting job can be overtaken
             self._recall_overtaken(now)
 
@@ -131,12 +129,6 @@ class Placement:
             elif not passed or best is None:
                 free.append(node)
         return free
-
-    def _may_wait_on(self: Broker, node: Node, floor: int | None, now: float) -> bool:
-        """Whether the task this node would get next may wait on it: nothing more urgent than it
-        (`floor`: the most urgent priority waiting unstarted elsewhere that the node serves) waits elsewhere."""
-        best = self.queue.peek_for(node.models, node.loaded, now)
-        return best is not None and (floor is None or best.priority <= floor)
 
     def _recall_overtaken(self: Broker, now: float) -> None:
         """Recall waiting jobs of draining nodes, and those that more urgent work for their node passes:
