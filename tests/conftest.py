@@ -27,11 +27,22 @@ BIN = Path(sys.executable).parent
 DEFAULT_KEY = "genserve-default-key-2024"
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free right now on 127.0.0.1, and not handed out before by this process.
+
+    The kernel may hand a just-released port out again: two calls in a row once gave the broker
+    and the front one port, and the front could not listen.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @pytest.fixture(scope="session")
