@@ -98,9 +98,17 @@ class Placement:
         return task
 
     def _waiting_jobs(self: Broker) -> list[Task]:
-        """Jobs waiting on nodes that have not started, most urgent first."""
-        out = [self.tasks[node.next_id] for node in self.nodes.prefetched()
-               if node.next_id in self.tasks and self.tasks[node.next_id].prefetched]
+        """Jobs waiting on nodes that have not started, most urgent first. A waiting call whose lead
+        was cancelled is there as one of its riders until they come back (they share its priority)."""
+        out = []
+        for node in self.nodes.prefetched():
+            lead = self.tasks.get(node.next_id or "")
+            if lead is None:
+                continue
+            unstarted = [lead] if lead.prefetched else [
+                one for one in map(self.tasks.get, lead.riders) if one is not None and one.prefetched
+                and one.state == w.RUNNING and one.node == node.identity]
+            out.extend(unstarted[:1])
         return sorted(out, key=lambda t: (t.priority, t.tag if t.tag is not None else 0.0, t.seq))
 
     def _reclaim(self: Broker, idle: list[Node], waiting: list[Task], now: float) -> list[Node]:

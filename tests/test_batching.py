@@ -392,3 +392,27 @@ def test_two_idle_nodes_do_not_both_count_on_one_urgent_task_and_start_a_less_ur
     a.error(lead, e.RECALLED, run=runs(msg)[lead])
     assert job_tasks(c.recv_job()) == [lead]
     assert view(client, lesser).status == w.QUEUED
+
+
+def test_riders_of_a_cancelled_waiting_lead_still_hold_back_less_urgent_work_elsewhere(patient_parts) -> None:
+    bt, client, node = patient_parts
+    a, b = node("a").ready(batch=3, prefetch=1), node("b").ready()  # b takes no waiting job for now
+    wait_until(lambda: len(bt.broker.nodes) == 2, 5)
+    first, second = submit(client, spec(prompt="one")), submit(client, spec(prompt="two"))
+    on_a, on_b = a.recv_job(), b.recv_job()
+    assert sorted([on_a.header.task_id, on_b.header.task_id]) == sorted([first, second])
+    alone, lead, *riders = [submit(client, spec(prompt=f"p{i}", seed=i)) for i in range(4)]
+    assert job_tasks(a.recv_job()) == [alone]
+    a.finish(on_a.header.task_id, run=on_a.header.run)  # alone runs now; the three behind it wait as one JOB
+    msg = a.recv_job()
+    assert job_tasks(msg) == [lead, *riders]
+    assert client.request(w.CancelTask(0, lead)).header.body.task.status == w.CANCELLED
+    assert recv_command(a, w.CANCEL).header.task_id == lead  # its riders still wait on a, unstarted
+    b.ready(busy_task=on_b.header.task_id, prefetch=1)  # b now has room for a waiting job
+    wait_until(lambda: bt.broker.nodes.find("b").prefetch == 1, 5)
+    later = submit(client, spec(prompt="later", priority=5))
+    assert b.recv_job(timeout=0.5) is None, "a less urgent task waits on b while the riders wait unstarted on a"
+    for rider in riders:  # a gives the riders back: they may wait on b now, before the later task
+        a.error(rider, e.RECALLED, run=runs(msg)[rider])
+    assert b.recv_job().header.task_id in riders
+    assert view(client, later).status == w.QUEUED
