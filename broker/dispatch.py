@@ -34,7 +34,8 @@ def plan(queue: TaskQueue, idle: Sequence[Worker], now: float, affinity: bool = 
     A task that makes its node load another model bills its key `load_cost` (standard jobs) on top,
     so that fair share counts the GPU time loads take. `allow(node, task)`: whether the node may
     have the best task it could get; one refused gets nothing in this plan (a later task is no
-    more urgent). `take(node, task)` is called at each pick, before the next one is made.
+    more urgent, unless a send that fails in `take` puts tasks back: the next dispatch places
+    those). `take(node, task)` is called at each pick, before the next one is made.
     """
     free = list(idle)
     chosen: list[tuple[Worker, Entry]] = []

@@ -175,7 +175,10 @@ class FrontSide:
             self._fail(task, w.CANCELLED, e.EXPIRED, "accepted after its client was told the submit failed")
             self.table.forget_idempotency_key(task)  # the client's retry must create it anew
         elif not task.final and not h.orphaned:
+            waiting = task.state == w.RUNNING and task.prefetched
             self._fail(task, w.CANCELLED, e.CANCELLED, "cancelled by request")
+            if waiting:
+                self._dispatch()  # its node's waiting place, or what it held back elsewhere, may be free now
         self._reply(identity, h.req, w.TaskBody(task.view()))
 
     def _on_info(self: Broker, identity: bytes, msg: w.Message) -> None:

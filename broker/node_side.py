@@ -279,6 +279,7 @@ class NodeSide:
             log.info("node %s disconnected", node.node_id)
             if node.task_id or node.next_id or node.riders:
                 self._requeue_node_task(node, "node disconnected")
+                self._dispatch()
 
     def _release(self: Broker, node: Node, task_id: str, loaded: list[str] | None = None) -> Task | None:
         """Free the node's slot for this task; return the task only if this node legitimately owns it."""

@@ -133,6 +133,7 @@ class Placement:
             task = next((t for t in passed if t.task_id not in wanted), None)
             if task is not None:
                 wanted.add(task.task_id)  # it starts where it is if the recall comes too late
+                # (A rider standing in for a cancelled lead is not recalled: its node gives it back itself.)
                 self._recall(task, "an idle node can run it")
             elif not passed or best is None:
                 free.append(node)

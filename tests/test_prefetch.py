@@ -15,7 +15,7 @@ from typing import Any
 from genserve import errors as e
 from genserve import wire as w
 from http_front.broker_client import BrokerClient
-from tests.conftest import BrokerThread, wait_until
+from tests.conftest import BrokerThread, _parts, wait_until
 from tests.fakes import FakeNode
 from tests.test_broker import spec, submit
 
@@ -399,31 +399,43 @@ def test_a_node_asking_for_a_larger_credit_gets_one_waiting_job_and_a_bad_one_is
     assert [n.node_id for n in bt.broker.nodes] == ["greedy"]
 
 
-def test_jobs_given_back_together_do_not_wait_on_two_nodes_out_of_priority_order(parts) -> None:
-    bt, client, node = parts
-    nodes = [node(name).ready(prefetch=1) for name in "abc"]
-    wait_until(lambda: len(bt.broker.nodes) == 3, 5)
-    running = [submit(client, spec(priority=5)) for _ in nodes]
-    on = {n.name: n.recv_job().header.task_id for n in nodes}
-    assert sorted(on.values()) == sorted(running)
-    urgent = submit(client, spec(priority=0))
-    holder = next(n for n in nodes if bt.broker.tasks[urgent].node == f"fake-{n.name}".encode())
-    assert holder.recv_job().header.task_id == urgent
-    holder.close()  # dies: its running task (priority 5) and its waiting one (0) come back in one go
-    others = [n for n in nodes if n is not holder]
-    got: dict[str, str] = {}
-    until = time.monotonic() + 10
-    while urgent not in got.values() and time.monotonic() < until:
-        for n in others:
-            n.heartbeat(idle=False)
-            job = n.recv_job(timeout=0.05)
-            if job is not None:
-                got[n.name] = job.header.task_id
-    assert urgent in got.values(), "the urgent task was not placed again"
-    waits_on = next(n for n in others if got.get(n.name) == urgent)
-    other = next(n for n in others if n is not waits_on)
-    # Whichever node frees first would start its own waiting job: the less urgent one may not wait on the other.
-    assert other.name not in got and other.recv_job(timeout=0.5) is None, \
-        "a less urgent task waits on one node while a more urgent one waits unstarted on another"
-    waits_on.started(urgent)
-    assert other.recv_job().header.task_id == on[holder.name]  # once urgent runs, it may wait
+def test_jobs_given_back_together_do_not_wait_on_two_nodes_out_of_priority_order(broker_factory, ctx) -> None:
+    # Ticks 10 s apart: every placement below comes from the message that allows it, not from a timer.
+    parts = _parts(broker_factory(heartbeat_interval=10.0, liveness=100), ctx)
+    bt, client, node = next(parts)
+    try:
+        nodes = [node(name).ready(prefetch=1) for name in "abc"]
+        wait_until(lambda: len(bt.broker.nodes) == 3, 5)
+        running = [submit(client, spec(priority=5)) for _ in nodes]
+        on = {n.name: n.recv_job().header.task_id for n in nodes}
+        assert sorted(on.values()) == sorted(running)
+        urgent = submit(client, spec(priority=0))
+        holder = next(n for n in nodes if bt.broker.tasks[urgent].node == f"fake-{n.name}".encode())
+        assert holder.recv_job().header.task_id == urgent
+        # It leaves: its running task (priority 5) and its waiting one (0) come back in one go.
+        holder.send(w.Disconnect("stopping"))
+        others = [n for n in nodes if n is not holder]
+        got = {n.name: n.recv_job(timeout=1.0) for n in others}
+        assert [m.header.task_id for m in got.values() if m is not None] == [urgent], \
+            "a less urgent task waits on one node while a more urgent one waits unstarted on another"
+        waits_on = next(n for n in others if got[n.name] is not None)
+        other = next(n for n in others if n is not waits_on)
+        waits_on.started(urgent, run=got[waits_on.name].header.run)  # it runs: what it held back may wait now
+        assert other.recv_job().header.task_id == on[holder.name]
+    finally:
+        next(parts, None)
+
+
+def test_cancelling_a_waiting_job_lets_the_next_one_wait_at_once(broker_factory, ctx) -> None:
+    parts = _parts(broker_factory(heartbeat_interval=10.0, liveness=100), ctx)  # no timer helps within the test
+    bt, client, node = next(parts)
+    try:
+        a = node("a").ready(prefetch=1)
+        wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+        one, two, three = (submit(client, spec(prompt=p)) for p in ("one", "two", "three"))
+        assert [a.recv_job().header.task_id for _ in range(2)] == [one, two]
+        client.request(w.CancelTask(0, two))
+        assert recv_command(a, w.CANCEL).header.task_id == two
+        assert a.recv_job(timeout=1.0).header.task_id == three
+    finally:
+        next(parts, None)
