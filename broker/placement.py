@@ -37,6 +37,10 @@ def _serves(node: Node, task: Task) -> bool:
     return task.mode in node.models.get(task.model, ())
 
 
+def _order(task: Task) -> tuple[int, float, int]:
+    return task.priority, task.tag if task.tag is not None else 0.0, task.seq
+
+
 class Placement:
     """Dispatch, prefetch and recall."""
 
@@ -98,18 +102,18 @@ class Placement:
         return task
 
     def _waiting_jobs(self: Broker) -> list[Task]:
-        """Jobs waiting on nodes that have not started, most urgent first. A waiting call whose lead
-        was cancelled is there as one of its riders until they come back (they share its priority)."""
+        """Per node, its most urgent job waiting there unstarted, most urgent first. A waiting call whose lead
+        was cancelled or came back first is there as one of its riders until they come back too."""
         out = []
-        for node in self.nodes.prefetched():
-            lead = self.tasks.get(node.next_id or "")
-            if lead is None:
+        for node in self.nodes:
+            if node.next_id is None and not node.riders:
                 continue
-            unstarted = [lead] if lead.prefetched else [
-                one for one in map(self.tasks.get, lead.riders) if one is not None and one.prefetched
-                and one.state == w.RUNNING and one.node == node.identity]
-            out.extend(unstarted[:1])
-        return sorted(out, key=lambda t: (t.priority, t.tag if t.tag is not None else 0.0, t.seq))
+            unstarted = [one for one in map(self.tasks.get, (node.next_id or "", *node.riders))
+                         if one is not None and one.prefetched and one.state == w.RUNNING
+                         and one.node == node.identity]
+            if unstarted:
+                out.append(min(unstarted, key=_order))
+        return sorted(out, key=_order)
 
     def _reclaim(self: Broker, idle: list[Node], waiting: list[Task], now: float) -> list[Node]:
         """Idle nodes that may take queued work now.
