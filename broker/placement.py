@@ -51,8 +51,13 @@ class Placement:
         waiting = self._waiting_jobs()
         if waiting and idle:
             idle = self._reclaim(idle, waiting, now)
-        for node, entry in plan(self.queue, idle, now, load_cost=cost):
-            self._start(self._placed(entry), node, riders=self._riders(node, entry))
+        pairs = plan(self.queue, idle, now, load_cost=cost)
+        keys = [self._batch_key(node, entry) for node, entry in pairs]
+        for i, (node, entry) in enumerate(pairs):
+            # Riders are shared with the later calls of this round that take the same batch key: 5 such
+            # tasks on two idle nodes run as 3 and 2, not 4 and 1.
+            share = 1 + sum(1 for later in keys[i + 1:] if later is not None and later == keys[i])
+            self._start(self._placed(entry), node, riders=self._riders(node, entry, share))
         roomy = self.nodes.prefetchable() if len(self.queue) else []
         # Whichever node frees first starts its own waiting job, so each job placed to wait counts against
         # the next pick: a node's floor is the most urgent job waiting elsewhere that it could run, and it
@@ -66,7 +71,11 @@ class Placement:
 
         def take(node: Node, entry: Entry) -> None:
             lead = self._placed(entry)
-            self._start(lead, node, prefetch=True, riders=self._riders(node, entry))
+            key = self._batch_key(node, entry)
+            share = 1 if key is None else 1 + sum(  # other waiting places that could take such tasks now
+                1 for other in roomy if other is not node and other.can_prefetch and _serves(other, lead)
+                and allow(other, entry) and self._batch_key(other, entry) == key)
+            self._start(lead, node, prefetch=True, riders=self._riders(node, entry, share))
             for other in roomy:
                 floor = floors[other.identity]
                 if other is not node and _serves(other, lead) and (floor is None or lead.priority < floor):
@@ -76,24 +85,32 @@ class Placement:
         if waiting or placed:  # only an unstarted waiting job can be overtaken
             self._recall_overtaken(now)
 
-    def _riders(self: Broker, node: Node, lead: Entry) -> list[Task]:
-        """Queued tasks that share the lead's pipeline call on a node that batches (taken out of the queue):
-        the same batch key (genserve.spec.batch_key) and priority, next in the queue's order."""
+    def _batch_key(self: Broker, node: Node, lead: Entry) -> tuple | None:
+        """The lead's batch key (genserve.spec.batch_key) if it may take riders on this node, else None."""
         task = self.tasks[lead.task_id]
         if node.batch <= 1 or 0 < node.batch_pixels < task.params.width * task.params.height:
-            return []
-        key = batch_key(task.model, task.mode, task.params, bool(task.image_names))
+            return None
+        return batch_key(task.model, task.mode, task.params, bool(task.image_names))
+
+    def _riders(self: Broker, node: Node, lead: Entry, share: int = 1) -> list[Task]:
+        """Queued tasks that share the lead's pipeline call on a node that batches (taken out of the queue):
+        the same batch key and priority, next in the queue's order; with `share` calls taking such tasks
+        now, this one takes its part of them."""
+        key = self._batch_key(node, lead)
         if key is None:
             return []
-        riders = []
+        found = []
         for entry in self.queue.companions(lead, node.models, limit=64):
             other = self.tasks[entry.task_id]
             if other.mode in node.models.get(other.model, ()) and \
                     batch_key(other.model, other.mode, other.params, bool(other.image_names)) == key:
-                self.queue.take(entry.task_id)
-                riders.append(self._placed(entry))
-                if len(riders) + 1 >= node.batch:
+                found.append(entry)
+                if len(found) >= (node.batch - 1) * share:
                     break
+        riders = []
+        for entry in found[:min(node.batch - 1, -(-len(found) // share))]:
+            self.queue.take(entry.task_id)
+            riders.append(self._placed(entry))
         return riders
 
     def _placed(self: Broker, entry: Entry) -> Task:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from genserve import errors as e
 from genserve import wire as w
 from genserve.spec import batch_key
@@ -416,3 +418,25 @@ def test_riders_of_a_cancelled_waiting_lead_still_hold_back_less_urgent_work_els
         a.error(rider, e.RECALLED, run=runs(msg)[rider])
     assert b.recv_job().header.task_id in riders
     assert view(client, later).status == w.QUEUED
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle nodes", "waiting places"])
+def test_tasks_that_come_back_together_are_shared_between_the_nodes_that_can_take_them(patient_parts,
+                                                                                      busy: bool) -> None:
+    bt, client, node = patient_parts
+    c = node("c").ready(batch=5)
+    wait_until(lambda: len(bt.broker.nodes) == 1, 5)
+    first = submit(client, spec())
+    assert job_tasks(c.recv_job()) == [first]
+    five = [submit(client, spec(prompt=f"p{i}", seed=i)) for i in range(5)]
+    c.finish(first)
+    assert job_tasks(c.recv_job()) == five  # one call of five on c
+    a, b = node("a").ready(batch=4, prefetch=1), node("b").ready(batch=4, prefetch=1)
+    wait_until(lambda: len(bt.broker.nodes) == 3, 5)
+    if busy:  # each runs something: the five can only wait on them
+        long = [submit(client, spec(prompt="long", width=32)) for _ in range(2)]
+        assert sorted(job_tasks(a.recv_job()) + job_tasks(b.recv_job())) == sorted(long)
+    c.send(w.Disconnect("stopping"))  # the five come back at once
+    calls = [job_tasks(n.recv_job()) for n in (a, b)]
+    assert sorted(map(len, calls)) == [2, 3], "one node took the lion's share while the other had room"
+    assert sorted(calls[0] + calls[1]) == sorted(five)
