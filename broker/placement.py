@@ -54,10 +54,11 @@ class Placement:
         pairs = plan(self.queue, idle, now, load_cost=cost)
         keys = [self._batch_key(node, entry) for node, entry in pairs]
         for i, (node, entry) in enumerate(pairs):
-            # Riders are shared with the later calls of this round that take the same batch key: 5 such
-            # tasks on two idle nodes run as 3 and 2, not 4 and 1.
-            share = 1 + sum(1 for later in keys[i + 1:] if later is not None and later == keys[i])
-            self._start(self._placed(entry), node, riders=self._riders(node, entry, share))
+            # Riders are shared with the later calls of this round that take the same batch key, by their
+            # room: 5 such tasks on two idle nodes of --batch 4 run as 3 and 2, not 4 and 1.
+            others = sum(later.batch - 1 for (later, _), k in zip(pairs[i + 1:], keys[i + 1:])
+                         if k is not None and k == keys[i])
+            self._start(self._placed(entry), node, riders=self._riders(node, entry, others))
         roomy = self.nodes.prefetchable() if len(self.queue) else []
         # Whichever node frees first starts its own waiting job, so each job placed to wait counts against
         # the next pick: a node's floor is the most urgent job waiting elsewhere that it could run, and it
@@ -72,10 +73,10 @@ class Placement:
         def take(node: Node, entry: Entry) -> None:
             lead = self._placed(entry)
             key = self._batch_key(node, entry)
-            share = 1 if key is None else 1 + sum(  # other waiting places that could take such tasks now
-                1 for other in roomy if other is not node and other.can_prefetch and _serves(other, lead)
-                and allow(other, entry) and self._batch_key(other, entry) == key)
-            self._start(lead, node, prefetch=True, riders=self._riders(node, entry, share))
+            others = 0 if key is None else sum(  # the room of other waiting places that could take such tasks
+                other.batch - 1 for other in roomy if other is not node and other.can_prefetch
+                and _serves(other, lead) and allow(other, entry) and self._batch_key(other, entry) == key)
+            self._start(lead, node, prefetch=True, riders=self._riders(node, entry, others))
             for other in roomy:
                 floor = floors[other.identity]
                 if other is not node and _serves(other, lead) and (floor is None or lead.priority < floor):
@@ -92,23 +93,24 @@ class Placement:
             return None
         return batch_key(task.model, task.mode, task.params, bool(task.image_names))
 
-    def _riders(self: Broker, node: Node, lead: Entry, share: int = 1) -> list[Task]:
+    def _riders(self: Broker, node: Node, lead: Entry, others: int = 0) -> list[Task]:
         """Queued tasks that share the lead's pipeline call on a node that batches (taken out of the queue):
-        the same batch key and priority, next in the queue's order; with `share` calls taking such tasks
-        now, this one takes its part of them."""
+        the same batch key and priority, next in the queue's order. `others`: how many such tasks other
+        calls starting now have room for; this call takes its part of what is found, by its own room."""
         key = self._batch_key(node, lead)
         if key is None:
             return []
+        room = node.batch - 1
         found = []
-        for entry in self.queue.companions(lead, node.models, limit=64):
+        for entry in self.queue.companions(lead, node.models, limit=max(64, room + others)):
             other = self.tasks[entry.task_id]
             if other.mode in node.models.get(other.model, ()) and \
                     batch_key(other.model, other.mode, other.params, bool(other.image_names)) == key:
                 found.append(entry)
-                if len(found) >= (node.batch - 1) * share:
+                if len(found) >= room + others:
                     break
         riders = []
-        for entry in found[:min(node.batch - 1, -(-len(found) // share))]:
+        for entry in found[:min(room, -(-len(found) * room // (room + others)))]:
             self.queue.take(entry.task_id)
             riders.append(self._placed(entry))
         return riders

@@ -421,22 +421,25 @@ def test_riders_of_a_cancelled_waiting_lead_still_hold_back_less_urgent_work_els
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["idle nodes", "waiting places"])
-def test_tasks_that_come_back_together_are_shared_between_the_nodes_that_can_take_them(patient_parts,
-                                                                                      busy: bool) -> None:
+@pytest.mark.parametrize("batches, count, sizes", [((4, 4), 5, [2, 3]), ((8, 2), 10, [2, 8])],
+                         ids=["equal room", "unequal room"])
+def test_tasks_that_come_back_together_are_shared_between_the_nodes_that_can_take_them(
+        patient_parts, busy: bool, batches: tuple[int, int], count: int, sizes: list[int]) -> None:
     bt, client, node = patient_parts
-    c = node("c").ready(batch=5)
+    c = node("c").ready(batch=count)
     wait_until(lambda: len(bt.broker.nodes) == 1, 5)
     first = submit(client, spec())
     assert job_tasks(c.recv_job()) == [first]
-    five = [submit(client, spec(prompt=f"p{i}", seed=i)) for i in range(5)]
+    together = [submit(client, spec(prompt=f"p{i}", seed=i)) for i in range(count)]
     c.finish(first)
-    assert job_tasks(c.recv_job()) == five  # one call of five on c
-    a, b = node("a").ready(batch=4, prefetch=1), node("b").ready(batch=4, prefetch=1)
+    assert job_tasks(c.recv_job()) == together  # one call of them all on c
+    a, b = (node(name).ready(batch=batch, prefetch=1) for name, batch in zip("ab", batches))
     wait_until(lambda: len(bt.broker.nodes) == 3, 5)
-    if busy:  # each runs something: the five can only wait on them
+    if busy:  # each runs something: they can only wait on them
         long = [submit(client, spec(prompt="long", width=32)) for _ in range(2)]
         assert sorted(job_tasks(a.recv_job()) + job_tasks(b.recv_job())) == sorted(long)
-    c.send(w.Disconnect("stopping"))  # the five come back at once
+    c.send(w.Disconnect("stopping"))  # they come back at once
     calls = [job_tasks(n.recv_job()) for n in (a, b)]
-    assert sorted(map(len, calls)) == [2, 3], "one node took the lion's share while the other had room"
-    assert sorted(calls[0] + calls[1]) == sorted(five)
+    # Shared by room (3 and 2 on equal nodes, not 4 and 1), and none left behind while there is room.
+    assert sorted(map(len, calls)) == sizes, "the tasks were not shared by the nodes' room"
+    assert sorted(calls[0] + calls[1]) == sorted(together)
