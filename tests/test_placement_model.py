@@ -4,9 +4,9 @@ No socket carries anything: the broker's sends are captured (`Broker._emit`) and
 messages are delivered in order but at random moments, interleaved with calls that end, tasks
 that are cancelled and nodes that leave or join, all chosen by a seeded random generator. A
 simulated node behaves as gpu_node's does: it runs one call and holds one waiting job (prefetch
-1), starts the waiting job as soon as a call ends (its step-0 PROGRESS before the last call's
-reports), gives back a waiting job it is asked to recall if it has not started it, and runs a
-JOB's riders in the lead's call.
+1; a third of the nodes have prefetch 0 and hold none), starts the waiting job as soon as a
+call ends (its step-0 PROGRESS before the last call's reports), gives back a waiting job it is
+asked to recall if it has not started it, and runs a JOB's riders in the lead's call.
 
 Every run queues all its tasks while the nodes run blockers, with every message delivered
 before any call ends, and then checks at the end that:
@@ -42,6 +42,7 @@ class SimNode:
 
     def __init__(self, sim: "Sim", name: str, batch: int) -> None:
         self.sim, self.name, self.batch = sim, name, batch
+        self.prefetch = sim.rng.choice((0, 1, 1))
         self.identity = f"sim-{name}".encode()
         self.inbox: deque[w.Message] = deque()
         self.running: list[tuple[str, str]] | None = None  # (task, run) of the call it runs
@@ -54,10 +55,10 @@ class SimNode:
         self.sim.broker._handle_node(w.routed(self.identity, header, blobs))
 
     def register(self) -> None:
-        """READY, idle, with room for one waiting job."""
+        """READY, idle, with room for one waiting job unless it has prefetch 0."""
         self.send(w.Ready(node_id=self.name, device="sim", host="h", pid=1, models={"flux1-dev": ["text2img"]},
-                          loaded=["flux1-dev"], memory_total=1 << 30, memory_free=1 << 29, reports=[], prefetch=1,
-                          batch=self.batch, batch_pixels=0))
+                          loaded=["flux1-dev"], memory_total=1 << 30, memory_free=1 << 29, reports=[],
+                          prefetch=self.prefetch, batch=self.batch, batch_pixels=0))
 
     def deliver(self) -> None:
         """Act on the oldest message from the broker."""
@@ -69,6 +70,7 @@ class SimNode:
             if self.running is None:
                 self.start(call)
             elif self.waiting is None:
+                assert self.prefetch, f"{self.name} (prefetch 0) got a job while it runs one"
                 self.waiting = call
             else:  # the broker counted on a place that a late JOB took (as gpu_node does: NODE_BUSY, unstarted)
                 self.sim.refused += 1
