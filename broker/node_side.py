@@ -179,11 +179,12 @@ class NodeSide:
         task = self.tasks.get(h.task_id)
         if task is not None and task.node == identity and task.state == w.RUNNING and not task.stale(h.run):
             began = task.prefetched
+            recalled = began and node.recalling == task.task_id  # then _node_began dispatches itself
             if began:
                 self._node_began(task, node)
             task.step, task.total = h.step, h.total
             self._publish(task, "progress")
-            if began and len(self.queue) and self.nodes.prefetchable():
+            if began and not recalled and len(self.queue) and self.nodes.prefetchable():
                 self._dispatch()  # its place is free again, and what it held back may now wait on a node
 
     def _on_result(self: Broker, identity: bytes, node: Node, msg: w.Message) -> None:
