@@ -62,6 +62,7 @@ class Rig:
                                    speed=SpeedOptions())
         self.out = args.out
         self.headroom = 6 * GIB  # replaced by the bf16 stage's measurement on a GPU
+        self.variant = "compile"  # what the loaded transformer is, for the cache stage's labels
 
     def record(self, stage: str, name: str, value: Any, unit: str = "", note: str = "") -> None:
         """Print one figure and append it to the results file at once (a killed run keeps what it had)."""
@@ -199,6 +200,7 @@ def stage_compile(rig: Rig) -> None:
         rig.build()
     transformer = rig.cache.base("flux1-dev").transformer
     compile_blocks(transformer, rig.args.backend)
+    rig.variant = "compile"
     before = compiled_graphs()
     first, _ = rig.run(rig.job(seed=1))
     rig.record("compile", "first request (compiles)", round(first, 2), "s")
@@ -247,6 +249,7 @@ def stage_fp8(rig: Rig) -> None:
         quantize_fp8(rig.cache.base("flux1-dev").transformer)
         rig.sync()
         rig.record("fp8", "quantize", round(time.perf_counter() - started, 2), "s", "after compile, in place")
+    rig.variant = "compile + fp8"
     before = compiled_graphs()
     first, _ = rig.run(rig.job(seed=1))
     rig.record("fp8", "first request (compiles)", round(first, 2), "s")
@@ -306,7 +309,7 @@ def stage_cache(rig: Rig) -> None:
         for threshold in (0.12, 0.35, 0.6, 1.0):
             rig.generator.speed = SpeedOptions(cache_threshold=threshold)
             calls[0] = 0
-            value = rig.timed("cache", f"compile + first block cache at {threshold}",
+            value = rig.timed("cache", f"{rig.variant} + first block cache at {threshold}",
                               lambda s: rig.job(seed=s, speed="fast"))
             passes = calls[0] / rig.args.runs
             rig.record("cache", f"full passes per image at {threshold}", round(passes, 1), f"of {rig.args.steps}",
@@ -355,6 +358,12 @@ def main() -> None:
     rig.record("setup", "device", name, "", f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
                f"transformers {transformers.__version__}, peft {peft.__version__}, python {platform.python_version()}, "
                f"{args.layers}+{args.single_layers} blocks, {args.heads * 128} wide, {args.size}px, {args.steps} steps")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    cache_dir = Path(inductor_cache_dir())
+    warm = sum(1 for _ in cache_dir.rglob("*")) if cache_dir.is_dir() else 0
+    rig.record("setup", "inductor cache entries at start", warm, "files",
+               f"{cache_dir}; 0 = every compilation is a first one")
     stages = STAGES if "all" in args.stage else tuple(s for s in STAGES if s in args.stage)
     for stage in stages:
         started = time.perf_counter()
