@@ -69,9 +69,45 @@ def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
     found = blocks(transformer)
     for block in found:
         block._genserve_eager = block.forward
-        block.forward = block._genserve_compiled = torch.compile(block.forward, fullgraph=True, dynamic=True,
-                                                                  backend=backend)
+        compiled = torch.compile(block.forward, fullgraph=True, dynamic=True, backend=backend)
+        block.forward = block._genserve_compiled = _contiguous_inputs(compiled)
     return len(found)
+
+
+def _contiguous_inputs(compiled: Any) -> Any:
+    """Call `compiled` with contiguous tensor arguments.
+
+    A single-stream block returns its text part as a slice of the joint sequence, so every block
+    but the first of its kind would get a strided input, fail the first graph's stride guard and
+    compile the block a second time (minutes with FP8). Copying that slice (a few MB) costs far less.
+    """
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return compiled(*(_dense(a) for a in args), **{k: _dense(v) for k, v in kwargs.items()})
+
+    return forward
+
+
+def _dense(value: Any) -> Any:
+    """`value` as a non-view tensor with the standard row-major strides, copied only when it must be.
+
+    A dimension of size 1 may carry any stride (``is_contiguous()`` ignores it, the compiled graph's
+    guards do not), so such a stride is set to the standard one without a copy; a view is detached
+    from its base, which the guards also inspect. Other layouts are copied.
+    """
+    if not isinstance(value, torch.Tensor):
+        return value
+    expected, step = [], 1
+    for size in reversed(value.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    expected.reverse()
+    stride = value.stride()
+    if stride != tuple(expected):
+        if any(s != e and n != 1 for s, e, n in zip(stride, expected, value.shape)):
+            return value.clone(memory_format=torch.contiguous_format)
+        value = value.as_strided(value.shape, expected, value.storage_offset())
+    return value.detach() if value._base is not None else value
 
 
 @contextlib.contextmanager

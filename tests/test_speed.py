@@ -316,3 +316,52 @@ def test_warm_up_runs_text2img_models_at_each_size_and_skips_the_others(tiny_mod
         or real(jobs, *rest)
     generator.warm(["flux1-dev"], ((64, 64), (48, 96)), batch=4, batch_pixels=40 * 40)
     assert calls == [[(32, 32), (32, 32)]]  # one call of two; the smaller size (64x64) is over 40x40: 32x32
+
+
+def test_regional_compilation_compiles_each_kind_of_block_once() -> None:
+    """Two double and three single blocks make two graphs, whatever strides the blocks hand on.
+
+    A single block returns its text part as a slice of the joint sequence; without the copy to
+    standard strides, the second single block fails the first graph's stride guard and compiles
+    again (a third graph, minutes with FP8 on a GPU).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from gpu_node.speed import compile_blocks
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=2,
+                                   num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
+                                   joint_attention_dim=24, pooled_projection_dim=8, guidance_embeds=True,
+                                   axes_dims_rope=(4, 4, 8)).requires_grad_(False)
+    torch._dynamo.reset()
+    try:
+        assert compile_blocks(model, backend="eager") == 5
+        before = compiled_graphs()
+        for tokens in (16, 24):
+            model(hidden_states=torch.randn(1, tokens, 16), encoder_hidden_states=torch.randn(1, 6, 24),
+                  pooled_projections=torch.randn(1, 8), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(6, 3), guidance=torch.tensor([3.5]))
+        assert compiled_graphs() - before == 2
+    finally:
+        torch._dynamo.reset()
+
+
+def test_only_tensors_with_other_strides_are_copied() -> None:
+    from gpu_node.speed import _dense
+
+    joint = torch.arange(2 * 10 * 4.0).reshape(1, 20, 4)
+    text = joint[:, :6]  # is_contiguous() says yes: the size-1 batch's stride is ignored
+    assert text.is_contiguous() and text.stride() == (80, 4, 1)
+    same = _dense(text)
+    assert same.stride() == (24, 4, 1) and torch.equal(same, text) and same._base is None
+    assert same.data_ptr() == text.data_ptr(), "a size-1 dimension's stride needed no copy"
+    image = _dense(joint[:, 6:])
+    assert torch.equal(image, joint[:, 6:]) and image.stride() == (56, 4, 1)
+    assert image.data_ptr() == joint[:, 6:].data_ptr(), "an offset slice needed no copy either"
+    dense = torch.zeros(2, 3, 4)
+    assert _dense(dense) is dense and _dense(None) is None and _dense(7) == 7
+    transposed = _dense(dense.transpose(1, 2))
+    assert transposed.stride() == (12, 3, 1) and transposed.data_ptr() != dense.data_ptr()
+    view = dense.view(6, 4)
+    assert _dense(view)._base is None and _dense(view).data_ptr() == dense.data_ptr()
