@@ -12,12 +12,15 @@ each (T5-XXL's 512-token pass is a few ms on such a GPU), the VAE has the real F
 configuration. Every image goes through `Generator.run`, as a JOB does: LoRA slots, the step
 cache switch, the PNG encoding and all.
 
-Stages (each runs alone in under 3 minutes on an H100; `all` chains them on shared models):
+Stages (each meant to run alone in under 3 minutes; a cold fp8 compile took over 5 on the H100;
+`all` chains them on shared models):
   bf16      eager bf16; first request, s/image, peak memory; then with the step cache; batching
   switch    a second model; park one transformer in pinned host memory, restore it; the plan
   compile   regional compile (dynamic shapes); s/image, cache, recompile count on a new size
   fp8       torchao float8 weights and activations, compiled; s/image, with the cache
   lora      resident LoRA slots (rank 64) on a compiled transformer; hot-swap time, recompiles, fallback
+  profile   the kernels (operators on the CPU) that take the time of one image, for what is loaded:
+            `compile fp8 profile` (quantized after compiling) against `fp8 profile` (the node's order)
 Random weights make the step cache's hit rate meaningless: its figures are times only.
 """
 
@@ -44,7 +47,7 @@ from gpu_node.memory import GIB, plan
 from gpu_node.pipeline_cache import PipelineCache, module_bytes
 from gpu_node.speed import compile_blocks, compiled_graphs, full_passes, prepare, quantize_fp8
 
-STAGES = ("bf16", "switch", "compile", "fp8", "lora", "cache")
+STAGES = ("bf16", "switch", "compile", "fp8", "lora", "cache", "profile")
 T5_XXL_PARAMS, CLIP_L_PARAMS = 4_762_310_656, 123_060_480  # the real encoders the shared bytes stand for
 
 
@@ -268,6 +271,7 @@ def stage_lora(rig: Rig) -> None:
     rank = rig.args.lora_rank
     rig.record("lora", "build with slots", round(rig.build(speed=SpeedOptions(
         compile=True, compile_backend=rig.args.backend, lora_rank=rank)), 2), "s")
+    rig.variant = "compile + LoRA slots"
     transformer = rig.cache.base("flux1-dev").transformer
     names = [save_random_lora(transformer, rig.loras_dir / f"l{i}.safetensors", r, seed=i)
              for i, r in enumerate((rank // 4, rank // 2, rank // 4, rank))]
@@ -315,6 +319,28 @@ def stage_cache(rig: Rig) -> None:
             rig.record("cache", f"full passes per image at {threshold}", round(passes, 1), f"of {rig.args.steps}",
                        f"{value:.3f} s/image; random weights: the share skipped is not a real model's")
     rig.generator.speed = SpeedOptions()
+
+
+def stage_profile(rig: Rig, top: int = 12) -> None:
+    """The kernels that take one image's time (after a warm-up), as the loaded transformer runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if "flux1-dev" not in rig.cache.loaded:
+        rig.build()
+        rig.variant = "bf16"
+    rig.run(rig.job(seed=1))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rig.cuda else [])
+    with profile(activities=activities) as prof:
+        took, _ = rig.run(rig.job(seed=2))
+    attr = "self_device_time_total" if rig.cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    rig.record("profile", f"{rig.variant}: one image", round(took, 3), "s", f"{total / 1e6:.3f} s of "
+               f"{'kernel' if rig.cuda else 'operator'} time")
+    for event in events[:top]:
+        spent = getattr(event, attr)
+        rig.record("profile", f"{rig.variant}: {event.key[:90]}", round(spent / 1e3, 1), "ms",
+                   f"{100 * spent / total:.1f}% in {event.count} calls")
 
 
 def main() -> None:

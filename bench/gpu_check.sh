@@ -2,7 +2,7 @@
 # The one-command GPU check (bench/gpu_check.py has the stages and what they report).
 #
 #   bench/gpu_check.sh --prepare      # on a machine with the package index: wheels into .whl/
-#   bench/gpu_check.sh [STAGE ...]    # on the GPU machine, no network: bf16 switch compile fp8 lora (default all)
+#   bench/gpu_check.sh [STAGE ...]    # on the GPU machine, no network: bf16 switch compile fp8 lora cache profile (default all)
 #
 # The GPU machine has torch, transformers, peft and accelerate but not diffusers, msgspec
 # or torchao: they are installed from .whl/ into a private folder, never over its packages.
