@@ -82,6 +82,9 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                     help="compile the transformer's repeated blocks, dynamic shapes (env GENSERVE_COMPILE=1)")
     ap.add_argument("--compile-backend", default=env.get("GENSERVE_COMPILE_BACKEND", "inductor"),
                     help=argparse.SUPPRESS)
+    ap.add_argument("--compile-cache", default=env.get("GENSERVE_COMPILE_CACHE"),
+                    help="folder for compiled kernels, reused by the next start; on a persistent volume, a restart "
+                         "skips most compiling (env GENSERVE_COMPILE_CACHE; default: torch's, under /tmp)")
     ap.add_argument("--warmup-sizes", default=env.get("GENSERVE_WARMUP_SIZES", "1024x1024"),
                     help="with --compile: WIDTHxHEIGHT list run once at start (env GENSERVE_WARMUP_SIZES)")
     ap.add_argument("--quantize", choices=QUANTIZE, default=env.get("GENSERVE_QUANTIZE", "none"),
@@ -128,7 +131,26 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         curve_secret_file=Path(a.curve_secret) if a.curve_secret else None,
         curve_server_public_file=Path(a.curve_server) if a.curve_server else None,
         speed=speed, host_memory_budget=int(a.host_memory_gb * (1 << 30)),
+        compile_cache=Path(a.compile_cache).expanduser() if a.compile_cache else None,
     )
+
+
+def use_compile_cache(folder: Path | None) -> None:
+    """Point inductor's cache (its Triton kernels included) at `folder`, before anything compiles.
+
+    Inductor keys every entry by the graph, torch, Triton and device, so one folder may serve
+    every node of a machine, and a node started again reuses what its last run compiled.
+    """
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".genserve-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SpeedError(f"--compile-cache {folder}: cannot write there ({exc.strerror or exc})") from exc
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
 
 
 def build(config: NodeConfig):
@@ -187,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     if not config.model_paths:
         raise SystemExit("genserve-node: no model folders found (use --models-dir or FLUX_MODEL_PATH)")
     try:
+        use_compile_cache(config.compile_cache)
         node, _ = build(config)
     except SpeedError as exc:
         raise SystemExit(f"genserve-node: {exc}") from exc

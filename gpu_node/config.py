@@ -62,3 +62,4 @@ class NodeConfig:
     curve_server_public_file: Path | None = None
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     host_memory_budget: int = 0  # bytes of pinned host memory for parked transformers; 0 = none
+    compile_cache: Path | None = None  # inductor's cache folder, kept across restarts; None = torch's default

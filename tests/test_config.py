@@ -82,3 +82,32 @@ def test_broker_affinity_flags() -> None:
 def test_broker_refuses_bad_scheduling_flags(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         broker_config(argv, {})
+
+
+def test_node_compile_cache_folder_from_flag_or_environment(tmp_path: Path) -> None:
+    assert node_config([], {}).compile_cache is None  # torch's own default folder
+    assert node_config(["--compile-cache", str(tmp_path)], {}).compile_cache == tmp_path
+    assert node_config([], {"GENSERVE_COMPILE_CACHE": "~/cc"}).compile_cache == Path("~/cc").expanduser()
+
+
+def test_the_compile_cache_points_inductor_at_the_folder_or_refuses_an_unwritable_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpu_node.__main__ import use_compile_cache
+    from gpu_node.config import SpeedError
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    use_compile_cache(None)
+    import os
+
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    folder = tmp_path / "new" / "cache"
+    use_compile_cache(folder)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(folder) and folder.is_dir() and not list(folder.glob(".genserve-write-check*"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(SpeedError, match="cannot write there"):
+        use_compile_cache(blocker / "cache")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
