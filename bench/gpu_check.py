@@ -65,7 +65,6 @@ class Rig:
                                    speed=SpeedOptions())
         self.out = args.out
         self.headroom = 6 * GIB  # replaced by the bf16 stage's measurement on a GPU
-        self.variant = "compile"  # what the loaded transformer is, for the cache stage's labels
 
     def record(self, stage: str, name: str, value: Any, unit: str = "", note: str = "") -> None:
         """Print one figure and append it to the results file at once (a killed run keeps what it had)."""
@@ -133,6 +132,20 @@ class Rig:
         self.record(stage, name, round(value, 3), "s/image", f"{len(times)} runs: {[round(t, 3) for t in times]}")
         return value
 
+    @property
+    def variant(self) -> str:
+        """What the loaded flux1-dev transformer is ("bf16", "compile + fp8", ...), for labels."""
+        from gpu_node.speed import blocks
+
+        transformer = self.cache.base("flux1-dev").transformer
+        parts = ["compile" if any(hasattr(b, "_genserve_compiled") for b in blocks(transformer)) else "eager"]
+        if any("torchao" in type(p).__module__ or "torchao" in type(p.data).__module__
+               for p in transformer.parameters()):
+            parts.append("fp8")
+        if getattr(transformer, "_genserve_slots", None) is not None:
+            parts.append("LoRA slots")
+        return " + ".join(parts)
+
     def peak(self, stage: str) -> None:
         """Record and reset the device's peak allocated memory."""
         if self.cuda:
@@ -154,6 +167,8 @@ def stage_bf16(rig: Rig) -> None:
                    "peak allocated minus the weights held")
     rig.peak("bf16")
     batching(rig)
+    if rig.cuda:  # the batched calls' peak belongs to no stage's figure
+        torch.cuda.reset_peak_memory_stats()
 
 
 def stage_switch(rig: Rig) -> None:
@@ -203,7 +218,6 @@ def stage_compile(rig: Rig) -> None:
         rig.build()
     transformer = rig.cache.base("flux1-dev").transformer
     compile_blocks(transformer, rig.args.backend)
-    rig.variant = "compile"
     before = compiled_graphs()
     first, _ = rig.run(rig.job(seed=1))
     rig.record("compile", "first request (compiles)", round(first, 2), "s")
@@ -252,7 +266,6 @@ def stage_fp8(rig: Rig) -> None:
         quantize_fp8(rig.cache.base("flux1-dev").transformer)
         rig.sync()
         rig.record("fp8", "quantize", round(time.perf_counter() - started, 2), "s", "after compile, in place")
-    rig.variant = "compile + fp8"
     before = compiled_graphs()
     first, _ = rig.run(rig.job(seed=1))
     rig.record("fp8", "first request (compiles)", round(first, 2), "s")
@@ -271,7 +284,6 @@ def stage_lora(rig: Rig) -> None:
     rank = rig.args.lora_rank
     rig.record("lora", "build with slots", round(rig.build(speed=SpeedOptions(
         compile=True, compile_backend=rig.args.backend, lora_rank=rank)), 2), "s")
-    rig.variant = "compile + LoRA slots"
     transformer = rig.cache.base("flux1-dev").transformer
     names = [save_random_lora(transformer, rig.loras_dir / f"l{i}.safetensors", r, seed=i)
              for i, r in enumerate((rank // 4, rank // 2, rank // 4, rank))]
@@ -327,19 +339,26 @@ def stage_profile(rig: Rig, top: int = 12) -> None:
 
     if "flux1-dev" not in rig.cache.loaded:
         rig.build()
-        rig.variant = "bf16"
     rig.run(rig.job(seed=1))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rig.cuda else [])
     with profile(activities=activities) as prof:
         took, _ = rig.run(rig.job(seed=2))
-    attr = "self_device_time_total" if rig.cuda else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    if rig.cuda:  # kernels only: a CPU op's row repeats its kernels' time, and annotations span whole graphs
+        from torch.autograd import DeviceType
+
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False)]
+        attr = "self_device_time_total"
+    else:
+        events, attr = list(prof.key_averages()), "self_cpu_time_total"
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
     total = sum(getattr(e, attr) for e in events) or 1
-    rig.record("profile", f"{rig.variant}: one image", round(took, 3), "s", f"{total / 1e6:.3f} s of "
-               f"{'kernel' if rig.cuda else 'operator'} time")
+    variant = rig.variant
+    rig.record("profile", f"{variant}: one image, under the profiler", round(took, 3), "s",
+               f"{total / 1e6:.3f} s of {'kernel' if rig.cuda else 'operator'} time")
     for event in events[:top]:
         spent = getattr(event, attr)
-        rig.record("profile", f"{rig.variant}: {event.key[:90]}", round(spent / 1e3, 1), "ms",
+        rig.record("profile", f"{variant}: {event.key[:90]}", round(spent / 1e3, 1), "ms",
                    f"{100 * spent / total:.1f}% in {event.count} calls")
 
 
@@ -387,7 +406,7 @@ def main() -> None:
     from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
     cache_dir = Path(inductor_cache_dir())
-    warm = sum(1 for _ in cache_dir.rglob("*")) if cache_dir.is_dir() else 0
+    warm = sum(1 for f in cache_dir.rglob("*") if f.is_file()) if cache_dir.is_dir() else 0
     rig.record("setup", "inductor cache entries at start", warm, "files",
                f"{cache_dir}; 0 = every compilation is a first one")
     stages = STAGES if "all" in args.stage else tuple(s for s in STAGES if s in args.stage)

@@ -319,11 +319,11 @@ def test_warm_up_runs_text2img_models_at_each_size_and_skips_the_others(tiny_mod
 
 
 def test_regional_compilation_compiles_each_kind_of_block_once() -> None:
-    """Two double and three single blocks make two graphs, whatever strides the blocks hand on.
+    """Two double and three single blocks make two graphs per batch class, whatever strides they hand on.
 
-    A single block returns its text part as a slice of the joint sequence; without the copy to
-    standard strides, the second single block fails the first graph's stride guard and compiles
-    again (a third graph, minutes with FP8 on a GPU).
+    A single block returns its text part as a slice of the joint sequence; without the restated
+    strides, the second single block fails the first graph's stride guard and compiles again (a
+    third graph, minutes with FP8 on a GPU). Run in inference mode, as the generator runs.
     """
     from diffusers import FluxTransformer2DModel
 
@@ -334,15 +334,23 @@ def test_regional_compilation_compiles_each_kind_of_block_once() -> None:
                                    num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
                                    joint_attention_dim=24, pooled_projection_dim=8, guidance_embeds=True,
                                    axes_dims_rope=(4, 4, 8)).requires_grad_(False)
+
+    def forward(batch: int, tokens: int) -> None:
+        with torch.inference_mode():
+            model(hidden_states=torch.randn(batch, tokens, 16), encoder_hidden_states=torch.randn(batch, 6, 24),
+                  pooled_projections=torch.randn(batch, 8), timestep=torch.full((batch,), 0.5),
+                  img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(6, 3), guidance=torch.full((batch,), 3.5))
+
     torch._dynamo.reset()
     try:
         assert compile_blocks(model, backend="eager") == 5
         before = compiled_graphs()
-        for tokens in (16, 24):
-            model(hidden_states=torch.randn(1, tokens, 16), encoder_hidden_states=torch.randn(1, 6, 24),
-                  pooled_projections=torch.randn(1, 8), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(6, 3), guidance=torch.tensor([3.5]))
+        forward(1, 16)
+        forward(1, 24)
         assert compiled_graphs() - before == 2
+        forward(2, 16)  # dynamo specializes a batch of one, so a batch of two compiles each kind once more
+        forward(3, 24)
+        assert compiled_graphs() - before == 4
     finally:
         torch._dynamo.reset()
 
