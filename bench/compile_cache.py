@@ -6,7 +6,9 @@ Each start is a fresh process that does what a compiling node does before it ser
 `use_compile_cache(folder)`, then the transformer's blocks compiled by `compile_blocks` and one
 step run. A small Flux transformer (two double and three single blocks) stands in for the real
 one: the graphs are the same kinds, the CPU compiles them with C++ instead of Triton. The H100
-figures for the full-size transformer are in docs/benchmarks.md (GPU check, run 4).
+figures for the full-size transformer are in docs/benchmarks.md (GPU check, run 4). The cold
+figure also depends on whether inductor's precompiled C++ headers, which it keeps under /tmp
+whatever the cache folder, are already there.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ print(json.dumps({"first_step": time.perf_counter() - imported,
 def start(folder: Path) -> dict:
     """One node start in a fresh process: seconds to the first step's end, and inductor's cache counts."""
     done = subprocess.run([sys.executable, "-c", START, str(folder)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, check=True)
+                          timeout=600)
+    if done.returncode:
+        raise SystemExit(f"a start failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -137,6 +137,8 @@ class Rig:
         """What the loaded flux1-dev transformer is ("bf16", "compile + fp8", ...), for labels."""
         from gpu_node.speed import blocks
 
+        if "flux1-dev" not in self.cache.loaded:
+            return "not loaded"
         transformer = self.cache.base("flux1-dev").transformer
         parts = ["compile" if any(hasattr(b, "_genserve_compiled") for b in blocks(transformer)) else "eager"]
         if any("torchao" in type(p).__module__ or "torchao" in type(p.data).__module__

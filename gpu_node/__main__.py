@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 from genserve import logs
@@ -135,22 +137,47 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     )
 
 
-def use_compile_cache(folder: Path | None) -> None:
-    """Point inductor's cache (its Triton kernels included) at `folder`, before anything compiles.
+def use_compile_cache(folder: Path | None, compiling: bool = True) -> None:
+    """Point inductor's cache (and Triton's, unless TRITON_CACHE_DIR is set) at `folder`, before anything compiles.
 
-    Inductor keys every entry by the graph, torch, Triton and device, so one folder may serve
-    every node of a machine, and a node started again reuses what its last run compiled.
+    Inductor keys its entries by graph, torch, Triton, CUDA version and GPU name, so one folder may
+    serve every node of a machine, and a node started again reuses what its last run compiled.
+    Compiled code from the folder runs in this process, so a folder that another user owns, or
+    that group or others may write, is refused, as are folders a compile could not use.
     """
     if folder is None:
         return
+    folder = folder.absolute()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".genserve-write-check-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+        if info.st_uid != os.geteuid():
+            raise SpeedError(f"--compile-cache {folder}: owned by another user (uid {info.st_uid}); compiled code "
+                             "read from there would run in this node")
+        if info.st_mode & 0o022:
+            raise SpeedError(f"--compile-cache {folder}: group or others may write there (mode "
+                             f"{info.st_mode & 0o777:o}); compiled code read from there would run in this node")
+        if os.statvfs(folder).f_flag & os.ST_NOEXEC:
+            raise SpeedError(f"--compile-cache {folder}: mounted noexec; compiled kernels could not be loaded")
+        for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+            if not os.access(sub, os.W_OK | os.X_OK):
+                raise SpeedError(f"--compile-cache {folder}: {sub} is not writable by this node")
+        fd, probe = tempfile.mkstemp(prefix=".genserve-write-check-", dir=folder)
+        try:
+            os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
-        raise SpeedError(f"--compile-cache {folder}: cannot write there ({exc.strerror or exc})") from exc
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
+        raise SpeedError(f"--compile-cache {folder}: cannot use it ({exc.strerror or exc})") from exc
+    free = shutil.disk_usage(folder).free
+    if free < 2 << 30:
+        log.warning("compile cache %s: only %.1f GiB free; inductor never deletes old entries", folder,
+                    free / (1 << 30))
+    if not compiling:
+        log.warning("--compile-cache is set but --compile is not: nothing will be compiled into %s", folder)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    log.info("compile cache: %s", folder)
 
 
 def build(config: NodeConfig):
@@ -209,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     if not config.model_paths:
         raise SystemExit("genserve-node: no model folders found (use --models-dir or FLUX_MODEL_PATH)")
     try:
-        use_compile_cache(config.compile_cache)
+        use_compile_cache(config.compile_cache, config.speed.compile)
         node, _ = build(config)
     except SpeedError as exc:
         raise SystemExit(f"genserve-node: {exc}") from exc

@@ -34,7 +34,10 @@ def start(folder: Path) -> tuple[int, int, torch.Tensor]:
 
 def test_a_restart_reuses_what_was_compiled_into_the_cache_folder(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored afterwards
+    from torch._inductor.utils import clear_caches
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "placeholder")  # so that teardown restores the original state
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     folder = tmp_path / "compile-cache"
     try:
         hits, misses, first = start(folder)
@@ -45,3 +48,4 @@ def test_a_restart_reuses_what_was_compiled_into_the_cache_folder(tmp_path: Path
         assert torch.equal(first, again)
     finally:
         torch._dynamo.reset()
+        clear_caches()  # nothing in torch keeps pointing at the test's folder

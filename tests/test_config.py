@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -90,24 +91,77 @@ def test_node_compile_cache_folder_from_flag_or_environment(tmp_path: Path) -> N
     assert node_config([], {"GENSERVE_COMPILE_CACHE": "~/cc"}).compile_cache == Path("~/cc").expanduser()
 
 
-def test_the_compile_cache_points_inductor_at_the_folder_or_refuses_an_unwritable_one(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def no_cache_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """TORCHINDUCTOR_CACHE_DIR unset for the test and put back as it was afterwards."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "placeholder")  # records the original state for teardown
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    return monkeypatch
+
+
+def test_the_compile_cache_points_inductor_at_a_private_folder(tmp_path: Path,
+                                                               no_cache_env: pytest.MonkeyPatch) -> None:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
     from gpu_node.__main__ import use_compile_cache
-    from gpu_node.config import SpeedError
 
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     use_compile_cache(None)
-    import os
-
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     folder = tmp_path / "new" / "cache"
     use_compile_cache(folder)
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert cache_dir() == str(folder) and folder.is_dir() and not list(folder.iterdir())  # no probe left
+    assert folder.stat().st_mode & 0o777 == 0o700
 
-    assert cache_dir() == str(folder) and folder.is_dir() and not list(folder.glob(".genserve-write-check*"))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+
+def refused(folder: Path, match: str) -> None:
+    from gpu_node.__main__ import use_compile_cache
+    from gpu_node.config import SpeedError
+
+    with pytest.raises(SpeedError, match=match):
+        use_compile_cache(folder)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_the_compile_cache_refuses_folders_a_node_must_not_or_cannot_use(tmp_path: Path,
+                                                                         no_cache_env: pytest.MonkeyPatch) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    with pytest.raises(SpeedError, match="cannot write there"):
-        use_compile_cache(blocker / "cache")
-    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    refused(blocker / "cache", "cannot use it")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    refused(shared, "group or others may write")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    with no_cache_env.context() as m:
+        m.setattr(os, "geteuid", lambda: os.stat(theirs).st_uid + 1)
+        refused(theirs, "owned by another user")
+    locked = tmp_path / "locked"
+    (locked / "fxgraph").mkdir(parents=True, mode=0o700)
+    locked.chmod(0o700)
+    real_access = os.access
+    with no_cache_env.context() as m:  # the tests run as root, for whom the mode bits grant everything
+        m.setattr(os, "access", lambda p, mode: Path(p).name != "fxgraph" and real_access(p, mode))
+        refused(locked, "fxgraph is not writable")
+
+
+def test_the_node_points_inductor_at_the_folder_before_it_builds_anything(
+        tiny_models: Path, tmp_path: Path, no_cache_env: pytest.MonkeyPatch) -> None:
+    import gpu_node.__main__ as node_main
+    from gpu_node.config import SpeedError
+
+    seen = []
+
+    def build(config: object) -> None:
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        raise SpeedError("stopped by the test")
+
+    no_cache_env.setattr(node_main, "build", build)
+    with pytest.raises(SystemExit, match="stopped by the test"):
+        node_main.main(["--models-dir", str(tiny_models), "--compile", "--compile-cache", str(tmp_path / "cc")])
+    assert seen == [str(tmp_path / "cc")]
+    with pytest.raises(SystemExit, match="group or others may write"):
+        (tmp_path / "open").mkdir(mode=0o777)
+        (tmp_path / "open").chmod(0o777)
+        node_main.main(["--models-dir", str(tiny_models), "--compile-cache", str(tmp_path / "open")])
+    assert len(seen) == 1  # refused before building
