@@ -159,7 +159,7 @@ def use_compile_cache(folder: Path | None, compiling: bool = True) -> None:
                              f"{info.st_mode & 0o777:o}); compiled code read from there would run in this node")
         if os.statvfs(folder).f_flag & os.ST_NOEXEC:
             raise SpeedError(f"--compile-cache {folder}: mounted noexec; compiled kernels could not be loaded")
-        for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        for sub, _, _ in os.walk(folder):  # inductor writes into the subfolders an earlier start made
             if not os.access(sub, os.W_OK | os.X_OK):
                 raise SpeedError(f"--compile-cache {folder}: {sub} is not writable by this node")
         fd, probe = tempfile.mkstemp(prefix=".genserve-write-check-", dir=folder)
