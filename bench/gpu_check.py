@@ -134,7 +134,7 @@ class Rig:
 
     @property
     def variant(self) -> str:
-        """What the loaded flux1-dev transformer is ("bf16", "compile + fp8", ...), for labels."""
+        """What the loaded flux1-dev transformer is ("eager", "compile + fp8", ...), for labels."""
         from gpu_node.speed import blocks
 
         if "flux1-dev" not in self.cache.loaded:

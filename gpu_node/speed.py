@@ -75,7 +75,7 @@ def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
 
 
 def _contiguous_inputs(compiled: Any) -> Any:
-    """Call `compiled` with contiguous tensor arguments.
+    """Call `compiled` with every tensor argument in standard row-major strides (see `_dense`).
 
     A single-stream block returns its text and image parts as slices of the joint sequence, so
     every block but the first of its kind would get strided inputs, fail the first graph's stride
